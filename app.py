@@ -1,0 +1,77 @@
+"""Atelier's entry point: read the flags, build the Gradio app from ui/, launch it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+log = logging.getLogger("atelier")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python app.py", description="Atelier: train SD 1.5 LoRAs on your own images and generate with them."
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    parser.add_argument("--share", action="store_true", help="make a public Gradio share link (requires --auth)")
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this user name and password to open the app")
+    parser.add_argument(
+        "--demo", action="store_true", help="preload the tiny demo model and demo dataset (CPU-friendly)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("output"), help="where runs are written (default: output)"
+    )
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    return parser.parse_args(argv)
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("--auth must be USER:PASS with both parts non-empty, e.g. --auth alice:s3cret")
+    return user, password
+
+
+def check_exposure(host: str, share: bool, auth: tuple[str, str] | None) -> None:
+    """Refuse to expose an unprotected app: it can read and write files on this machine."""
+    exposed = share or host not in LOCAL_HOSTS
+    if not exposed:
+        return
+    where = "a public share link" if share else f"host {host}"
+    if auth is None:
+        raise SystemExit(
+            f"Refusing to serve on {where} without a password: anyone who reaches it could read your files "
+            "and use your GPU. Add --auth USER:PASS, or drop --share / use --host 127.0.0.1."
+        )
+    log.warning("Serving on %s: other machines can reach this app (protected by --auth).", where)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    auth = parse_auth(args.auth)
+    check_exposure(args.host, args.share, auth)
+
+    from ui.shell import AppContext, build_app
+
+    context = AppContext.create(output_dir=args.output_dir, demo=args.demo)
+    app = build_app(context)
+    app.queue().launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        inbrowser=not args.no_browser,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,378 @@
+"""Turn a folder of images and captions into checked training and validation lists.
+
+Every file is opened once here, before training starts, so that a half-copied JPEG or a caption saved
+in the wrong encoding is named with what to do about it, and the rest of the folder still trains.
+Only the folder itself being missing, or nothing in it being usable, stops a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from core.buckets import assign_bucket
+from core.config import DatasetSection
+from core.images import IMAGE_EXTENSIONS, UnusableImage, is_image_file, read_image_size
+
+logger = logging.getLogger(__name__)
+
+_LISTED_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image with the caption the model will see and the bucket it trains in."""
+
+    path: Path
+    caption_path: Path | None
+    caption: str
+    caption_source: Literal["file", "default"]
+    width: int
+    height: int
+    bucket: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A file the user should look at; `skipped` is False for warnings that did not cost an image."""
+
+    path: Path
+    reason: str
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The loaded dataset; `validation_root` is set when validation images come from their own folder."""
+
+    root: Path
+    train: list[ImageRecord]
+    validation: list[ImageRecord]
+    problems: list[FileProblem]
+    validation_root: Path | None = None
+
+
+class DatasetError(ValueError):
+    """The dataset cannot train at all.
+
+    `field`, `value` and `message` mirror `core.config.Problem`, so a form can show the error at the
+    setting to fix; `problems` holds the file problems behind "no usable images".
+    """
+
+    def __init__(self, field: str, value: object, message: str, problems: tuple[FileProblem, ...] = ()) -> None:
+        super().__init__(f"{field} = {value!r}: {message}")
+        self.field = field
+        self.value = value
+        self.message = message
+        self.problems = problems
+
+
+def load_dataset(section: DatasetSection, seed: int) -> Dataset:
+    """Load and check every image, then split off validation images deterministically for `seed`."""
+    root = _folder(section.path, "dataset.path")
+    validation_root = _folder(section.validation_path, "dataset.validation_path") if section.validation_path else None
+    excluded = {validation_root.resolve()} if validation_root else set()
+    if root.resolve() in excluded:
+        raise DatasetError(
+            "dataset.validation_path",
+            section.validation_path,
+            "the training folder itself: choose a separate folder, or leave it empty to hold images out of the dataset",
+        )
+    records, problems = _load_tree(root, section, "dataset.path", excluded)
+    if validation_root:
+        validation, validation_problems = _load_tree(validation_root, section, "dataset.validation_path", set())
+        problems += validation_problems
+        train = records
+    else:
+        train, validation = _split(records, root, section.validation_size, seed)
+    problems.sort(key=lambda problem: str(problem.path))
+    skipped = sum(problem.skipped for problem in problems)
+    counts = (len(train), len(validation), skipped, len(problems) - skipped)
+    logger.info("dataset %s: %d train, %d validation, %d skipped, %d warnings", root, *counts)
+    return Dataset(root, train, validation, problems, validation_root)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """Plain numbers about a dataset for a UI panel; `problems` holds (relative path, reason, skipped)."""
+
+    images_found: int
+    images_used: int
+    images_skipped: int
+    train_count: int
+    validation_count: int
+    resolutions: dict[str, int]
+    buckets: dict[str, int]
+    captions_from_file: int
+    captions_default: int
+    captions_none: int
+    problems: list[tuple[str, str, bool]]
+
+    def as_text(self) -> str:
+        """A few lines a user can read at a glance; long problem lists are cut short."""
+        lines = [
+            f"{self.images_found} images found: {self.images_used} used "
+            f"({self.train_count} train, {self.validation_count} validation), {self.images_skipped} skipped",
+            f"Captions: {self.captions_from_file} from files, {self.captions_default} default, "
+            f"{self.captions_none} none",
+            f"Buckets: {_counts(self.buckets)}",
+            f"Resolutions: {_counts(self.resolutions)}",
+        ]
+        if self.problems:
+            skipped = sum(skipped for _, _, skipped in self.problems)
+            lines.append(f"Problems: {skipped} skipped, {len(self.problems) - skipped} warnings")
+            lines += _listed(
+                [f"  {'skipped' if s else 'warning'}  {path}: {reason}" for path, reason, s in self.problems]
+            )
+        return "\n".join(lines)
+
+
+def summarize(dataset: Dataset) -> DatasetSummary:
+    """Count what was found, used and skipped; an image is skipped exactly when a skipping problem names it."""
+    used = dataset.train + dataset.validation
+    skipped = sum(problem.skipped and is_image_file(problem.path) for problem in dataset.problems)
+    roots = [dataset.root, dataset.validation_root] if dataset.validation_root else [dataset.root]
+    return DatasetSummary(
+        images_found=len(used) + skipped,
+        images_used=len(used),
+        images_skipped=skipped,
+        train_count=len(dataset.train),
+        validation_count=len(dataset.validation),
+        resolutions=_tally(f"{record.width}x{record.height}" for record in used),
+        buckets=_tally(f"{record.bucket[0]}x{record.bucket[1]}" for record in used),
+        captions_from_file=sum(record.caption_source == "file" and bool(record.caption) for record in used),
+        captions_default=sum(record.caption_source == "default" and bool(record.caption) for record in used),
+        captions_none=sum(not record.caption for record in used),
+        problems=[(_display_path(p.path, roots), p.reason, p.skipped) for p in dataset.problems],
+    )
+
+
+def _folder(value: str, field: str) -> Path:
+    if not value.strip():
+        raise DatasetError(field, value, "no folder chosen — choose the folder that holds the images")
+    folder = Path(value).expanduser().absolute()
+    if not folder.exists():
+        raise DatasetError(field, value, "folder not found — check the path")
+    if not folder.is_dir():
+        raise DatasetError(field, value, "this is a file, not a folder — choose the folder it is in")
+    return folder
+
+
+def _load_tree(
+    root: Path, section: DatasetSection, field: str, excluded: set[Path]
+) -> tuple[list[ImageRecord], list[FileProblem]]:
+    """Records sorted by relative path, or DatasetError when the folder yields none."""
+    records: list[ImageRecord] = []
+    problems: list[FileProblem] = []
+    for folder, files in _walk(root, excluded, problems):
+        records += _load_folder(folder, files, section, problems)
+    if not records:
+        value = section.validation_path if field == "dataset.validation_path" else section.path
+        raise DatasetError(field, value, _nothing_usable(root, problems), tuple(problems))
+    records.sort(key=lambda record: _relative(record.path, root))
+    return records, problems
+
+
+def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Iterator[tuple[Path, list[Path]]]:
+    """Each folder with its visible files, in sorted order, following folder links at most once.
+
+    A link back to a folder above it would recurse forever, and a second link to a loaded folder would
+    train its images twice, so both are reported and not entered.
+    """
+    visited: dict[Path, Path] = {}
+
+    def visit(folder: Path, ancestors: frozenset[Path]) -> Iterator[tuple[Path, list[Path]]]:
+        real = folder.resolve()
+        if real in ancestors:
+            target = _relative(visited[real], root)
+            reason = f"symbolic link loop back to '{root.name if target == '.' else target}': remove the link"
+            problems.append(FileProblem(folder, reason, skipped=True))
+            return
+        if real in visited:
+            reason = f"same folder as '{_relative(visited[real], root)}', already loaded: remove the duplicate link"
+            problems.append(FileProblem(folder, reason, skipped=True))
+            return
+        visited[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            reason = f"folder cannot be read ({error.strerror}): check its permissions"
+            problems.append(FileProblem(folder, reason, skipped=True))
+            return
+        visible = [entry for entry in entries if not entry.name.startswith(".")]
+        yield folder, [Path(entry.path) for entry in visible if _is_file(entry, problems)]
+        for entry in visible:
+            if entry.is_dir() and Path(entry.path).resolve() not in excluded:
+                yield from visit(Path(entry.path), ancestors | {real})
+
+    yield from visit(root, frozenset())
+
+
+def _is_file(entry: os.DirEntry[str], problems: list[FileProblem]) -> bool:
+    if entry.is_file():
+        return True
+    if entry.is_symlink() and not entry.is_dir() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+        problems.append(FileProblem(Path(entry.path), "broken symbolic link: fix or remove the link", skipped=True))
+    return False
+
+
+def _load_folder(
+    folder: Path, files: list[Path], section: DatasetSection, problems: list[FileProblem]
+) -> list[ImageRecord]:
+    """Pair images with same-stem captions in one folder; a caption is shared by stem, so stems must be unique."""
+    extension = section.caption_extension.lower()
+    extension = extension if extension.startswith(".") else f".{extension}"
+    images: defaultdict[str, list[Path]] = defaultdict(list)
+    captions: dict[str, Path] = {}
+    for path in files:
+        if is_image_file(path):
+            images[path.stem].append(path)
+        elif path.suffix.lower() == extension:
+            captions[path.stem] = path
+    for stem, caption_path in captions.items():
+        if stem not in images:
+            reason = f"caption file without an image named '{stem}': add the image or remove the caption"
+            problems.append(FileProblem(caption_path, reason, skipped=False))
+    records = []
+    for stem, paths in images.items():
+        if len(paths) > 1:
+            names = ", ".join(path.name for path in paths)
+            for path in paths:
+                reason = f"{names} share the stem '{stem}' and would share one caption: rename one of them"
+                problems.append(FileProblem(path, reason, skipped=True))
+            continue
+        record = _load_image(paths[0], captions.get(stem), section, extension, problems)
+        if record:
+            records.append(record)
+    return records
+
+
+def _load_image(
+    path: Path, caption_path: Path | None, section: DatasetSection, extension: str, problems: list[FileProblem]
+) -> ImageRecord | None:
+    try:
+        width, height = read_image_size(path, min_side=section.min_image_side)
+    except UnusableImage as error:
+        problems.append(FileProblem(path, error.reason, skipped=True))
+        return None
+    if caption_path is None:
+        caption = _caption(section.caption_prefix, section.default_caption)
+        outcome = "using the default caption" if caption else "the image trains without a caption"
+        problems.append(FileProblem(path, f"no caption file '{path.stem}{extension}': {outcome}", skipped=False))
+        source: Literal["file", "default"] = "default"
+    else:
+        text = _read_caption(path, caption_path, problems)
+        if text is None:
+            return None
+        caption = _caption(section.caption_prefix, text)
+        source = "file"
+    bucket = assign_bucket(width, height, section.resolution, bucketing=section.bucketing)
+    return ImageRecord(path, caption_path, caption, source, width, height, bucket)
+
+
+def _read_caption(image: Path, caption_path: Path, problems: list[FileProblem]) -> str | None:
+    """The caption text, or None with a skipping problem on the image, which cannot train without it."""
+    try:
+        text = caption_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        reason = f"caption file '{caption_path.name}' is not UTF-8 (byte 0x{byte:02x} at offset {error.start})"
+        problems.append(FileProblem(image, f"{reason}: re-save it as UTF-8", skipped=True))
+        return None
+    except OSError as error:
+        reason = f"caption file '{caption_path.name}' cannot be read ({error.strerror}): check that it is accessible"
+        problems.append(FileProblem(image, reason, skipped=True))
+        return None
+    if not text.strip():
+        reason = "empty caption file: write a caption, or delete the file to use the default caption"
+        problems.append(FileProblem(caption_path, reason, skipped=False))
+    return text
+
+
+def _caption(prefix: str, text: str) -> str:
+    """Prefix and text with runs of whitespace, newlines included, collapsed as CLIP's tokenizer would."""
+    return " ".join(f"{prefix}{text}".split())
+
+
+def _split(
+    records: list[ImageRecord], root: Path, validation_size: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Hold out the images whose seeded hash of their relative path ranks first.
+
+    Each image's rank depends only on its own path, so adding or removing an image moves at most one
+    other image between the lists, and a comparison across runs stays meaningful.
+    """
+    count = _validation_count(validation_size, len(records))
+    if count >= len(records):
+        raise DatasetError(
+            "dataset.validation_size",
+            validation_size,
+            f"holds out {count} of {len(records)} usable images and leaves none to train on — "
+            "lower it, or set 0 to turn validation off",
+        )
+
+    def rank(record: ImageRecord) -> str:
+        return hashlib.sha256(f"{seed}:{_relative(record.path, root)}".encode()).hexdigest()
+
+    held_out = {record.path for record in sorted(records, key=rank)[:count]}
+    train = [record for record in records if record.path not in held_out]
+    validation = [record for record in records if record.path in held_out]
+    return train, validation
+
+
+def _validation_count(size: float, total: int) -> int:
+    """A count from 1 up, a fraction below 1 (at least one image), 0 for none; halves round up."""
+    if size <= 0:
+        return 0
+    if size >= 1:
+        return math.floor(size + 0.5)
+    return max(1, math.floor(total * size + 0.5))
+
+
+def _nothing_usable(root: Path, problems: list[FileProblem]) -> str:
+    skipped = [problem for problem in problems if problem.skipped]
+    if not skipped:
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        return f"no images found ({kinds}; subfolders included) — check the path or add images"
+    lines = _listed([f"  - {_relative(problem.path, root)}: {problem.reason}" for problem in skipped])
+    return "no usable images; every file was skipped:\n" + "\n".join(lines)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """Path below `root` in one spelling on every OS, so the seeded split is the same on macOS and Linux."""
+    try:
+        relative = path.relative_to(root).as_posix()
+    except ValueError:
+        relative = path.as_posix()
+    return unicodedata.normalize("NFC", relative)
+
+
+def _display_path(path: Path, roots: list[Path]) -> str:
+    for index, root in enumerate(roots):
+        if path.is_relative_to(root):
+            relative = _relative(path, root)
+            return f"{root.name}/{relative}" if index else relative
+    return path.as_posix()
+
+
+def _listed(lines: list[str]) -> list[str]:
+    """The first lines of a long list and a count of the rest, so one broken folder cannot flood the UI."""
+    if len(lines) <= _LISTED_PROBLEMS:
+        return lines
+    return [*lines[:_LISTED_PROBLEMS], f"  … and {len(lines) - _LISTED_PROBLEMS} more"]
+
+
+def _tally(keys: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(keys).items(), key=lambda item: (-item[1], item[0])))
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key} ({count})" for key, count in counts.items()) or "none"

@@ -1,0 +1,52 @@
+"""Atomic file writes, so a crash or a kill never leaves a half-written file behind.
+
+Everything the app writes goes to a temporary file in the destination folder first and is then
+renamed over the target (`os.replace` is atomic on one filesystem). Files the user made are copied
+to a `.bak` beside them before they are replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def backup(target: Path) -> Path | None:
+    """Copy an existing user file to `<name>.bak` (replacing an older backup) before it is overwritten."""
+    target = Path(target)
+    if not target.exists():
+        return None
+    copy = target.with_name(target.name + ".bak")
+    with atomic_path(copy) as tmp:
+        shutil.copy2(target, tmp)
+    return copy

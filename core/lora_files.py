@@ -1,0 +1,269 @@
+"""Writing trained LoRAs in the files other tools load.
+
+The main format is kohya's (`lora_unet_…` / `lora_te_…` keys with `lora_down`, `lora_up` and a
+float `alpha` per module): A1111, Forge and ComfyUI all read it. diffusers' own
+`convert_state_dict_to_kohya` is not used because for SD 1.5 it writes the SDXL prefix `lora_te1_`
+and stores alpha = rank as an integer, which silently changes the strength whenever alpha ≠ rank.
+The optional diffusers/peft folder keeps the adapter config in its header so alpha survives too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save, save_file
+from torch import nn
+
+from core.config import TrainConfig
+from core.config_files import config_to_toml
+from core.fsutil import atomic_path
+from core.lora import ADAPTER, UNET_ATTENTION, UNET_FEED_FORWARD, text_encoder_target_modules
+
+log = logging.getLogger(__name__)
+
+SavePrecision = Literal["fp16", "bf16", "fp32"]
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"  # SD 1.x naming; lora_te1_/lora_te2_ are SDXL's
+OPTIMIZER_CLASSES = {
+    "adamw": "torch.optim.adamw.AdamW",
+    "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+    "prodigy": "prodigyopt.prodigy.Prodigy",
+    "adafactor": "transformers.optimization.Adafactor",
+}
+
+LoraLayers = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module it compiles
+
+
+def _lora_layers(model: nn.Module | None) -> LoraLayers:
+    """Module path -> (lora_A, lora_B, effective alpha) of the training adapter; {} for a model without one.
+
+    Alpha is read from each peft layer (not the config) so per-module alpha patterns and rsLoRA are
+    exported with the scale the model actually used: kohya tools apply `alpha / rank`.
+    """
+    if model is None:
+        return {}
+    model = _unwrap(model)
+    if ADAPTER not in (getattr(model, "peft_config", None) or {}):
+        return {}
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    unsupported = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if unsupported:
+        raise ValueError(
+            f"the adapter has tensors kohya files cannot hold (DoRA or LoRA bias?), e.g. {unsupported[0]}; "
+            "train a plain LoRA or save in diffusers format"
+        )
+    layers: LoraLayers = {}
+    for key, down in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key.removesuffix(".lora_A.weight")
+        layer = model.get_submodule(path)
+        rank = layer.r[ADAPTER]
+        alpha = float(layer.lora_alpha[ADAPTER]) * (math.sqrt(rank) if layer.use_rslora[ADAPTER] else 1.0)
+        layers[path] = (down, state[f"{path}.lora_B.weight"], alpha)
+    return layers
+
+
+def _text_model_path(path: str) -> str:
+    """transformers 5 dropped CLIPTextModel's `text_model.` level; kohya and older diffusers names keep it."""
+    return path if path.startswith("text_model.") else f"text_model.{path}"
+
+
+def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The trained adapters as kohya keys, weights cast to `dtype`, alpha kept as an fp32 scalar.
+
+    peft's LoRA shapes already are kohya's (Linear: [r, in] / [out, r]; Conv2d: down keeps the
+    layer's kernel, stride and padding, up is a 1×1 conv), so tensors are renamed, never reshaped.
+    A text encoder without an adapter is skipped, so callers can always pass it.
+    """
+    unet_layers = _lora_layers(unet)
+    if not unet_layers:
+        raise ValueError("the UNet has no LoRA adapter to save; attach one with core.lora.add_training_loras first")
+    named = [(UNET_PREFIX + path, layer) for path, layer in unet_layers.items()]
+    named += [(TEXT_ENCODER_PREFIX + _text_model_path(p), layer) for p, layer in _lora_layers(text_encoder).items()]
+    tensors: dict[str, torch.Tensor] = {}
+    for path, (down, up, alpha) in named:
+        name = path.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def _resolution_pair(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+
+
+def training_metadata(
+    config: TrainConfig,
+    *,
+    train_images: int,
+    epoch: int,
+    step: int,
+    resolution: int | tuple[int, int] | None = None,
+    trigger_phrase: str | None = None,
+) -> dict[str, str]:
+    """The safetensors header kohya writes (`ss_*`), the modelspec keys A1111/Forge show, and our own config.
+
+    Keys follow kohya's spelling and value formats so existing metadata viewers and civitai read them;
+    `atelier_config` holds the full TOML so a run can be reproduced from the file alone. The trigger
+    phrase defaults to the caption prefix (the usual place for a trigger word).
+    """
+    lora, opt, schedule = config.lora, config.optimizer, config.schedule
+    width, height = _resolution_pair(resolution or config.dataset.resolution)
+    trigger = (config.dataset.caption_prefix if trigger_phrase is None else trigger_phrase).strip(" ,")
+    network_args = {"conv_dim": str(lora.rank), "conv_alpha": str(lora.alpha)} if lora.targets == "all" else {}
+    optimizer_args = f"weight_decay={opt.weight_decay}"
+    if opt.name != "adafactor":
+        optimizer_args += f",betas=({opt.beta1}, {opt.beta2})"
+    base = config.model.base
+    unet_targets = (
+        "every Linear and Conv2d in down_blocks, mid_block, up_blocks"
+        if lora.targets == "all"
+        else list(UNET_ATTENTION) + (list(UNET_FEED_FORWARD) if lora.targets == "attention_ff" else [])
+    )
+    targets = {
+        "targets": lora.targets,
+        "unet": unet_targets,
+        "text_encoder": text_encoder_target_modules(lora.targets) if lora.train_text_encoder else [],
+    }
+    values: dict[str, object] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": lora.rank,
+        "ss_network_alpha": float(lora.alpha),
+        "ss_network_dropout": lora.dropout,
+        "ss_network_args": json.dumps(network_args),
+        "ss_network_train_unet_only": not lora.train_text_encoder,
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": False,
+        "ss_sd_model_name": Path(base).name if Path(base).exists() else base,
+        "ss_vae_name": Path(config.model.vae).name if config.model.vae else None,
+        "ss_output_name": config.run.name,
+        "ss_resolution": (width, height),
+        "ss_num_train_images": train_images,
+        "ss_num_reg_images": 0,
+        "ss_num_epochs": schedule.epochs,
+        "ss_epoch": epoch,
+        "ss_steps": step,
+        "ss_learning_rate": opt.learning_rate,
+        "ss_unet_lr": opt.learning_rate,
+        "ss_text_encoder_lr": opt.text_encoder_lr if lora.train_text_encoder else None,
+        "ss_lr_scheduler": schedule.lr_scheduler,
+        "ss_lr_warmup_steps": schedule.warmup_steps,
+        "ss_optimizer": f"{OPTIMIZER_CLASSES[opt.name]}({optimizer_args})",
+        "ss_max_grad_norm": opt.max_grad_norm,
+        "ss_batch_size_per_device": schedule.batch_size,
+        "ss_gradient_accumulation_steps": schedule.gradient_accumulation,
+        "ss_mixed_precision": config.performance.mixed_precision,
+        "ss_gradient_checkpointing": config.performance.gradient_checkpointing,
+        "ss_seed": config.run.seed,
+        "ss_noise_offset": config.loss.noise_offset,
+        "ss_min_snr_gamma": config.loss.min_snr_gamma,
+        "ss_flip_aug": config.dataset.flip,
+        "ss_training_comment": f"trigger words: {trigger}" if trigger else None,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": f"{config.run.name} epoch {epoch}",
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if config.model.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.trigger_phrase": trigger or None,
+        "atelier_config": config_to_toml(config),
+        "atelier_targets": json.dumps(targets),
+    }
+    return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def _data_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """kohya's `sshs_model_hash`: SHA-256 of the tensor data after the header (the hash A1111 shows for LoRAs)."""
+    blob = save(tensors)
+    header_len = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header_len :]).hexdigest()
+
+
+def save_lora(
+    path: Path,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    *,
+    precision: SavePrecision,
+    metadata: dict[str, str],
+) -> Path:
+    """Write the kohya-format `.safetensors` atomically, so a crash never leaves a truncated LoRA behind."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA files must end in .safetensors (A1111/ComfyUI look for that), got {path.name}")
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    not_text = sorted(k for k, v in metadata.items() if not isinstance(v, str))
+    if not_text:
+        raise TypeError(f"safetensors metadata values must be strings; convert {', '.join(not_text)} with str()")
+    tensors = kohya_state_dict(unet, text_encoder, DTYPES[precision])
+    header = {**metadata, "sshs_model_hash": _data_hash(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    log.info("saved LoRA %s (%d modules, %s)", path, len(tensors) // 3, precision)
+    return path
+
+
+def save_diffusers_lora(
+    folder: Path, unet: nn.Module, text_encoder: nn.Module | None, *, precision: SavePrecision = "fp32"
+) -> Path:
+    """Write `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder, weight_name=…)`.
+
+    The peft config goes into the header so diffusers restores alpha (not alpha = rank); text-encoder
+    keys get `text_model.` back so transformers 4 stacks load the folder too. The folder is written
+    beside the target and swapped in only when complete.
+    """
+    from diffusers import StableDiffusionPipeline  # heavy import, only needed here
+
+    folder = Path(folder)
+    dtype = DTYPES[precision]
+    unet, text_encoder = _unwrap(unet), _unwrap(text_encoder) if text_encoder is not None else None
+    if not _lora_layers(unet):
+        raise ValueError("the UNet has no LoRA adapter to save; attach one with core.lora.add_training_loras first")
+    unet_layers = {k: v.to(dtype) for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
+    kwargs: dict[str, object] = {}
+    if _lora_layers(text_encoder):
+        te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
+        kwargs["text_encoder_lora_layers"] = {_text_model_path(k): v.to(dtype) for k, v in te_state.items()}
+        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    retired = staging.with_name(staging.name.removesuffix(".tmp") + ".old")
+    try:
+        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=unet_layers, **kwargs)
+        if folder.exists():
+            folder.rename(retired)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+    log.info("saved diffusers LoRA folder %s", folder)
+    return folder
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a `.safetensors` file ({} when it has none), for the UI to show."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"cannot read {path} as a .safetensors file: {error}") from error

@@ -1,0 +1,77 @@
+"""Sample images during training, identical from epoch to epoch and invisible to the training run.
+
+The same prompts, seed, sampler, steps and size every time make epochs comparable side by side.
+The global RNG state is forked and the UNet is put back in training mode afterwards, so taking a
+sample never changes what the run learns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from core.config import SamplingSection
+from core.fsutil import atomic_path
+from core.models import SD15Components, build_pipeline
+from core.samplers import SAMPLER_LABELS, make_sampler
+
+
+def generation_parameters(prompt: str, section: SamplingSection, model: str) -> str:
+    """The A1111 "parameters" text, so a sample dropped into A1111 (or our Inference tab) restores its settings."""
+    lines = [prompt]
+    if section.negative_prompt:
+        lines.append(f"Negative prompt: {section.negative_prompt}")
+    lines.append(
+        f"Steps: {section.steps}, Sampler: {SAMPLER_LABELS[section.sampler]}, CFG scale: {section.cfg_scale}, "
+        f"Seed: {section.seed}, Size: {section.width}x{section.height}, Model: {model}"
+    )
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def render_samples(
+    components: SD15Components, section: SamplingSection, folder: Path, device: torch.device
+) -> list[Path]:
+    """One image per prompt into `folder`; returns their paths."""
+    pipeline = build_pipeline(components, make_sampler(section.sampler, components.scheduler_config))
+    pipeline.set_progress_bar_config(disable=True)
+    modules = [components.unet, components.text_encoder]
+    was_training = [module.training for module in modules]
+    paths = []
+    fork_devices = [device] if device.type == "cuda" else []
+    autocast = (
+        torch.autocast(device.type, dtype=components.unet.dtype)
+        if components.unet.dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    try:
+        for module in modules:
+            module.eval()
+        with torch.random.fork_rng(devices=fork_devices), torch.no_grad(), autocast:
+            for index, prompt in enumerate(section.prompts):
+                generator = torch.Generator(device).manual_seed(section.seed)
+                image = pipeline(
+                    prompt,
+                    negative_prompt=section.negative_prompt or None,
+                    num_inference_steps=section.steps,
+                    guidance_scale=section.cfg_scale,
+                    width=section.width,
+                    height=section.height,
+                    generator=generator,
+                ).images[0]
+                path = folder / f"{index:02d}.png"
+                save_png(image, path, generation_parameters(prompt, section, components.source))
+                paths.append(path)
+    finally:
+        for module, training in zip(modules, was_training, strict=True):
+            module.train(training)
+    return paths

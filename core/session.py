@@ -1,0 +1,179 @@
+"""One training run at a time in a background thread, observed by polling a cheap snapshot.
+
+This is the whole surface the UI uses: start, pause, resume, stop, sample_now, save_now, snapshot.
+The session turns the trainer's callbacks into a plain `Snapshot`, so a page that reconnects (or a
+second tab) sees the same run, and errors arrive as one plain sentence, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from core.config import ConfigError, TrainConfig
+from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands
+from core.preflight import preflight
+from core.trainer import Trainer, TrainingError
+
+log = logging.getLogger(__name__)
+ACTIVE = {"starting", "loading", "caching", "training", "paused", "validating", "sampling", "saving"}
+
+
+class SessionBusy(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    status: str = "idle"
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    its: float = 0.0
+    eta_seconds: float | None = None
+    loss_history: tuple[tuple[int, float], ...] = ()
+    lr_history: tuple[tuple[int, float], ...] = ()
+    epoch_history: tuple[EpochRecord, ...] = ()
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    samples: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    log: tuple[str, ...] = ()
+    error: str | None = None
+    run_dir: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status in ACTIVE
+
+
+def explain_error(error: BaseException) -> str:
+    """One plain sentence a user can act on."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return (
+            "The GPU ran out of memory. Lower schedule.batch_size or dataset.resolution or lora.rank, turn on "
+            "performance.gradient_checkpointing, or use optimizer.name = adamw8bit. The last saved LoRA is kept."
+        )
+    if isinstance(error, (ConfigError, TrainingError)):
+        return str(error)
+    if isinstance(error, FileNotFoundError):
+        return f"A file disappeared during training: {error.filename}. Restore it, or reload the dataset and start again."
+    return f"Training stopped on an unexpected error: {type(error).__name__}: {error}"
+
+
+class _Recorder(TrainingCallbacks):
+    """Folds trainer events into the session's snapshot under its lock."""
+
+    def __init__(self, session: TrainingSession) -> None:
+        self.session = session
+
+    def _update(self, **changes: object) -> None:
+        with self.session._lock:
+            self.session._snapshot = replace(self.session._snapshot, **changes)
+
+    def on_status(self, status: str) -> None:
+        self._update(status=status)
+
+    def on_log(self, message: str) -> None:
+        with self.session._lock:
+            self.session._log.append(message)
+            self.session._snapshot = replace(self.session._snapshot, log=tuple(self.session._log))
+
+    def on_step(self, record: StepRecord) -> None:
+        snap = self.session._snapshot
+        remaining = record.total_steps - record.step
+        self._update(
+            step=record.step,
+            total_steps=record.total_steps,
+            epoch=record.epoch,
+            total_epochs=record.total_epochs,
+            its=record.its,
+            eta_seconds=remaining / record.its if record.its else None,
+            loss_history=(*snap.loss_history, (record.step, record.loss)),
+            lr_history=(*snap.lr_history, (record.step, record.lr)),
+        )
+
+    def on_epoch(self, record: EpochRecord) -> None:
+        snap = self.session._snapshot
+        self._update(
+            epoch_history=(*snap.epoch_history, record),
+            best_epoch=record.best_epoch,
+            best_val_loss=record.best_val_loss,
+        )
+
+    def on_sample(self, epoch: int, paths: list[Path]) -> None:
+        snap = self.session._snapshot
+        label = paths[0].parent.name if paths else f"epoch-{epoch:04d}"
+        self._update(samples={**snap.samples, label: tuple(str(p) for p in paths)})
+
+    def on_saved(self, path: Path, kind: str) -> None:
+        snap = self.session._snapshot
+        self._update(run_dir=str(path.parent), files=tuple(dict.fromkeys((*snap.files, str(path)))))
+        self.on_log(f"saved {kind}: {path.name}")
+
+
+class TrainingSession:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._commands = TrainingCommands()
+        self._snapshot = Snapshot()
+        self._log: deque[str] = deque(maxlen=500)
+
+    def start(self, config: TrainConfig, resume_dir: Path | None = None) -> None:
+        """Check the config against the data (raising ConfigError at once), then train in the background."""
+        with self._lock:
+            if self._snapshot.running:
+                raise SessionBusy("A training run is already running: stop it before starting another.")
+            _, problems = preflight(config)
+            if problems:
+                raise ConfigError(problems)
+            self._commands = TrainingCommands()
+            self._log.clear()
+            self._snapshot = Snapshot(status="starting")
+            trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)
+            self._thread = threading.Thread(target=self._run, args=(trainer,), name="atelier-training", daemon=True)
+            self._thread.start()
+
+    def _run(self, trainer: Trainer) -> None:
+        recorder = _Recorder(self)
+        try:
+            result = trainer.run()
+            recorder._update(status=result.status, run_dir=str(result.run_dir))
+        except Exception as error:  # the session reports every failure instead of dying silently
+            log.exception("training failed")
+            message = explain_error(error)
+            recorder.on_log(message)
+            recorder._update(status="failed", error=message)
+
+    def pause(self) -> None:
+        self._commands.pause()
+
+    def resume(self) -> None:
+        self._commands.resume()
+
+    def stop(self) -> None:
+        self._commands.stop()
+
+    def sample_now(self) -> None:
+        self._commands.sample_now()
+
+    def save_now(self) -> None:
+        self._commands.save_now()
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return self._snapshot
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run ends (for the CLI and tests); True when it has."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()

@@ -1,0 +1,106 @@
+"""Headless training: `python -m core.train --preset bauhaus --dataset DIR`, or under `accelerate launch`.
+
+Settings come from the same schema as the UI: defaults ← --preset ← --config ← --model/--dataset/
+--output ← --set section.key=value. `--demo` trains the tiny demo model on the demo data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+from tqdm import tqdm
+
+from core.config import ConfigError, TrainConfig
+from core.config_files import build_config, list_presets
+from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
+from core.events import EpochRecord, StepRecord, TrainingCallbacks
+from core.trainer import Trainer, TrainingError
+
+log = logging.getLogger("atelier.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    presets = ", ".join(p.name for p in list_presets())
+    parser = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="a TOML config file (as saved by the app)")
+    parser.add_argument("--preset", default="", help=f"start from a preset: {presets}")
+    parser.add_argument("--model", help="base model: hub id, diffusers folder or .safetensors (model.base)")
+    parser.add_argument("--dataset", help="folder of images and .txt captions (dataset.path)")
+    parser.add_argument("--output", help="folder for the run folders (run.output_dir)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
+    parser.add_argument("--demo", action="store_true", help="use the tiny demo model and demo dataset (CPU-friendly)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    return parser.parse_args(argv)
+
+
+class ProgressBar(TrainingCallbacks):
+    """Step, loss, it/s and ETA on the terminal; validation and saves as lines above the bar."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_log(self, message: str) -> None:
+        tqdm.write(message)
+
+    def on_step(self, record: StepRecord) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=record.total_steps, initial=record.step - 1, unit="step", dynamic_ncols=True)
+        self.bar.set_postfix(epoch=f"{record.epoch}/{record.total_epochs}", loss=f"{record.loss:.4f}")
+        self.bar.update(record.step - self.bar.n)
+
+    def on_epoch(self, record: EpochRecord) -> None:
+        if record.val_loss is not None:
+            tqdm.write(f"epoch {record.epoch}: train loss {record.train_loss:.5f}, val loss {record.val_loss:.5f}")
+
+    def on_status(self, status: str) -> None:
+        if status in ("finished", "stopped", "early_stopped") and self.bar is not None:
+            self.bar.close()
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = list(args.set)
+    presets = [args.preset]
+    if args.demo:
+        cache = default_cache_dir()
+        overrides = [
+            f"model.base={ensure_demo_model(cache)}",
+            f"dataset.path={ensure_demo_dataset(cache / 'demo-dataset')}",
+            *overrides,
+        ]
+        presets.append("demo")
+    for flag, key in ((args.model, "model.base"), (args.dataset, "dataset.path"), (args.output, "run.output_dir")):
+        if flag:
+            overrides.append(f"{key}={flag}")
+    if args.resume:
+        return build_config(config_file=args.resume / "config.toml", overrides=overrides)
+    return build_config(presets, args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    main_process = PartialState().is_main_process
+    try:
+        config = config_from_args(args)
+        result = Trainer(config, ProgressBar() if main_process else None, resume_dir=args.resume).run()
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"Training failed: {error}", file=sys.stderr)
+        return 1
+    if main_process:
+        print(f"\n{result.status}: {result.step} steps, {result.epoch} epochs -> {result.run_dir}")
+        if result.best_epoch:
+            print(f"best epoch: {result.best_epoch} (validation loss {result.best_val_loss:.5f})")
+        for path in result.files:
+            print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

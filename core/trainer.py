@@ -1,0 +1,524 @@
+"""The LoRA training run: load, cache, then the loop, read top to bottom like the diffusers example.
+
+One `Trainer` is one run. It reports through `TrainingCallbacks`, obeys `TrainingCommands` at step
+boundaries, and writes everything into its run folder (config, metrics, TensorBoard, samples, LoRA
+files, checkpoint). Under `accelerate launch` each process trains on its share of the batches and
+only the main process validates, samples and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.config import ConfigError, Problem, TrainConfig
+from core.config_files import save_config
+from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands
+from core.feature_cache import FeatureCache, encode_captions
+from core.lora import add_training_loras
+from core.lora_files import save_lora, training_metadata
+from core.models import SD15Components, load_sd15
+from core.optim import make_lr_scheduler, make_optimizer
+from core.preflight import RunPlan, plan_run, preflight
+from core.run_log import RunLog
+from core.sampling import render_samples
+from core.training_data import TrainingItem, TrainingSet
+from core.validation import ValidationSet, build_validation_set, training_target, validation_loss
+
+log = logging.getLogger(__name__)
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """A run ended for a reason the user can act on; the message says what to change."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished, stopped, early_stopped
+    step: int
+    epoch: int
+    best_epoch: int | None
+    best_val_loss: float | None
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """Where the run is; everything here goes into a checkpoint."""
+
+    step: int = 0
+    epoch: int = 1
+    next_batch: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    validations_without_improvement: int = 0
+
+
+def new_run_dir(output_dir: Path, name: str) -> Path:
+    """`output/<name>`, or `<name>-2`, `-3`… so an earlier run is never overwritten."""
+    candidate, number = Path(output_dir) / name, 1
+    while candidate.exists():
+        number += 1
+        candidate = Path(output_dir) / f"{name}-{number}"
+    return candidate
+
+
+def model_fingerprint(config: TrainConfig, dtype: torch.dtype) -> str:
+    """Identifies the encoders behind cached features; a local file's size and time stand in for its bytes."""
+    parts = [str(dtype)]
+    for reference in (config.model.base, config.model.vae):
+        path = Path(reference).expanduser()
+        stat = f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else ""
+        parts.append(f"{reference}:{stat}")
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        callbacks: TrainingCallbacks | None = None,
+        commands: TrainingCommands | None = None,
+        resume_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.callbacks = callbacks or TrainingCallbacks()
+        self.commands = commands or TrainingCommands()
+        self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.files: list[Path] = []
+
+    # ----- setup ---------------------------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        log.info(message)
+        self.callbacks.on_log(message)
+
+    def _check(self) -> RunPlan:
+        dataset, problems = preflight(self.config)
+        on_gpu = self.accelerator.device.type == "cuda"
+        if self.config.performance.mixed_precision == "fp16" and not on_gpu:
+            problems.append(Problem("performance.mixed_precision", "fp16", "fp16 needs a CUDA GPU; use bf16 or no"))
+        if problems:
+            raise ConfigError(problems)
+        self.dataset = dataset
+        return plan_run(self.config, dataset, self.accelerator.num_processes)
+
+    def _load_model(self) -> SD15Components:
+        self.callbacks.on_status("loading")
+        components = load_sd15(self.config.model.base, vae=self.config.model.vae, dtype=self.weight_dtype)
+        components.noise_scheduler.register_to_config(prediction_type=self.config.model.prediction_type)
+        device = self.accelerator.device
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.to(device)
+        components.vae.eval()
+        components.unet.train()
+        if self.config.performance.channels_last:
+            components.unet.to(memory_format=torch.channels_last)
+        torch.manual_seed(self.config.run.seed)
+        self.unet_params, self.text_params = add_training_loras(
+            components.unet, components.text_encoder, self.config.lora
+        )
+        if self.config.performance.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+            if self.text_params:
+                components.text_encoder.gradient_checkpointing_enable()
+        return components
+
+    def _cache_features(self, components: SD15Components) -> tuple[TrainingSet, ValidationSet | None]:
+        """Encode every image and caption once (reusing the on-disk cache) and keep the results on the device."""
+        self.callbacks.on_status("caching")
+        device, cfg = self.accelerator.device, self.config
+        cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
+        self.cache = cache
+        train_text = bool(self.text_params)
+        items = []
+        for record in self.dataset.train:
+            if not record.path.is_file():
+                raise TrainingError(f"{record.path} disappeared after the dataset was read; restore it or reload")
+            plain, mirrored = cache.latents(record, components.vae, flip=cfg.dataset.flip)
+            embedding = None
+            if not train_text:
+                embedding = cache.caption_embedding(record.caption, components.tokenizer, components.text_encoder)
+                embedding = embedding.to(device, self.weight_dtype)
+            items.append(
+                TrainingItem(
+                    plain.to(device),
+                    mirrored.to(device) if mirrored else None,
+                    record.caption,
+                    embedding,
+                    record.bucket,
+                )
+            )
+        validation = None
+        if self.dataset.validation:
+            latents = [cache.latents(record, components.vae, flip=False)[0].mean for record in self.dataset.validation]
+            captions = [record.caption for record in self.dataset.validation]
+            validation = build_validation_set(
+                latents,
+                captions,
+                cfg.validation.timesteps,
+                cfg.validation.seed,
+                components.noise_scheduler.config.num_train_timesteps,
+            )
+        self._say(f"features: {cache.stats.reused} reused from the cache, {cache.stats.encoded} encoded")
+        return TrainingSet(items, cfg.schedule.batch_size), validation
+
+    # ----- the run -------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        cfg = self.config
+        self.accelerator = Accelerator(mixed_precision=cfg.performance.mixed_precision)
+        self.weight_dtype = WEIGHT_DTYPES[cfg.performance.mixed_precision]
+        plan = self._check()
+        state = load_checkpoint(self.resume_dir) if self.resume_dir else None
+        self.run_dir = self.resume_dir or new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+        self._say(
+            f"{plan.train_images} training and {plan.validation_images} validation images, "
+            f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in {plan.epochs} epochs"
+        )
+
+        components = self._load_model()
+        train_set, validation = self._cache_features(components)
+        optimizer = make_optimizer(cfg.optimizer, self.unet_params, self.text_params)
+        lr_scheduler = make_lr_scheduler(cfg.schedule, optimizer, plan.total_steps)
+        unet, optimizer = self.accelerator.prepare(components.unet, optimizer)
+        text_encoder = self.accelerator.prepare(components.text_encoder) if self.text_params else None
+        self.components, self.plan, self.validation = components, plan, validation
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+
+        rank = self.accelerator.process_index
+        order = torch.Generator().manual_seed(cfg.run.seed + rank)
+        noise = torch.Generator(self.accelerator.device).manual_seed(cfg.run.seed + 10_000 + rank)
+        progress = Progress()
+        history: list[dict] = []
+        epoch_order_state = order.get_state()
+        if state is not None:
+            progress, history, epoch_order_state = self._restore(state, order, noise)
+        self.run_log = RunLog(self.run_dir, history) if self.accelerator.is_main_process else None
+        self._replay(history)
+
+        self.callbacks.on_status("training")
+        started, status = time.perf_counter(), "finished"
+        step_times: list[float] = []
+        try:
+            while progress.epoch <= plan.epochs and progress.step < plan.total_steps:
+                if progress.next_batch == 0:
+                    epoch_order_state = order.get_state()
+                    progress.epoch_losses = []
+                current_order = order.get_state()
+                order.set_state(epoch_order_state)
+                batches = train_set.epoch_batches(order, self.accelerator.num_processes)[
+                    rank :: self.accelerator.num_processes
+                ]
+                if progress.next_batch:
+                    order.set_state(current_order)
+                accumulation = cfg.schedule.gradient_accumulation
+                while progress.next_batch < len(batches) and progress.step < plan.total_steps:
+                    if self._obey_commands(progress, order, noise, epoch_order_state):
+                        status = "stopped"
+                        break
+                    group = batches[progress.next_batch : progress.next_batch + accumulation]
+                    tick = time.perf_counter()
+                    loss = self._optimizer_step(unet, text_encoder, train_set, group, order, noise)
+                    progress.next_batch += len(group)
+                    progress.step += 1
+                    step_times = [*step_times[-19:], time.perf_counter() - tick]
+                    if not math.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {loss} at step {progress.step}: lower optimizer.learning_rate "
+                            f"(now {cfg.optimizer.learning_rate:g}), keep optimizer.max_grad_norm above 0, or use "
+                            "bf16 instead of fp16. The LoRA files saved so far are kept."
+                        )
+                    progress.epoch_losses.append(loss)
+                    self._report_step(progress, loss, step_times, started)
+                if status == "stopped":
+                    break
+                progress.next_batch = 0
+                if self._end_of_epoch(progress, order, noise, epoch_order_state):
+                    status = "early_stopped"
+                    break
+                progress.epoch += 1
+            self._finish(progress, order, noise, epoch_order_state, status)
+        finally:
+            if self.run_log:
+                self.run_log.close()
+        self.callbacks.on_status(status)
+        return RunResult(
+            self.run_dir,
+            status,
+            progress.step,
+            min(progress.epoch, plan.epochs),
+            progress.best_epoch,
+            progress.best_val_loss,
+            self.files,
+        )
+
+    def _optimizer_step(
+        self,
+        unet: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
+        train_set: TrainingSet,
+        group: list[list[int]],
+        order: torch.Generator,
+        noise_generator: torch.Generator,
+    ) -> float:
+        """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step."""
+        cfg, device = self.config, self.accelerator.device
+        scheduler = self.components.noise_scheduler
+        total = torch.zeros((), device=device)
+        for index, indices in enumerate(group):
+            batch = train_set.batch(indices, order, noise_generator, cfg.dataset.flip)
+            latents = batch.latents
+            noise = torch.randn(latents.shape, generator=noise_generator, device=device)
+            if cfg.loss.noise_offset:
+                offset = torch.randn((*latents.shape[:2], 1, 1), generator=noise_generator, device=device)
+                noise = noise + cfg.loss.noise_offset * offset
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (len(latents),), generator=noise_generator, device=device
+            )
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            if batch.embeddings is not None:
+                hidden = batch.embeddings
+            else:
+                ids = self.components.tokenizer(
+                    batch.captions,
+                    padding="max_length",
+                    max_length=self.components.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(device)
+                hidden = text_encoder(ids)[0]
+            last = index == len(group) - 1
+            sync = self.accelerator.no_sync(unet) if not last else contextlib.nullcontext()
+            with sync, self.accelerator.autocast():
+                prediction = unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
+                target = training_target(scheduler, latents, noise, timesteps)
+                loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+                loss = loss.mean(dim=(1, 2, 3)) * self._snr_weights(timesteps)
+                loss = loss.mean() / len(group)
+                self.accelerator.backward(loss)
+            total += loss.detach()
+        if cfg.optimizer.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.unet_params + self.text_params, cfg.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.accelerator.reduce(total, reduction="mean"))
+
+    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ (Hang et al. 2023): down-weight easy, low-noise timesteps; 1 when γ is 0."""
+        gamma = self.config.loss.min_snr_gamma
+        if not gamma:
+            return torch.ones_like(timesteps, dtype=torch.float32)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.components.noise_scheduler, timesteps)
+        clipped = torch.clamp(snr, max=gamma)
+        if self.components.noise_scheduler.config.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped / snr
+
+    # ----- reporting, commands, epoch ends ------------------------------------------------------
+
+    def _report_step(self, progress: Progress, loss: float, step_times: list[float], started: float) -> None:
+        its = len(step_times) / sum(step_times) if step_times else 0.0
+        record = StepRecord(
+            step=progress.step,
+            total_steps=self.plan.total_steps,
+            epoch=progress.epoch,
+            total_epochs=self.plan.epochs,
+            loss=loss,
+            lr=self.lr_scheduler.get_last_lr()[0],
+            its=its,
+            elapsed=time.perf_counter() - started,
+        )
+        if self.run_log:
+            self.run_log.step(record)
+        self.callbacks.on_step(record)
+
+    def _obey_commands(
+        self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
+    ) -> bool:
+        """Act on pause, sample-now and save-now; True when a stop was asked for."""
+        if self.commands.paused:
+            self.callbacks.on_status("paused")
+            self.commands.wait_while_paused()
+            self.callbacks.on_status("training")
+        if self.commands.stop_requested:
+            return True
+        if self.commands.take_sample_request():
+            self._sample(self.run_dir / "samples" / f"step-{progress.step:06d}", progress.epoch)
+        if self.commands.take_save_request():
+            self._save_lora(f"{self.config.run.name}-step{progress.step:06d}", progress, "manual")
+            self._checkpoint(progress, order, noise, epoch_order_state)
+        return False
+
+    def _end_of_epoch(
+        self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
+    ) -> bool:
+        """Validate, keep the best, save and sample as configured; True when early stopping ends the run."""
+        cfg, epoch = self.config, progress.epoch
+        val_loss = None
+        if self.validation and cfg.validation.every_n_epochs and epoch % cfg.validation.every_n_epochs == 0:
+            self.callbacks.on_status("validating")
+            val_loss = self._validate()
+            if progress.best_val_loss is None or val_loss < progress.best_val_loss:
+                progress.best_epoch, progress.best_val_loss = epoch, val_loss
+                progress.validations_without_improvement = 0
+                self._save_lora(f"{cfg.run.name}-best", progress, "best")
+            else:
+                progress.validations_without_improvement += 1
+        train_loss = sum(progress.epoch_losses) / max(1, len(progress.epoch_losses))
+        record = EpochRecord(
+            epoch,
+            progress.step,
+            train_loss,
+            val_loss,
+            self.lr_scheduler.get_last_lr()[0],
+            progress.best_epoch,
+            progress.best_val_loss,
+        )
+        if self.run_log:
+            self.run_log.epoch(record)
+        self.callbacks.on_epoch(record)
+        if cfg.saving.every_n_epochs and epoch % cfg.saving.every_n_epochs == 0:
+            self._save_lora(f"{cfg.run.name}-e{epoch:04d}", progress, "epoch")
+        if cfg.sampling.every_n_epochs and epoch % cfg.sampling.every_n_epochs == 0:
+            self._sample(self.run_dir / "samples" / f"epoch-{epoch:04d}", epoch)
+        next_position = Progress(**{**progress.__dict__, "epoch": epoch + 1, "next_batch": 0, "epoch_losses": []})
+        if cfg.saving.checkpoint_every_n_epochs and epoch % cfg.saving.checkpoint_every_n_epochs == 0:
+            self._checkpoint(next_position, order, noise, order.get_state())
+        self.callbacks.on_status("training")
+        patience = cfg.validation.early_stop_patience
+        if patience and progress.validations_without_improvement >= patience:
+            self._say(f"early stop: {patience} validations without a new best (best epoch {progress.best_epoch})")
+            return True
+        return False
+
+    def _validate(self) -> float:
+        unet = self.accelerator.unwrap_model(self.components.unet)
+        text_encoder = self.components.text_encoder
+        cached: dict[str, torch.Tensor] = {}
+
+        def encode(captions: list[str]) -> torch.Tensor:
+            if self.text_params:
+                return encode_captions(captions, self.components.tokenizer, text_encoder)
+            if captions[0] not in cached:
+                cached[captions[0]] = self.cache.caption_embedding(
+                    captions[0], self.components.tokenizer, text_encoder
+                )[None]
+            return cached[captions[0]]
+
+        was_training = unet.training
+        unet.eval()
+        try:
+            with self.accelerator.autocast():
+                return validation_loss(
+                    unet,
+                    self.components.noise_scheduler,
+                    self.validation,
+                    encode,
+                    self.accelerator.device,
+                    self.weight_dtype,
+                )
+        finally:
+            unet.train(was_training)
+
+    def _sample(self, folder: Path, epoch: int) -> None:
+        if not self.accelerator.is_main_process or not self.config.sampling.prompts:
+            return
+        self.callbacks.on_status("sampling")
+        paths = render_samples(self.components, self.config.sampling, folder, self.accelerator.device)
+        self.callbacks.on_sample(epoch, paths)
+        self.callbacks.on_status("training")
+
+    def _save_lora(self, stem: str, progress: Progress, kind: str) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.callbacks.on_status("saving")
+        metadata = training_metadata(
+            self.config, train_images=self.plan.train_images, epoch=progress.epoch, step=progress.step
+        )
+        path = save_lora(
+            self.run_dir / f"{stem}.safetensors",
+            self.accelerator.unwrap_model(self.components.unet),
+            self.components.text_encoder if self.text_params else None,
+            precision=self.config.saving.precision,
+            metadata=metadata,
+        )
+        if path not in self.files:
+            self.files.append(path)
+        self.callbacks.on_saved(path, kind)
+
+    def _checkpoint(
+        self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
+    ) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "unet_lora": get_peft_model_state_dict(self.accelerator.unwrap_model(self.components.unet)),
+            "text_lora": get_peft_model_state_dict(self.components.text_encoder) if self.text_params else {},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "progress": dict(progress.__dict__),
+            "epoch_order_state": epoch_order_state,
+            "order_state": order.get_state(),
+            "noise_state": noise.get_state(),
+            "history": self.run_log.history if self.run_log else [],
+        }
+        path = save_checkpoint(self.run_dir, state)
+        self.callbacks.on_saved(path, "checkpoint")
+
+    def _restore(
+        self, state: dict, order: torch.Generator, noise: torch.Generator
+    ) -> tuple[Progress, list[dict], torch.Tensor]:
+        set_peft_model_state_dict(self.accelerator.unwrap_model(self.components.unet), state["unet_lora"])
+        if self.text_params:
+            set_peft_model_state_dict(self.components.text_encoder, state["text_lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        order.set_state(state["order_state"])
+        noise.set_state(state["noise_state"])
+        progress = Progress(**state["progress"])
+        self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
+        return progress, list(state["history"]), state["epoch_order_state"]
+
+    def _replay(self, history: list[dict]) -> None:
+        """Hand a resumed run's earlier curve to the callbacks, so the chart continues instead of restarting."""
+        for row in history:
+            fields = {key: value for key, value in row.items() if key != "type"}
+            if row["type"] == "step":
+                self.callbacks.on_step(StepRecord(**fields))
+            else:
+                self.callbacks.on_epoch(EpochRecord(**fields))
+
+    def _finish(
+        self,
+        progress: Progress,
+        order: torch.Generator,
+        noise: torch.Generator,
+        epoch_order_state: torch.Tensor,
+        status: str,
+    ) -> None:
+        self._save_lora(self.config.run.name, progress, "final")
+        self._checkpoint(progress, order, noise, epoch_order_state)
+        self.accelerator.wait_for_everyone()
+        best = f"best epoch {progress.best_epoch} (val loss {progress.best_val_loss:.5f})" if progress.best_epoch else ""
+        self._say(f"{status} at step {progress.step}. {best}".strip())
+

@@ -1,0 +1,66 @@
+"""The training set as tensors already on the device, and its batches for each epoch.
+
+After caching, a whole style dataset (64 latents and captions) is a few MB, so it lives on the
+device and a batch is a tensor stack: no data loader, no workers, no host-to-device copies per step.
+Batches never mix buckets; their order comes from the run's generator, so it is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.feature_cache import LatentDistribution
+
+
+@dataclass(frozen=True)
+class TrainingItem:
+    latent: LatentDistribution
+    flipped: LatentDistribution | None
+    caption: str
+    embedding: torch.Tensor | None  # cached CLIP hidden states, None while the text encoder trains
+    bucket: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Batch:
+    latents: torch.Tensor
+    captions: list[str]
+    embeddings: torch.Tensor | None
+
+
+class TrainingSet:
+    def __init__(self, items: list[TrainingItem], batch_size: int) -> None:
+        self.items = items
+        self.batch_size = batch_size
+
+    def epoch_batches(self, generator: torch.Generator, world_size: int = 1) -> list[list[int]]:
+        """Shuffle within each bucket, cut into batches, shuffle the batches; pad so each process gets as many."""
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(self.items):
+            by_bucket.setdefault(item.bucket, []).append(index)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket]
+            order = torch.randperm(len(indices), generator=generator).tolist()
+            shuffled = [indices[i] for i in order]
+            batches += [shuffled[i : i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        while len(batches) % world_size:
+            batches.append(batches[len(batches) % world_size])
+        return batches
+
+    def batch(self, indices: list[int], order: torch.Generator, noise: torch.Generator, flip: bool) -> Batch:
+        """Stack one batch, drawing each latent from its cached distribution (mirrored half the time).
+
+        `order` (CPU) decides the mirroring, `noise` (on the latents' device) draws the samples.
+        """
+        items = [self.items[i] for i in indices]
+        mirror = torch.rand(len(items), generator=order).lt(0.5).tolist() if flip else [False] * len(items)
+        chosen = [item.flipped if use and item.flipped else item.latent for item, use in zip(items, mirror, strict=True)]
+        latents = torch.stack([distribution.sample(noise) for distribution in chosen])
+        embeddings = None
+        if items[0].embedding is not None:
+            embeddings = torch.stack([item.embedding for item in items])
+        return Batch(latents, [item.caption for item in items], embeddings)

@@ -1,0 +1,206 @@
+"""Write the bad and odd files that real dataset folders contain, each with what the loader should do about it.
+
+Kept apart from the tests so the dataset tests and the reliability suite check one corpus. Everything
+is generated in a few milliseconds: images are small, and the decompression bombs are hand-built PNG
+headers that declare a huge size over a few bytes of data, so writing them costs no memory.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+Reported = Literal["skipped", "warning"] | None
+
+SIZE = (96, 64)
+"""Stored (width, height) of the generated images: small, landscape, and at least the default 64 px side."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """What the loader should make of `files`.
+
+    `usable`: the images among `files` train, converted to RGB where needed, at upright `size`.
+    `reported`: each of `files` is named in a problem of that kind whose reason contains `reason`;
+    None means the files pass without a word (good images, and hidden or unrelated files).
+    """
+
+    files: tuple[Path, ...]
+    usable: bool
+    reported: Reported = None
+    reason: str = ""
+    size: tuple[int, int] | None = None
+
+
+def write_bad_files(folder: Path) -> dict[str, Case]:
+    """Fill `folder` with one file set per case (at the default `min_image_side` of 64) and describe them.
+
+    The symlink case is left out where the OS does not allow symbolic links.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = _noise(SIZE)
+    cases: dict[str, Case] = {}
+
+    def usable(case: str, name: str, image: Image.Image, caption: str = "a test image", **save: object) -> None:
+        path = _save(folder / name, image, caption, **save)
+        cases[case] = Case((path,), usable=True, size=image.size)
+
+    def skipped(case: str, name: str, data: bytes, reason: str) -> None:
+        path = folder / name
+        path.write_bytes(data)
+        path.with_suffix(".txt").write_text("an unusable image", encoding="utf-8")
+        cases[case] = Case((path,), usable=False, reported="skipped", reason=reason)
+
+    usable("png", "good_png.png", noise)
+    usable("jpeg", "good_jpeg.jpg", noise, quality=90)
+    usable("upper_case_extension", "UPPER.JPEG", noise)
+    usable("webp", "good_webp.webp", noise)
+    usable("bmp", "good_bmp.bmp", noise)
+    usable("tiff", "good_tiff.tif", noise)
+    usable("grayscale", "grayscale.png", noise.convert("L"))
+    usable("grayscale_alpha", "grayscale_alpha.png", _transparent_left(noise.convert("LA")))
+    usable("rgba", "rgba.png", _transparent_left(noise.convert("RGBA")))
+    usable("palette_transparent", "palette.png", _palette_with_transparency(SIZE), transparency=0)
+    usable("cmyk_jpeg", "cmyk.jpg", noise.convert("CMYK"))
+    usable("png_16bit", "sixteen_bit.png", _sixteen_bit_gradient(SIZE))
+    usable("unicode_name", "façade été 01.png", noise, caption="façade, été, ünïcödé")
+
+    rotated = _save(folder / "exif_rotated.jpg", noise, "a rotated image", exif=_orientation_exif(6))
+    cases["exif_rotated"] = Case((rotated,), usable=True, size=(SIZE[1], SIZE[0]))
+
+    uncaptioned = folder / "no_caption.png"
+    noise.save(uncaptioned)
+    cases["no_caption"] = Case((uncaptioned,), usable=True, reported="warning", reason="no caption file", size=SIZE)
+
+    nested = _save(folder / "sub" / "deeper" / "nested.png", noise, "a nested image")
+    cases["nested"] = Case((nested,), usable=True, size=SIZE)
+
+    png = _encode(noise, "PNG")
+    jpeg = _encode(noise, "JPEG", quality=95)
+    skipped("zero_bytes", "zero_bytes.png", b"", "empty file")
+    skipped("text_as_png", "text_as_png.png", b"just some notes, not a picture\n", "not a readable image")
+    skipped("corrupt_bytes", "corrupt_bytes.png", _corrupt_idat(png), "corrupt")
+    skipped("truncated_png", "truncated_png.png", png[: len(png) * 6 // 10], "truncated")
+    skipped("truncated_jpeg", "truncated_jpeg.jpg", jpeg[: len(jpeg) * 6 // 10], "truncated")
+    skipped("decompression_bomb", "bomb.png", _png_header_only(20_000, 20_000), "too large")
+    skipped("oversized", "oversized.png", _png_header_only(9_000, 9_000), "too large")
+    skipped("tiny", "tiny.png", _encode(_noise((8, 8)), "PNG"), "too small")
+
+    latin1 = _save(folder / "latin1_caption.png", noise, "")
+    latin1.with_suffix(".txt").write_bytes(b"caf\xe9")
+    cases["non_utf8_caption"] = Case((latin1,), usable=False, reported="skipped", reason="UTF-8")
+
+    orphan = folder / "orphan.txt"
+    orphan.write_text("a caption whose image was deleted", encoding="utf-8")
+    cases["orphan_caption"] = Case((orphan,), usable=False, reported="warning", reason="without an image")
+
+    twins = (_save(folder / "twin.png", noise, "a twin"), folder / "twin.jpg")
+    noise.save(twins[1])
+    cases["duplicate_stem"] = Case(twins, usable=False, reported="skipped", reason="rename one")
+
+    empty = folder / "empty_folder"
+    empty.mkdir()
+    cases["empty_subfolder"] = Case((empty,), usable=False)
+
+    hidden = (_save(folder / ".hidden.png", noise, "hidden"), _save(folder / ".cache" / "cached.png", noise, "hidden"))
+    cases["hidden_files"] = Case(hidden, usable=False)
+
+    unrelated = (folder / "notes.md", folder / "Thumbs.db")
+    for path in unrelated:
+        path.write_bytes(b"not part of the dataset")
+    cases["unrelated_files"] = Case(unrelated, usable=False)
+
+    loop = folder / "sub" / "loop"
+    try:
+        loop.symlink_to("..", target_is_directory=True)
+    except (OSError, NotImplementedError):
+        return cases
+    cases["symlink_loop"] = Case((loop,), usable=False, reported="skipped", reason="loop")
+    return cases
+
+
+def write_image(path: Path, size: tuple[int, int] = SIZE, caption: str | None = "a test image", seed: int = 0) -> Path:
+    """One valid noise image (with a same-stem caption unless `caption` is None), for tests that need more."""
+    image = _noise(size, seed)
+    if caption is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        return path
+    return _save(path, image, caption)
+
+
+def _save(path: Path, image: Image.Image, caption: str, **options: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return path
+
+
+def _encode(image: Image.Image, image_format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Random pixels, because they do not compress: truncating the file at 60% then cuts real image data."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _transparent_left(image: Image.Image) -> Image.Image:
+    """Left half fully transparent, so compositing on white is visible in the converted pixels."""
+    alpha = Image.new("L", image.size, 255)
+    alpha.paste(0, (0, 0, image.width // 2, image.height))
+    image.putalpha(alpha)
+    return image
+
+
+def _palette_with_transparency(size: tuple[int, int]) -> Image.Image:
+    """Palette index 0 (red, marked transparent) on the left, 1 (blue) on the right."""
+    image = Image.new("P", size, 1)
+    image.putpalette([255, 0, 0, 0, 0, 255])
+    image.paste(0, (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+def _sixteen_bit_gradient(size: tuple[int, int]) -> Image.Image:
+    """0 to 65535 left to right: clipping to 8 bits instead of scaling would turn almost all of it white."""
+    row = np.linspace(0, 65535, size[0]).round().astype(np.uint16)
+    return Image.fromarray(np.tile(row, (size[1], 1)))
+
+
+def _orientation_exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width`×`height` RGB over a few bytes of pixel data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _corrupt_idat(png: bytes) -> bytes:
+    """The same PNG with part of its compressed pixel data overwritten, structure and length intact."""
+    data = bytearray(png)
+    start = data.index(b"IDAT") + 4 + 64
+    data[start : start + 256] = b"\xff" * 256
+    return bytes(data)

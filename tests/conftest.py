@@ -1,0 +1,31 @@
+"""Shared test fixtures: a single torch thread, the demo model and the demo dataset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.demo import ensure_demo_dataset, ensure_demo_model
+
+# The test machine has 2 shared cores; a second torch thread made a tiny UNet forward 35x slower.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.5-shaped diffusers folder (with its ControlNets), built once per session."""
+    return ensure_demo_model(tmp_path_factory.mktemp("atelier-cache"))
+
+
+@pytest.fixture(scope="session")
+def _demo_dataset_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_demo_dataset(tmp_path_factory.mktemp("demo-dataset"))
+
+
+@pytest.fixture
+def demo_dataset(_demo_dataset_source: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the demo dataset that the test may modify."""
+    return Path(shutil.copytree(_demo_dataset_source, tmp_path / "dataset"))
