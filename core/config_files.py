@@ -109,7 +109,9 @@ def build_config(
     data: dict[str, Any] = {}
     for name in filter(None, presets):
         data = merge(data, preset_overlay(name))
-    source = str(config_file) if config_file else ("preset " + " + ".join(filter(None, presets)) if any(presets) else "")
+    source = (
+        str(config_file) if config_file else ("preset " + " + ".join(filter(None, presets)) if any(presets) else "")
+    )
     if config_file:
         data = merge(data, read_toml(config_file))
     for assignment in overrides:

@@ -27,9 +27,10 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from core.models import SD15_CONFIG_DIR
+
 log = logging.getLogger(__name__)
 
-SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15"
 DEMO_MODEL_NAME = "demo-sd15-v1"  # bump the suffix whenever the build below changes
 CONTROLNET_NAMES = ("controlnet-lineart", "controlnet-depth")
 _COMPLETE_MARKER = ".complete"

@@ -90,7 +90,9 @@ class FeatureCache:
         self, record: ImageRecord, vae: torch.nn.Module, flip: bool
     ) -> tuple[LatentDistribution, LatentDistribution | None]:
         """The record's latent distribution (and its mirror image's when `flip`)."""
-        key = _key("latent", file_digest(record.path), f"{record.bucket[0]}x{record.bucket[1]}", str(flip), self.model_key)
+        key = _key(
+            "latent", file_digest(record.path), f"{record.bucket[0]}x{record.bucket[1]}", str(flip), self.model_key
+        )
 
         def encode() -> dict[str, torch.Tensor]:
             image = fit_to_bucket(open_image(record.path), record.bucket)

@@ -1,10 +1,9 @@
 """Writing trained LoRAs in the files other tools load.
 
-The main format is kohya's (`lora_unet_…` / `lora_te_…` keys with `lora_down`, `lora_up` and a
-float `alpha` per module): A1111, Forge and ComfyUI all read it. diffusers' own
-`convert_state_dict_to_kohya` is not used because for SD 1.5 it writes the SDXL prefix `lora_te1_`
-and stores alpha = rank as an integer, which silently changes the strength whenever alpha ≠ rank.
-The optional diffusers/peft folder keeps the adapter config in its header so alpha survives too.
+The main format is kohya's (`lora_unet_…` / `lora_te_…` keys, `lora_down`, `lora_up` and a float
+`alpha` per module), which A1111, Forge and ComfyUI read. diffusers' `convert_state_dict_to_kohya` is
+not used: for SD 1.5 it writes SDXL's `lora_te1_` and alpha = rank as an integer, silently changing
+the strength whenever alpha ≠ rank. The diffusers folder keeps the peft config so alpha survives.
 """
 
 from __future__ import annotations
@@ -36,28 +35,29 @@ SavePrecision = Literal["fp16", "bf16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"  # SD 1.x naming; lora_te1_/lora_te2_ are SDXL's
-OPTIMIZER_CLASSES = {
-    "adamw": "torch.optim.adamw.AdamW",
-    "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
-    "prodigy": "prodigyopt.prodigy.Prodigy",
-    "adafactor": "transformers.optimization.Adafactor",
+OPTIMIZER_CLASSES = {  # the class paths kohya writes in ss_optimizer
+    **{"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"},
+    **{"prodigy": "prodigyopt.prodigy.Prodigy", "adafactor": "transformers.optimization.Adafactor"},
 }
 
 LoraLayers = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _dtype(precision: str) -> torch.dtype:
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    return DTYPES[precision]
+
+
+def _unwrap(model: nn.Module | None) -> nn.Module | None:
     return getattr(model, "_orig_mod", model)  # torch.compile wraps the module it compiles
 
 
 def _lora_layers(model: nn.Module | None) -> LoraLayers:
-    """Module path -> (lora_A, lora_B, effective alpha) of the training adapter; {} for a model without one.
+    """Module path -> (lora_A, lora_B, alpha) of the training adapter; {} for a model without one.
 
-    Alpha is read from each peft layer (not the config) so per-module alpha patterns and rsLoRA are
-    exported with the scale the model actually used: kohya tools apply `alpha / rank`.
-    """
-    if model is None:
-        return {}
+    Alpha comes from each peft layer, not the config, so alpha patterns and rsLoRA export the scale the
+    model really used (kohya tools apply `alpha / rank`)."""
     model = _unwrap(model)
     if ADAPTER not in (getattr(model, "peft_config", None) or {}):
         return {}
@@ -69,15 +69,18 @@ def _lora_layers(model: nn.Module | None) -> LoraLayers:
             "train a plain LoRA or save in diffusers format"
         )
     layers: LoraLayers = {}
-    for key, down in state.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        path = key.removesuffix(".lora_A.weight")
+    for path in (k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")):
         layer = model.get_submodule(path)
         rank = layer.r[ADAPTER]
         alpha = float(layer.lora_alpha[ADAPTER]) * (math.sqrt(rank) if layer.use_rslora[ADAPTER] else 1.0)
-        layers[path] = (down, state[f"{path}.lora_B.weight"], alpha)
+        layers[path] = (state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"], alpha)
     return layers
+
+
+def _unet_layers(unet: nn.Module) -> LoraLayers:
+    if layers := _lora_layers(unet):
+        return layers
+    raise ValueError("the UNet has no LoRA adapter to save; attach one with core.lora.add_training_loras first")
 
 
 def _text_model_path(path: str) -> str:
@@ -86,16 +89,12 @@ def _text_model_path(path: str) -> str:
 
 
 def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The trained adapters as kohya keys, weights cast to `dtype`, alpha kept as an fp32 scalar.
+    """The adapters under kohya keys, weights cast to `dtype`, alpha an fp32 scalar (fp16 would round it).
 
-    peft's LoRA shapes already are kohya's (Linear: [r, in] / [out, r]; Conv2d: down keeps the
-    layer's kernel, stride and padding, up is a 1×1 conv), so tensors are renamed, never reshaped.
-    A text encoder without an adapter is skipped, so callers can always pass it.
+    peft's shapes already are kohya's (Linear [r, in] / [out, r]; Conv2d: down keeps the layer's kernel,
+    stride and padding, up is 1×1), so tensors are only renamed. A text encoder without an adapter is skipped.
     """
-    unet_layers = _lora_layers(unet)
-    if not unet_layers:
-        raise ValueError("the UNet has no LoRA adapter to save; attach one with core.lora.add_training_loras first")
-    named = [(UNET_PREFIX + path, layer) for path, layer in unet_layers.items()]
+    named = [(UNET_PREFIX + path, layer) for path, layer in _unet_layers(unet).items()]
     named += [(TEXT_ENCODER_PREFIX + _text_model_path(p), layer) for p, layer in _lora_layers(text_encoder).items()]
     tensors: dict[str, torch.Tensor] = {}
     for path, (down, up, alpha) in named:
@@ -104,10 +103,6 @@ def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None, dtype: tor
         tensors[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
-
-
-def _resolution_pair(resolution: int | tuple[int, int]) -> tuple[int, int]:
-    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
 
 
 def training_metadata(
@@ -119,30 +114,20 @@ def training_metadata(
     resolution: int | tuple[int, int] | None = None,
     trigger_phrase: str | None = None,
 ) -> dict[str, str]:
-    """The safetensors header kohya writes (`ss_*`), the modelspec keys A1111/Forge show, and our own config.
-
-    Keys follow kohya's spelling and value formats so existing metadata viewers and civitai read them;
-    `atelier_config` holds the full TOML so a run can be reproduced from the file alone. The trigger
-    phrase defaults to the caption prefix (the usual place for a trigger word).
-    """
+    """kohya's `ss_*` header (its spellings and value formats, so metadata viewers and civitai read it),
+    the modelspec keys A1111/Forge show, and the full config as TOML so the file alone reproduces the run.
+    The trigger phrase defaults to the caption prefix, the usual place for a trigger word."""
     lora, opt, schedule = config.lora, config.optimizer, config.schedule
-    width, height = _resolution_pair(resolution or config.dataset.resolution)
+    resolution = resolution or config.dataset.resolution
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     trigger = (config.dataset.caption_prefix if trigger_phrase is None else trigger_phrase).strip(" ,")
     network_args = {"conv_dim": str(lora.rank), "conv_alpha": str(lora.alpha)} if lora.targets == "all" else {}
-    optimizer_args = f"weight_decay={opt.weight_decay}"
-    if opt.name != "adafactor":
-        optimizer_args += f",betas=({opt.beta1}, {opt.beta2})"
-    base = config.model.base
-    unet_targets = (
-        "every Linear and Conv2d in down_blocks, mid_block, up_blocks"
-        if lora.targets == "all"
-        else list(UNET_ATTENTION) + (list(UNET_FEED_FORWARD) if lora.targets == "attention_ff" else [])
+    betas = "" if opt.name == "adafactor" else f",betas=({opt.beta1}, {opt.beta2})"
+    unet_targets = {"attention": UNET_ATTENTION, "attention_ff": UNET_ATTENTION + UNET_FEED_FORWARD}.get(
+        lora.targets, "every Linear and Conv2d in down_blocks, mid_block, up_blocks"
     )
-    targets = {
-        "targets": lora.targets,
-        "unet": unet_targets,
-        "text_encoder": text_encoder_target_modules(lora.targets) if lora.train_text_encoder else [],
-    }
+    text_targets = text_encoder_target_modules(lora.targets) if lora.train_text_encoder else []
+    targets = {"targets": lora.targets, "unet": unet_targets, "text_encoder": text_targets}
     values: dict[str, object] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": lora.rank,
@@ -152,12 +137,11 @@ def training_metadata(
         "ss_network_train_unet_only": not lora.train_text_encoder,
         "ss_base_model_version": "sd_v1",
         "ss_v2": False,
-        "ss_sd_model_name": Path(base).name if Path(base).exists() else base,
+        "ss_sd_model_name": Path(config.model.base).name if Path(config.model.base).exists() else config.model.base,
         "ss_vae_name": Path(config.model.vae).name if config.model.vae else None,
         "ss_output_name": config.run.name,
         "ss_resolution": (width, height),
         "ss_num_train_images": train_images,
-        "ss_num_reg_images": 0,
         "ss_num_epochs": schedule.epochs,
         "ss_epoch": epoch,
         "ss_steps": step,
@@ -166,12 +150,11 @@ def training_metadata(
         "ss_text_encoder_lr": opt.text_encoder_lr if lora.train_text_encoder else None,
         "ss_lr_scheduler": schedule.lr_scheduler,
         "ss_lr_warmup_steps": schedule.warmup_steps,
-        "ss_optimizer": f"{OPTIMIZER_CLASSES[opt.name]}({optimizer_args})",
+        "ss_optimizer": f"{OPTIMIZER_CLASSES[opt.name]}(weight_decay={opt.weight_decay}{betas})",
         "ss_max_grad_norm": opt.max_grad_norm,
         "ss_batch_size_per_device": schedule.batch_size,
         "ss_gradient_accumulation_steps": schedule.gradient_accumulation,
         "ss_mixed_precision": config.performance.mixed_precision,
-        "ss_gradient_checkpointing": config.performance.gradient_checkpointing,
         "ss_seed": config.run.seed,
         "ss_noise_offset": config.loss.noise_offset,
         "ss_min_snr_gamma": config.loss.min_snr_gamma,
@@ -199,23 +182,16 @@ def _data_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_lora(
-    path: Path,
-    unet: nn.Module,
-    text_encoder: nn.Module | None,
-    *,
-    precision: SavePrecision,
-    metadata: dict[str, str],
+    path: Path, unet: nn.Module, text_encoder: nn.Module | None, *, precision: SavePrecision, metadata: dict[str, str]
 ) -> Path:
     """Write the kohya-format `.safetensors` atomically, so a crash never leaves a truncated LoRA behind."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files must end in .safetensors (A1111/ComfyUI look for that), got {path.name}")
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     not_text = sorted(k for k, v in metadata.items() if not isinstance(v, str))
     if not_text:
         raise TypeError(f"safetensors metadata values must be strings; convert {', '.join(not_text)} with str()")
-    tensors = kohya_state_dict(unet, text_encoder, DTYPES[precision])
+    tensors = kohya_state_dict(unet, text_encoder, _dtype(precision))
     header = {**metadata, "sshs_model_hash": _data_hash(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -228,19 +204,18 @@ def save_diffusers_lora(
 ) -> Path:
     """Write `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder, weight_name=…)`.
 
-    The peft config goes into the header so diffusers restores alpha (not alpha = rank); text-encoder
-    keys get `text_model.` back so transformers 4 stacks load the folder too. The folder is written
-    beside the target and swapped in only when complete.
+    The peft config goes into the header so diffusers restores alpha (else it assumes alpha = rank);
+    text-encoder keys get `text_model.` back so transformers 4 stacks load it too. Built beside the
+    target and swapped in only when complete.
     """
     from diffusers import StableDiffusionPipeline  # heavy import, only needed here
 
     folder = Path(folder)
-    dtype = DTYPES[precision]
-    unet, text_encoder = _unwrap(unet), _unwrap(text_encoder) if text_encoder is not None else None
-    if not _lora_layers(unet):
-        raise ValueError("the UNet has no LoRA adapter to save; attach one with core.lora.add_training_loras first")
+    dtype = _dtype(precision)
+    unet, text_encoder = _unwrap(unet), _unwrap(text_encoder)
+    _unet_layers(unet)
     unet_layers = {k: v.to(dtype) for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, object] = {"unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
     if _lora_layers(text_encoder):
         te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         kwargs["text_encoder_lora_layers"] = {_text_model_path(k): v.to(dtype) for k, v in te_state.items()}
@@ -252,7 +227,12 @@ def save_diffusers_lora(
         StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=unet_layers, **kwargs)
         if folder.exists():
             folder.rename(retired)
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if retired.exists():
+                retired.rename(folder)  # put the previous save back rather than lose both
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)

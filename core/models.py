@@ -24,13 +24,8 @@ from typing import Any, TypeVar
 import diffusers
 import huggingface_hub
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    SchedulerMixin,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -187,7 +182,11 @@ def _hub_offline() -> bool:
 
 
 def _from_hub(repo_id: str, load: Callable[[bool], T]) -> T:
-    """Call ``load(local_files_only)`` from the cache first, then (when online) with downloads."""
+    """Call ``load(local_files_only)`` from the cache first, then (when online) with downloads.
+
+    One quick ``model_info`` request checks the id and the connection first: without it a
+    wrong id or a dead network costs minutes of per-file retries before failing.
+    """
     try:
         return load(True)
     except (OSError, ValueError) as cache_miss:
@@ -197,13 +196,15 @@ def _from_hub(repo_id: str, load: Callable[[bool], T]) -> T:
                 f"not in the cache. Download {repo_id!r} while online (e.g. `hf download {repo_id}`), or point "
                 "to a local diffusers folder / .safetensors file."
             ) from cache_miss
-    log.info("downloading %s from the Hugging Face Hub", repo_id)
     try:
+        huggingface_hub.model_info(repo_id, timeout=15)
+        log.info("downloading %s from the Hugging Face Hub", repo_id)
         return load(False)
-    except Exception as exc:  # network, auth and missing-repo errors come in many types
+    except Exception as exc:  # network, auth and missing-repo errors come in many unrelated types
         raise ModelLoadError(
-            f"could not load {repo_id!r} from the Hugging Face Hub ({exc}). Check the model id and your "
-            "connection, or point to a local diffusers folder / .safetensors file."
+            f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {_first_line(exc)}). "
+            "Check the model id (gated models need `hf auth login`) and your connection, or point to a local "
+            "diffusers folder / .safetensors file."
         ) from exc
 
 
@@ -211,11 +212,16 @@ def _guarded(path: Path, load: Callable[[], T]) -> T:
     """Run a local load, turning library errors into a ModelLoadError naming the file."""
     try:
         return load()
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
         raise ModelLoadError(
-            f"could not load {path} as a Stable Diffusion 1.5 model ({type(exc).__name__}: {exc}). Is it an "
-            "SD 1.5 model (not SDXL / SD 2 / a LoRA) and completely downloaded?"
+            f"could not load {path} as a Stable Diffusion 1.5 model ({type(exc).__name__}: {_first_line(exc)}). "
+            "Is it an SD 1.5 model (not SDXL / SD 2 / a LoRA) and completely downloaded?"
         ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a library error; the full text stays in the exception chain."""
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _diffusers_parts(source: str, dtype: torch.dtype, local_files_only: bool) -> dict[str, Any]:

@@ -111,6 +111,6 @@ def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:
     except DatasetError as error:
         return None, [
             *problems,
-            Problem(error.field, getattr(config.dataset, error.field.split(".")[-1], ""), str(error)),
+            Problem(error.field, error.value, error.message),
         ]
     return dataset, problems + _plan_problems(config, dataset)

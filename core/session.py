@@ -63,7 +63,9 @@ def explain_error(error: BaseException) -> str:
     if isinstance(error, (ConfigError, TrainingError)):
         return str(error)
     if isinstance(error, FileNotFoundError):
-        return f"A file disappeared during training: {error.filename}. Restore it, or reload the dataset and start again."
+        return (
+            f"A file disappeared during training: {error.filename}. Restore it, or reload the dataset and start again."
+        )
     return f"Training stopped on an unexpected error: {type(error).__name__}: {error}"
 
 

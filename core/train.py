@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
 from tqdm import tqdm
 
 from core.config import ConfigError, TrainConfig
@@ -83,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    main_process = PartialState().is_main_process
+    # Read from the launcher's environment: creating accelerate's state here would fix it before the trainer's.
+    main_process = os.environ.get("RANK", "0") == "0"
     try:
         config = config_from_args(args)
         result = Trainer(config, ProgressBar() if main_process else None, resume_dir=args.resume).run()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from core.checkpoint import load_checkpoint, save_checkpoint
@@ -143,24 +144,22 @@ class Trainer:
         device, cfg = self.accelerator.device, self.config
         cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
         self.cache = cache
-        train_text = bool(self.text_params)
+        missing = [r.path for r in (*self.dataset.train, *self.dataset.validation) if not r.path.is_file()]
+        if missing:
+            raise TrainingError(
+                f"{missing[0]} disappeared after the dataset was read; restore it or reload the dataset"
+            )
+        embeddings: dict[str, torch.Tensor] = {}
+        if not self.text_params:
+            for caption in sorted({record.caption for record in self.dataset.train}):
+                embedding = cache.caption_embedding(caption, components.tokenizer, components.text_encoder)
+                embeddings[caption] = embedding.to(device, self.weight_dtype)
         items = []
         for record in self.dataset.train:
-            if not record.path.is_file():
-                raise TrainingError(f"{record.path} disappeared after the dataset was read; restore it or reload")
             plain, mirrored = cache.latents(record, components.vae, flip=cfg.dataset.flip)
-            embedding = None
-            if not train_text:
-                embedding = cache.caption_embedding(record.caption, components.tokenizer, components.text_encoder)
-                embedding = embedding.to(device, self.weight_dtype)
+            mirrored = mirrored.to(device) if mirrored else None
             items.append(
-                TrainingItem(
-                    plain.to(device),
-                    mirrored.to(device) if mirrored else None,
-                    record.caption,
-                    embedding,
-                    record.bucket,
-                )
+                TrainingItem(plain.to(device), mirrored, record.caption, embeddings.get(record.caption), record.bucket)
             )
         validation = None
         if self.dataset.validation:
@@ -184,7 +183,8 @@ class Trainer:
         self.weight_dtype = WEIGHT_DTYPES[cfg.performance.mixed_precision]
         plan = self._check()
         state = load_checkpoint(self.resume_dir) if self.resume_dir else None
-        self.run_dir = self.resume_dir or new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
+        chosen = [str(self.resume_dir or new_run_dir(Path(cfg.run.output_dir), cfg.run.name))]
+        self.run_dir = Path(broadcast_object_list(chosen)[0])  # every process agrees on the main one's folder
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
@@ -360,14 +360,12 @@ class Trainer:
             self.callbacks.on_status("paused")
             self.commands.wait_while_paused()
             self.callbacks.on_status("training")
-        if self.commands.stop_requested:
-            return True
         if self.commands.take_sample_request():
             self._sample(self.run_dir / "samples" / f"step-{progress.step:06d}", progress.epoch)
         if self.commands.take_save_request():
             self._save_lora(f"{self.config.run.name}-step{progress.step:06d}", progress, "manual")
             self._checkpoint(progress, order, noise, epoch_order_state)
-        return False
+        return self.commands.stop_requested
 
     def _end_of_epoch(
         self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
@@ -519,6 +517,7 @@ class Trainer:
         self._save_lora(self.config.run.name, progress, "final")
         self._checkpoint(progress, order, noise, epoch_order_state)
         self.accelerator.wait_for_everyone()
-        best = f"best epoch {progress.best_epoch} (val loss {progress.best_val_loss:.5f})" if progress.best_epoch else ""
+        best = (
+            f"best epoch {progress.best_epoch} (val loss {progress.best_val_loss:.5f})" if progress.best_epoch else ""
+        )
         self._say(f"{status} at step {progress.step}. {best}".strip())
-

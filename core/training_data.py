@@ -58,7 +58,9 @@ class TrainingSet:
         """
         items = [self.items[i] for i in indices]
         mirror = torch.rand(len(items), generator=order).lt(0.5).tolist() if flip else [False] * len(items)
-        chosen = [item.flipped if use and item.flipped else item.latent for item, use in zip(items, mirror, strict=True)]
+        chosen = [
+            item.flipped if use and item.flipped else item.latent for item, use in zip(items, mirror, strict=True)
+        ]
         latents = torch.stack([distribution.sample(noise) for distribution in chosen])
         embeddings = None
         if items[0].embedding is not None:

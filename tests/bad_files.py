@@ -42,7 +42,8 @@ class Case:
 def write_bad_files(folder: Path) -> dict[str, Case]:
     """Fill `folder` with one file set per case (at the default `min_image_side` of 64) and describe them.
 
-    The symlink case is left out where the OS does not allow symbolic links.
+    Writing into the same folder again rewrites the same files. The symlink case is left out where the
+    OS does not allow symbolic links.
     """
     folder.mkdir(parents=True, exist_ok=True)
     noise = _noise(SIZE)
@@ -106,7 +107,7 @@ def write_bad_files(folder: Path) -> dict[str, Case]:
     cases["duplicate_stem"] = Case(twins, usable=False, reported="skipped", reason="rename one")
 
     empty = folder / "empty_folder"
-    empty.mkdir()
+    empty.mkdir(exist_ok=True)
     cases["empty_subfolder"] = Case((empty,), usable=False)
 
     hidden = (_save(folder / ".hidden.png", noise, "hidden"), _save(folder / ".cache" / "cached.png", noise, "hidden"))
@@ -119,7 +120,8 @@ def write_bad_files(folder: Path) -> dict[str, Case]:
 
     loop = folder / "sub" / "loop"
     try:
-        loop.symlink_to("..", target_is_directory=True)
+        if not loop.is_symlink():
+            loop.symlink_to("..", target_is_directory=True)
     except (OSError, NotImplementedError):
         return cases
     cases["symlink_loop"] = Case((loop,), usable=False, reported="skipped", reason="loop")

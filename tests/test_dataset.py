@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,14 +28,17 @@ UNUSABLE = [
 CASES = USABLE + UNUSABLE
 
 
-def section(path: Path | str, **settings: object) -> DatasetSection:
+Corpus = tuple[dict[str, Case], Dataset]
+
+
+def section(path: Path | str, **settings: Any) -> DatasetSection:
     return DatasetSection(path=str(path), validation_size=0, **settings)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Case], Dataset]:
-    cases = write_bad_files(tmp_path_factory.mktemp("corpus"))
-    folder = next(iter(cases.values())).files[0].parent
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    folder = tmp_path_factory.mktemp("corpus")
+    cases = write_bad_files(folder)
     return cases, load_dataset(section(folder), seed=0)
 
 
@@ -45,19 +49,19 @@ def ten_images(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def case(corpus: tuple[dict[str, Case], Dataset], name: str) -> Case:
+def case(corpus: Corpus, name: str) -> Case:
     if name not in corpus[0]:
         pytest.skip(f"{name} cannot be created on this system")
     return corpus[0][name]
 
 
-def test_the_corpus_has_every_case(corpus: tuple[dict[str, Case], Dataset]) -> None:
+def test_the_corpus_has_every_case(corpus: Corpus) -> None:
     assert {name for name, expected in corpus[0].items() if expected.usable} == set(USABLE)
     assert set(CASES) - set(corpus[0]) <= {"symlink_loop"}
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_each_file_is_loaded_skipped_or_ignored_as_expected(corpus: tuple[dict[str, Case], Dataset], name: str) -> None:
+def test_each_file_is_loaded_skipped_or_ignored_as_expected(corpus: Corpus, name: str) -> None:
     expected = case(corpus, name)
     dataset = corpus[1]
     trained = {record.path: record for record in dataset.train}
@@ -74,15 +78,15 @@ def test_each_file_is_loaded_skipped_or_ignored_as_expected(corpus: tuple[dict[s
             assert path not in trained
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if name not in {"no_caption", "nested"}])
-def test_problems_name_the_file_in_the_summary(corpus: tuple[dict[str, Case], Dataset], name: str) -> None:
+@pytest.mark.parametrize("name", CASES)
+def test_problems_name_the_file_in_the_summary(corpus: Corpus, name: str) -> None:
     expected = case(corpus, name)
     listed = {path for path, _, _ in summarize(corpus[1]).problems}
     for path in expected.files:
         assert (path.relative_to(corpus[1].root).as_posix() in listed) == (expected.reported is not None)
 
 
-def test_summary_counts(corpus: tuple[dict[str, Case], Dataset]) -> None:
+def test_summary_counts(corpus: Corpus) -> None:
     cases, dataset = corpus
     usable = sum(len(c.files) for c in cases.values() if c.usable)
     skipped = sum(is_image_file(path) for c in cases.values() if c.reported == "skipped" for path in c.files)
@@ -99,26 +103,49 @@ def test_summary_counts(corpus: tuple[dict[str, Case], Dataset]) -> None:
 
 
 @pytest.mark.parametrize("name", USABLE)
-def test_usable_images_open_as_rgb_of_their_upright_size(corpus: tuple[dict[str, Case], Dataset], name: str) -> None:
+def test_usable_images_open_as_rgb_of_their_upright_size(corpus: Corpus, name: str) -> None:
     expected = case(corpus, name)
     image = open_image(expected.files[0])
     assert (image.mode, image.size) == ("RGB", expected.size)
 
 
-def test_exif_rotation_swaps_width_and_height(corpus: tuple[dict[str, Case], Dataset]) -> None:
+STORED_MODES = {
+    "grayscale": "L",
+    "grayscale_alpha": "LA",
+    "rgba": "RGBA",
+    "palette_transparent": "P",
+    "cmyk_jpeg": "CMYK",
+    "png_16bit": "I;16",
+}
+
+
+@pytest.mark.parametrize(("name", "mode"), STORED_MODES.items())
+def test_the_corpus_stores_the_modes_that_need_converting(corpus: Corpus, name: str, mode: str) -> None:
+    with Image.open(case(corpus, name).files[0]) as image:
+        assert image.mode == mode
+
+
+def test_unicode_names_and_captions_survive(corpus: Corpus) -> None:
+    path = case(corpus, "unicode_name").files[0]
+    record = next(record for record in corpus[1].train if record.path == path)
+    assert (path.name, record.caption, record.caption_source) == ("façade été 01.png", "façade, été, ünïcödé", "file")
+
+
+def test_exif_rotation_swaps_width_and_height(corpus: Corpus) -> None:
     path = case(corpus, "exif_rotated").files[0]
-    assert Image.open(path).size == SIZE
+    with Image.open(path) as stored:
+        assert stored.size == SIZE
     assert open_image(path).size == read_image_size(path) == (SIZE[1], SIZE[0])
 
 
-def test_sixteen_bit_is_scaled_not_clipped(corpus: tuple[dict[str, Case], Dataset]) -> None:
+def test_sixteen_bit_is_scaled_not_clipped(corpus: Corpus) -> None:
     row = np.asarray(open_image(case(corpus, "png_16bit").files[0]))[0, :, 0]
     assert row[0] == 0 and row[-1] == 255
     assert 120 <= row[len(row) // 2] <= 135
 
 
 @pytest.mark.parametrize("name", ["palette_transparent", "rgba", "grayscale_alpha"])
-def test_transparency_is_composited_on_white(corpus: tuple[dict[str, Case], Dataset], name: str) -> None:
+def test_transparency_is_composited_on_white(corpus: Corpus, name: str) -> None:
     pixels = np.asarray(open_image(case(corpus, name).files[0]))
     assert (pixels[:, : SIZE[0] // 2] == 255).all()
     assert not (pixels[:, SIZE[0] // 2 :] == 255).all()
@@ -133,19 +160,22 @@ def test_images_below_the_minimum_side_are_skipped(tmp_path: Path) -> None:
     assert dataset.problems[0].reason.startswith("too small (96×64; the shorter side must be at least 80 px)")
 
 
-def test_the_minimum_side_error_shows_the_upright_size(corpus: tuple[dict[str, Case], Dataset]) -> None:
+def test_the_minimum_side_error_shows_the_upright_size(corpus: Corpus) -> None:
     with pytest.raises(UnusableImage, match=r"too small \(64×96;"):
         read_image_size(case(corpus, "exif_rotated").files[0], min_side=80)
 
 
-def test_the_pixel_limit_is_checked_before_decoding(corpus: tuple[dict[str, Case], Dataset]) -> None:
+def test_the_pixel_limit_is_checked_before_decoding(corpus: Corpus) -> None:
     with pytest.raises(UnusableImage, match=r"96×64, over 0.001 megapixels"):
         open_image(case(corpus, "png").files[0], max_pixels=1000)
+    # These declare huge sizes over a few bytes of pixel data: decoding first would fail as truncated.
+    with pytest.raises(UnusableImage, match=r"9000×9000, over 64 megapixels"):
+        open_image(case(corpus, "oversized").files[0])
     with pytest.raises(UnusableImage, match="decompression bomb"):
         open_image(case(corpus, "decompression_bomb").files[0])
 
 
-def test_truncated_images_are_not_loaded_leniently(corpus: tuple[dict[str, Case], Dataset]) -> None:
+def test_truncated_images_are_not_loaded_leniently(corpus: Corpus) -> None:
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     with pytest.raises(UnusableImage, match="truncated or corrupt"):
         open_image(case(corpus, "truncated_jpeg").files[0])
@@ -220,7 +250,7 @@ def test_a_validation_size_that_leaves_no_training_images_is_an_error(ten_images
     assert caught.value.field == "dataset.validation_size"
 
 
-def test_a_validation_folder_replaces_the_hold_out(ten_images: Path) -> None:
+def test_a_validation_folder_replaces_the_hold_out_and_is_not_trained_on(ten_images: Path) -> None:
     write_image(ten_images / "val" / "v1.png", (64, 64))
     write_image(ten_images / "val" / "v2.png", (64, 64))
     settings = DatasetSection(path=str(ten_images), validation_path=str(ten_images / "val"), validation_size=3)
@@ -296,7 +326,7 @@ def test_buckets_fit_the_pixel_budget_and_aspect_range(resolution: int) -> None:
     assert buckets == tuple(sorted(buckets, key=lambda bucket: bucket[0] / bucket[1]))
 
 
-def test_bucketing_off_trains_everything_square(corpus: tuple[dict[str, Case], Dataset]) -> None:
+def test_bucketing_off_trains_everything_square(corpus: Corpus) -> None:
     folder = case(corpus, "png").files[0].parent
     dataset = load_dataset(section(folder, bucketing=False, resolution=128), seed=0)
     assert {record.bucket for record in dataset.train} == {(128, 128)}

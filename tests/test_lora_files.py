@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import get_peft_model_state_dict
@@ -137,8 +137,12 @@ def test_diffusers_loads_kohya_file_and_reproduces_outputs(
         torch.testing.assert_close(te_out, _te_out(trained.text_encoder), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_save_precision(precision: str, dtype: torch.dtype, attention_pipe: StableDiffusionPipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]
+)
+def test_save_precision(
+    precision: str, dtype: torch.dtype, attention_pipe: StableDiffusionPipeline, tmp_path: Path
+) -> None:
     path = save_lora(
         tmp_path / "p.safetensors", attention_pipe.unet, attention_pipe.text_encoder, precision=precision, metadata={}
     )
@@ -210,9 +214,7 @@ def test_diffusers_folder_loads(
     fresh.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors", adapter_name="trained")
     assert fresh.unet.peft_config["trained"].lora_alpha == ALPHA
     torch.testing.assert_close(_unet_out(fresh.unet), _unet_out(attention_pipe.unet), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        _te_out(fresh.text_encoder), _te_out(attention_pipe.text_encoder), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(_te_out(fresh.text_encoder), _te_out(attention_pipe.text_encoder), atol=1e-5, rtol=1e-5)
 
 
 def test_actionable_errors(model_dir: Path, attention_pipe: StableDiffusionPipeline, tmp_path: Path) -> None:

@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    StableDiffusionControlNetPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from core.demo import CONTROLNET_NAMES, ensure_demo_model
 from core.ldm_convert import save_ldm_checkpoint, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
@@ -53,6 +59,20 @@ def test_tokenizer_is_the_real_clip_vit_l14() -> None:
     padded = tokenizer("a photo of a cat", padding="max_length", truncation=True).input_ids
     assert len(padded) == 77
     assert padded[7:] == [49407] * 70
+
+
+def test_bundled_configs_are_real_sd15() -> None:
+    """assets/sd15 must describe SD 1.5 exactly: its published parameter counts, all convertible to LDM keys."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG_DIR, subfolder="vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR, subfolder="text_encoder"))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text_encoder)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    assert len(unet_to_ldm(unet.state_dict(), unet.config)) == 686
+    assert len(vae_to_ldm(vae.state_dict(), vae.config)) == 248
+    scheduler = DDPMScheduler.load_config(SD15_CONFIG_DIR, subfolder="scheduler")
+    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["steps_offset"]) == (0.00085, 0.012, 1)
 
 
 def test_load_demo_diffusers_folder(demo_model: Path) -> None:
@@ -95,6 +115,13 @@ def test_single_file_round_trip_is_bit_exact(demo_model: Path, tmp_path: Path) -
     expected, actual = _outputs(original), _outputs(reloaded)
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_a_lora_file_is_not_a_base_model(tmp_path: Path) -> None:
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4)}, str(lora))
+    with pytest.raises(ModelLoadError, match="not SDXL / SD 2 / a LoRA"):
+        load_sd15(str(lora))
 
 
 def test_missing_path_names_the_path(tmp_path: Path) -> None:

@@ -1,0 +1,74 @@
+"""The app entry point: its flags, its refusal to go public unprotected, and that it serves the UI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app import check_exposure, parse_args, parse_auth
+from ui.dataset_tab import describe_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_lists_the_flags() -> None:
+    done = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for flag in ("--host", "--port", "--share", "--auth", "--demo", "--output-dir", "--no-browser"):
+        assert flag in done.stdout
+    args = parse_args([])
+    assert (args.host, args.port, args.share, args.no_browser) == ("127.0.0.1", 7860, False, False)
+
+
+def test_public_serving_needs_a_password(caplog: pytest.LogCaptureFixture) -> None:
+    check_exposure("127.0.0.1", share=False, auth=None)
+    with pytest.raises(SystemExit, match=r"without a password.*--auth"):
+        check_exposure("0.0.0.0", share=False, auth=None)
+    with pytest.raises(SystemExit, match="public share link"):
+        check_exposure("127.0.0.1", share=True, auth=None)
+    check_exposure("0.0.0.0", share=False, auth=("ann", "pw"))
+    assert "other machines can reach this app" in caplog.text
+    assert parse_auth("ann:pw") == ("ann", "pw")
+    with pytest.raises(SystemExit, match="USER:PASS"):
+        parse_auth("ann")
+
+
+def test_dataset_tab_describes_a_folder(demo_dataset: Path, tmp_path: Path) -> None:
+    (demo_dataset / "broken.png").write_bytes(b"not an image")
+    text, rows = describe_folder(str(demo_dataset))
+    assert "16" in text and rows and rows[0][0] == "broken.png" and rows[0][1] == "skipped"
+    text, rows = describe_folder(str(tmp_path / "nowhere"))
+    assert "folder not found" in text and rows == []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_app_serves_the_ui_on_localhost(demo_model: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "ATELIER_CACHE": str(demo_model.parent), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(tmp_path)]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        page = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert "Dataset folder" in page and "demo-dataset" in page
+    finally:
+        server.terminate()
+        server.wait(30)
