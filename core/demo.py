@@ -94,6 +94,7 @@ def _tiny_text_encoder() -> CLIPTextModel:
 
 def _perturbed_controlnet(unet: UNet2DConditionModel, seed: int) -> ControlNetModel:
     """A ControlNet whose zero convolutions hold small random values, so it visibly steers."""
+    torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet)
     generator = torch.Generator().manual_seed(seed)
     zero_convs = ("controlnet_cond_embedding.conv_out", "controlnet_down_blocks", "controlnet_mid_block")
@@ -105,6 +106,11 @@ def _perturbed_controlnet(unet: UNet2DConditionModel, seed: int) -> ControlNetMo
 
 
 def _build_demo_model(target: Path) -> None:
+    with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the caller's random state
+        _write_demo_model(target)
+
+
+def _write_demo_model(target: Path) -> None:
     unet = _tiny_unet()
     pipe = StableDiffusionPipeline(
         vae=_tiny_vae(),
@@ -137,7 +143,7 @@ def ensure_demo_model(cache_dir: Path) -> Path:
         _build_demo_model(staging)
         (staging / _COMPLETE_MARKER).touch()
         if target.exists() and not (target / _COMPLETE_MARKER).is_file():
-            shutil.rmtree(target)  # a leftover from an interrupted older layout
+            shutil.rmtree(target)  # no completion marker: not a build to trust
         try:
             staging.rename(target)
         except OSError:

@@ -185,10 +185,14 @@ def save_ldm_checkpoint(
     integer buffers keep their type. The file is written next to ``path`` and renamed, so
     a crash never leaves a truncated checkpoint behind.
     """
+    states = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text_encoder.state_dict()}
+    for name, state in states.items():
+        if any(".base_layer." in key or ".lora_" in key for key in state):
+            raise ValueError(f"the {name} still has LoRA layers attached; merge and unload them before saving")
     tensors = {
-        **unet_to_ldm(unet.state_dict(), unet.config),
-        **vae_to_ldm(vae.state_dict(), vae.config),
-        **text_encoder_to_ldm(text_encoder.state_dict()),
+        **unet_to_ldm(states["unet"], unet.config),
+        **vae_to_ldm(states["vae"], vae.config),
+        **text_encoder_to_ldm(states["text_encoder"]),
     }
     prepared = {
         key: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().cpu().contiguous()

@@ -9,11 +9,9 @@ only the main process validates, samples and saves.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,13 +26,15 @@ from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingComm
 from core.feature_cache import FeatureCache, encode_captions
 from core.lora import add_training_loras
 from core.lora_files import save_lora, training_metadata
+from core.losses import diffusion_loss, training_target
 from core.models import SD15Components, load_sd15
 from core.optim import make_lr_scheduler, make_optimizer
 from core.preflight import RunPlan, plan_run, preflight
 from core.run_log import RunLog
+from core.run_state import Progress, RunResult, model_fingerprint, new_run_dir
 from core.sampling import render_samples
-from core.training_data import TrainingItem, TrainingSet
-from core.validation import ValidationSet, build_validation_set, training_target, validation_loss
+from core.training_data import FeatureOptions, TrainingSet, encode_features
+from core.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,49 +42,6 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 class TrainingError(RuntimeError):
     """A run ended for a reason the user can act on; the message says what to change."""
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    status: str  # finished, stopped, early_stopped
-    step: int
-    epoch: int
-    best_epoch: int | None
-    best_val_loss: float | None
-    files: list[Path] = field(default_factory=list)
-
-
-@dataclass
-class Progress:
-    """Where the run is; everything here goes into a checkpoint."""
-
-    step: int = 0
-    epoch: int = 1
-    next_batch: int = 0
-    epoch_losses: list[float] = field(default_factory=list)
-    best_epoch: int | None = None
-    best_val_loss: float | None = None
-    validations_without_improvement: int = 0
-
-
-def new_run_dir(output_dir: Path, name: str) -> Path:
-    """`output/<name>`, or `<name>-2`, `-3`… so an earlier run is never overwritten."""
-    candidate, number = Path(output_dir) / name, 1
-    while candidate.exists():
-        number += 1
-        candidate = Path(output_dir) / f"{name}-{number}"
-    return candidate
-
-
-def model_fingerprint(config: TrainConfig, dtype: torch.dtype) -> str:
-    """Identifies the encoders behind cached features; a local file's size and time stand in for its bytes."""
-    parts = [str(dtype)]
-    for reference in (config.model.base, config.model.vae):
-        path = Path(reference).expanduser()
-        stat = f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else ""
-        parts.append(f"{reference}:{stat}")
-    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:16]
 
 
 class Trainer:
@@ -139,41 +96,29 @@ class Trainer:
         return components
 
     def _cache_features(self, components: SD15Components) -> tuple[TrainingSet, ValidationSet | None]:
-        """Encode every image and caption once (reusing the on-disk cache) and keep the results on the device."""
         self.callbacks.on_status("caching")
-        device, cfg = self.accelerator.device, self.config
-        cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
-        self.cache = cache
+        cfg = self.config
+        self.cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
         missing = [r.path for r in (*self.dataset.train, *self.dataset.validation) if not r.path.is_file()]
         if missing:
-            raise TrainingError(
-                f"{missing[0]} disappeared after the dataset was read; restore it or reload the dataset"
-            )
-        embeddings: dict[str, torch.Tensor] = {}
-        if not self.text_params:
-            for caption in sorted({record.caption for record in self.dataset.train}):
-                embedding = cache.caption_embedding(caption, components.tokenizer, components.text_encoder)
-                embeddings[caption] = embedding.to(device, self.weight_dtype)
-        items = []
-        for record in self.dataset.train:
-            plain, mirrored = cache.latents(record, components.vae, flip=cfg.dataset.flip)
-            mirrored = mirrored.to(device) if mirrored else None
-            items.append(
-                TrainingItem(plain.to(device), mirrored, record.caption, embeddings.get(record.caption), record.bucket)
-            )
-        validation = None
-        if self.dataset.validation:
-            latents = [cache.latents(record, components.vae, flip=False)[0].mean for record in self.dataset.validation]
-            captions = [record.caption for record in self.dataset.validation]
-            validation = build_validation_set(
-                latents,
-                captions,
-                cfg.validation.timesteps,
-                cfg.validation.seed,
-                components.noise_scheduler.config.num_train_timesteps,
-            )
-        self._say(f"features: {cache.stats.reused} reused from the cache, {cache.stats.encoded} encoded")
-        return TrainingSet(items, cfg.schedule.batch_size), validation
+            raise TrainingError(f"{missing[0]} disappeared after the dataset was read; restore it or reload")
+        features = encode_features(
+            self.dataset,
+            components,
+            self.cache,
+            FeatureOptions(
+                device=self.accelerator.device,
+                dtype=self.weight_dtype,
+                flip=cfg.dataset.flip,
+                cache_captions=not self.text_params,
+                batch_size=cfg.schedule.batch_size,
+                validation_timesteps=cfg.validation.timesteps,
+                validation_seed=cfg.validation.seed,
+            ),
+        )
+        stats = self.cache.stats
+        self._say(f"features: {stats.reused} reused from the cache, {stats.encoded} encoded")
+        return features
 
     # ----- the run -------------------------------------------------------------------------------
 
@@ -309,9 +254,7 @@ class Trainer:
             with sync, self.accelerator.autocast():
                 prediction = unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
                 target = training_target(scheduler, latents, noise, timesteps)
-                loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-                loss = loss.mean(dim=(1, 2, 3)) * self._snr_weights(timesteps)
-                loss = loss.mean() / len(group)
+                loss = diffusion_loss(prediction, target, scheduler, timesteps, cfg.loss.min_snr_gamma) / len(group)
                 self.accelerator.backward(loss)
             total += loss.detach()
         if cfg.optimizer.max_grad_norm:
@@ -320,19 +263,6 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(self.accelerator.reduce(total, reduction="mean"))
-
-    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-γ (Hang et al. 2023): down-weight easy, low-noise timesteps; 1 when γ is 0."""
-        gamma = self.config.loss.min_snr_gamma
-        if not gamma:
-            return torch.ones_like(timesteps, dtype=torch.float32)
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(self.components.noise_scheduler, timesteps)
-        clipped = torch.clamp(snr, max=gamma)
-        if self.components.noise_scheduler.config.prediction_type == "v_prediction":
-            return clipped / (snr + 1)
-        return clipped / snr
 
     # ----- reporting, commands, epoch ends ------------------------------------------------------
 

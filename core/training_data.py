@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from core.feature_cache import LatentDistribution
+from core.dataset import Dataset
+from core.feature_cache import FeatureCache, LatentDistribution
+from core.models import SD15Components
+from core.validation import ValidationSet, build_validation_set
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,47 @@ class TrainingSet:
         if items[0].embedding is not None:
             embeddings = torch.stack([item.embedding for item in items])
         return Batch(latents, [item.caption for item in items], embeddings)
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    device: torch.device
+    dtype: torch.dtype
+    flip: bool
+    cache_captions: bool  # False while the text encoder trains: captions are encoded every step
+    batch_size: int
+    validation_timesteps: int
+    validation_seed: int
+
+
+def encode_features(
+    dataset: Dataset, components: SD15Components, cache: FeatureCache, options: FeatureOptions
+) -> tuple[TrainingSet, ValidationSet | None]:
+    """Encode every image and caption once (through the on-disk cache) and keep the results on the device."""
+    embeddings: dict[str, torch.Tensor] = {}
+    if options.cache_captions:
+        for caption in sorted({record.caption for record in dataset.train}):
+            embedding = cache.caption_embedding(caption, components.tokenizer, components.text_encoder)
+            embeddings[caption] = embedding.to(options.device, options.dtype)
+    items = []
+    for record in dataset.train:
+        plain, mirrored = cache.latents(record, components.vae, flip=options.flip)
+        items.append(
+            TrainingItem(
+                plain.to(options.device),
+                mirrored.to(options.device) if mirrored else None,
+                record.caption,
+                embeddings.get(record.caption),
+                record.bucket,
+            )
+        )
+    validation = None
+    if dataset.validation:
+        validation = build_validation_set(
+            [cache.latents(record, components.vae, flip=False)[0].mean for record in dataset.validation],
+            [record.caption for record in dataset.validation],
+            options.validation_timesteps,
+            options.validation_seed,
+            components.noise_scheduler.config.num_train_timesteps,
+        )
+    return TrainingSet(items, options.batch_size), validation

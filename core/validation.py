@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
+from core.losses import training_target
+
 TextEncoding = Callable[[list[str]], torch.Tensor]
 
 
@@ -43,14 +45,6 @@ def build_validation_set(
         for latent, caption in zip(latents, captions, strict=True)
     ]
     return ValidationSet(items, spread_timesteps(count, train_timesteps))
-
-
-def training_target(
-    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    return noise
 
 
 @torch.no_grad()

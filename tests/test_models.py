@@ -16,6 +16,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
+from peft import LoraConfig
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -122,6 +123,14 @@ def test_a_lora_file_is_not_a_base_model(tmp_path: Path) -> None:
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4)}, str(lora))
     with pytest.raises(ModelLoadError, match="not SDXL / SD 2 / a LoRA"):
         load_sd15(str(lora))
+
+
+def test_ldm_export_refuses_an_unmerged_lora(demo_model: Path, tmp_path: Path) -> None:
+    c = load_sd15(str(demo_model))
+    c.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with pytest.raises(ValueError, match="merge and unload"):
+        save_ldm_checkpoint(tmp_path / "merged.safetensors", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder)
+    assert not list(tmp_path.iterdir())
 
 
 def test_missing_path_names_the_path(tmp_path: Path) -> None:

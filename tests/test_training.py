@@ -285,15 +285,15 @@ def test_two_process_distributed_run(demo_model: Path, demo_dataset: Path, tmp_p
     """Two CPU processes under torch's launcher (what `accelerate launch --multi_gpu` runs on GPUs)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "core.train",
-        "--preset", "demo", "--model", str(demo_model), "--dataset", str(demo_dataset), "--output", str(tmp_path),
-        "--set", "schedule.epochs=2", "--set", "sampling.every_n_epochs=1",
+        "--preset", "demo", "--model", str(demo_model), "--dataset", str(demo_dataset),
+        "--output", str(tmp_path / "out"), "--set", "schedule.epochs=2", "--set", "sampling.every_n_epochs=1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished:") == 1  # only the main process reports
-    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == ["demo"]  # one run folder, not two
-    run = tmp_path / "demo"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cache", "demo"]  # one run folder, not two
+    run = tmp_path / "out" / "demo"
     steps = [row for row in read_metrics(run) if row["type"] == "step"]
     assert len(steps) == 8  # 7 batches per epoch padded to 8 and shared by 2 processes: 4 steps an epoch
     assert (run / "demo-best.safetensors").is_file() and len(list((run / "samples").iterdir())) == 2
