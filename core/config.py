@@ -91,6 +91,20 @@ class DatasetSection(Section):
     caption_extension: str = setting(".txt", "Extension of caption files next to the images", advanced=True)
     min_image_side: int = setting(64, "Images with a shorter side are skipped", unit="px", ge=8, advanced=True)
 
+    @field_validator("validation_size")
+    @classmethod
+    def _count_or_fraction(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("use a whole count (8) or a fraction below 1 (0.125)")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dotted_extension(cls, value: str) -> str:
+        if not value.startswith(".") or len(value) < 2 or "/" in value or "\\" in value:
+            raise ValueError("an extension starting with a dot, e.g. .txt or .caption")
+        return value
+
     @field_validator("resolution")
     @classmethod
     def _multiple_of_64(cls, value: int) -> int:

@@ -35,6 +35,14 @@ class EpochRecord:
     best_val_loss: float | None
 
 
+@dataclass(frozen=True)
+class ValidationRecord:
+    step: int
+    epoch: int
+    val_loss: float
+    is_best: bool
+
+
 class TrainingCallbacks:
     """Override what you need; every method is called on the training thread and must return quickly."""
 
@@ -46,6 +54,9 @@ class TrainingCallbacks:
     def on_step(self, record: StepRecord) -> None: ...
 
     def on_epoch(self, record: EpochRecord) -> None: ...
+
+    def on_validation(self, record: ValidationRecord) -> None:
+        """Every validation, at epoch ends and every `validation.every_n_steps` steps."""
 
     def on_sample(self, epoch: int, paths: list[Path]) -> None: ...
 

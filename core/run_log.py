@@ -9,7 +9,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from core.events import EpochRecord, StepRecord
+from core.events import EpochRecord, StepRecord, ValidationRecord
 from core.fsutil import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,8 +38,10 @@ class RunLog:
     def epoch(self, record: EpochRecord) -> None:
         self._append({"type": "epoch", **asdict(record)})
         self._board.add_scalar("loss/train_epoch", record.train_loss, record.step)
-        if record.val_loss is not None:
-            self._board.add_scalar("loss/validation", record.val_loss, record.step)
+
+    def validation(self, record: ValidationRecord) -> None:
+        self._append({"type": "validation", **asdict(record)})
+        self._board.add_scalar("loss/validation", record.val_loss, record.step)
 
     def close(self) -> None:
         self._file.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from core.config import ConfigError, TrainConfig
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands
+from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.preflight import preflight
 from core.trainer import Trainer, TrainingError
 
@@ -40,6 +40,7 @@ class Snapshot:
     loss_history: tuple[tuple[int, float], ...] = ()
     lr_history: tuple[tuple[int, float], ...] = ()
     epoch_history: tuple[EpochRecord, ...] = ()
+    val_history: tuple[ValidationRecord, ...] = ()
     best_epoch: int | None = None
     best_val_loss: float | None = None
     samples: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -108,6 +109,9 @@ class _Recorder(TrainingCallbacks):
             best_epoch=record.best_epoch,
             best_val_loss=record.best_val_loss,
         )
+
+    def on_validation(self, record: ValidationRecord) -> None:
+        self._update(val_history=(*self.session._snapshot.val_history, record))
 
     def on_sample(self, epoch: int, paths: list[Path]) -> None:
         snap = self.session._snapshot

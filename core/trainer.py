@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import ConfigError, Problem, TrainConfig
 from core.config_files import save_config
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands
+from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.feature_cache import FeatureCache, encode_captions
 from core.lora import add_training_loras
-from core.lora_files import save_lora, training_metadata
+from core.lora_files import save_diffusers_lora, save_lora, training_metadata
 from core.losses import diffusion_loss, training_target
 from core.models import SD15Components, load_sd15
 from core.optim import make_lr_scheduler, make_optimizer
@@ -124,6 +125,9 @@ class Trainer:
 
     def run(self) -> RunResult:
         cfg = self.config
+        # The app runs many trainings in one process, but accelerate keeps its precision setting in a
+        # process-wide singleton; reset that part (not the distributed state) so each run gets its own.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=cfg.performance.mixed_precision)
         self.weight_dtype = WEIGHT_DTYPES[cfg.performance.mixed_precision]
         plan = self._check()
@@ -192,7 +196,13 @@ class Trainer:
                         )
                     progress.epoch_losses.append(loss)
                     self._report_step(progress, loss, step_times, started)
-                if status == "stopped":
+                    every = cfg.validation.every_n_steps
+                    if self.validation and every and progress.step % every == 0:
+                        self._validate_and_track(progress)
+                        if self._patience_exhausted(progress):
+                            status = "early_stopped"
+                            break
+                if status != "finished":
                     break
                 progress.next_batch = 0
                 if self._end_of_epoch(progress, order, noise, epoch_order_state):
@@ -304,14 +314,7 @@ class Trainer:
         cfg, epoch = self.config, progress.epoch
         val_loss = None
         if self.validation and cfg.validation.every_n_epochs and epoch % cfg.validation.every_n_epochs == 0:
-            self.callbacks.on_status("validating")
-            val_loss = self._validate()
-            if progress.best_val_loss is None or val_loss < progress.best_val_loss:
-                progress.best_epoch, progress.best_val_loss = epoch, val_loss
-                progress.validations_without_improvement = 0
-                self._save_lora(f"{cfg.run.name}-best", progress, "best")
-            else:
-                progress.validations_without_improvement += 1
+            val_loss = self._validate_and_track(progress)
         train_loss = sum(progress.epoch_losses) / max(1, len(progress.epoch_losses))
         record = EpochRecord(
             epoch,
@@ -333,7 +336,28 @@ class Trainer:
         if cfg.saving.checkpoint_every_n_epochs and epoch % cfg.saving.checkpoint_every_n_epochs == 0:
             self._checkpoint(next_position, order, noise, order.get_state())
         self.callbacks.on_status("training")
-        patience = cfg.validation.early_stop_patience
+        return self._patience_exhausted(progress)
+
+    def _validate_and_track(self, progress: Progress) -> float:
+        """One validation: record it, and keep the LoRA as `<name>-best` when it is the lowest so far."""
+        self.callbacks.on_status("validating")
+        val_loss = self._validate()
+        is_best = progress.best_val_loss is None or val_loss < progress.best_val_loss
+        if is_best:
+            progress.best_epoch, progress.best_val_loss = progress.epoch, val_loss
+            progress.validations_without_improvement = 0
+            self._save_lora(f"{self.config.run.name}-best", progress, "best")
+        else:
+            progress.validations_without_improvement += 1
+        record = ValidationRecord(progress.step, progress.epoch, val_loss, is_best)
+        if self.run_log:
+            self.run_log.validation(record)
+        self.callbacks.on_validation(record)
+        self.callbacks.on_status("training")
+        return val_loss
+
+    def _patience_exhausted(self, progress: Progress) -> bool:
+        patience = self.config.validation.early_stop_patience
         if patience and progress.validations_without_improvement >= patience:
             self._say(f"early stop: {patience} validations without a new best (best epoch {progress.best_epoch})")
             return True
@@ -393,6 +417,14 @@ class Trainer:
         if path not in self.files:
             self.files.append(path)
         self.callbacks.on_saved(path, kind)
+        if self.config.saving.diffusers_format:
+            folder = save_diffusers_lora(
+                self.run_dir / f"{stem}-diffusers",
+                self.accelerator.unwrap_model(self.components.unet),
+                self.components.text_encoder if self.text_params else None,
+                precision=self.config.saving.precision,
+            )
+            self.callbacks.on_saved(folder, f"{kind} (diffusers)")
 
     def _checkpoint(
         self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
@@ -431,10 +463,8 @@ class Trainer:
         """Hand a resumed run's earlier curve to the callbacks, so the chart continues instead of restarting."""
         for row in history:
             fields = {key: value for key, value in row.items() if key != "type"}
-            if row["type"] == "step":
-                self.callbacks.on_step(StepRecord(**fields))
-            else:
-                self.callbacks.on_epoch(EpochRecord(**fields))
+            record_type = {"step": StepRecord, "epoch": EpochRecord, "validation": ValidationRecord}[row["type"]]
+            getattr(self.callbacks, f"on_{row['type']}")(record_type(**fields))
 
     def _finish(
         self,

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from app import check_exposure, parse_args, parse_auth
-from ui.dataset_tab import describe_folder
+from core.config import DatasetSection
+from core.dataset import DatasetError, load_dataset
+from ui.dataset_tab import describe_dataset, explain_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,10 +44,14 @@ def test_public_serving_needs_a_password(caplog: pytest.LogCaptureFixture) -> No
 
 def test_dataset_tab_describes_a_folder(demo_dataset: Path, tmp_path: Path) -> None:
     (demo_dataset / "broken.png").write_bytes(b"not an image")
-    text, rows = describe_folder(str(demo_dataset))
-    assert "16" in text and rows and rows[0][0] == "broken.png" and rows[0][1] == "skipped"
-    text, rows = describe_folder(str(tmp_path / "nowhere"))
-    assert "folder not found" in text and rows == []
+    section = DatasetSection(path=str(demo_dataset), validation_size=2)
+    text, rows = describe_dataset(load_dataset(section, seed=42), section)
+    assert "**17 images found:** 16 used, 1 skipped" in text and "14 train / 2 validation" in text
+    assert rows and rows[0][0] == "broken.png" and rows[0][1] == "skipped"
+    with pytest.raises(DatasetError) as missing:
+        load_dataset(DatasetSection(path=str(tmp_path / "nowhere")), seed=42)
+    text, rows = explain_error(missing.value)
+    assert "nowhere" in text and "folder not found" in text and rows == []
 
 
 def _free_port() -> int:

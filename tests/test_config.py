@@ -41,6 +41,8 @@ def problem_for(data: dict, field: str) -> str:
         ({"lora": {"rnak": 4}}, "lora.rnak", "unknown setting; known here: rank, alpha"),
         ({"run": {"name": "../escape"}}, "run.name", "no path separators"),
         ({"schedule": {"batch_size": "four"}}, "schedule.batch_size", "valid integer"),
+        ({"dataset": {"validation_size": 2.5}}, "dataset.validation_size", "whole count (8) or a fraction"),
+        ({"dataset": {"caption_extension": "txt"}}, "dataset.caption_extension", "starting with a dot"),
     ],
 )
 def test_invalid_values_name_field_value_and_rule(data: dict, field: str, expected: str) -> None:

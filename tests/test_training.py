@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from training_helpers import Recorder, demo_config, read_metrics
 
 from core.config import ConfigError, TrainConfig
-from core.config_files import build_config
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands
+from core.events import EpochRecord, TrainingCommands
 from core.feature_cache import FeatureCache
 from core.lora import add_training_loras
 from core.models import load_sd15
@@ -25,40 +24,6 @@ from core.validation import build_validation_set, validation_loss
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def demo_config(model: Path, dataset: Path, output: Path, *overrides: str) -> TrainConfig:
-    return build_config(
-        "demo",
-        overrides=[f"model.base={model}", f"dataset.path={dataset}", f"run.output_dir={output}", *overrides],
-    )
-
-
-class Recorder(TrainingCallbacks):
-    def __init__(self, stop_at: int = 0, commands: TrainingCommands | None = None) -> None:
-        self.steps: list[StepRecord] = []
-        self.epochs: list[EpochRecord] = []
-        self.logs: list[str] = []
-        self.samples: dict[str, list[Path]] = {}
-        self.stop_at, self.commands = stop_at, commands
-
-    def on_step(self, record: StepRecord) -> None:
-        self.steps.append(record)
-        if self.commands and record.step == self.stop_at:
-            self.commands.stop()
-
-    def on_epoch(self, record: EpochRecord) -> None:
-        self.epochs.append(record)
-
-    def on_log(self, message: str) -> None:
-        self.logs.append(message)
-
-    def on_sample(self, epoch: int, paths: list[Path]) -> None:
-        self.samples[paths[0].parent.name] = paths
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_training_learns_tracks_the_best_epoch_and_writes_a_run_folder(

@@ -1,35 +1,314 @@
-"""Dataset tab: point at a folder and see what the loader makes of it, problems by file name."""
+"""Dataset tab: load a folder, see what the loader makes of it, and fix captions in place.
+
+The folder is read with the shared config's dataset settings and seed, so the counts, buckets and
+train/validation split shown here are exactly what training will use; a successful load makes the
+folder the config's `dataset.path`, which the Training and Monitor tabs read. Caption edits go
+through `core.captions` (atomic writes, `.bak` of the replaced text, undo of the last edit).
+"""
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from core.captions import CaptionEdit, CaptionError, caption_path, preview, read_caption, undo, write_caption
 from core.config import DatasetSection
-from core.dataset import DatasetError, load_dataset, summarize
+from core.dataset import Dataset, DatasetError, load_dataset, summarize
+from core.fsutil import atomic_path
+from core.images import IMAGE_EXTENSIONS, UnusableImage, is_image_file
+
+THUMBNAIL = 256
+SELECTED_PREVIEW = 512
+DATASETS_FOLDER = "datasets"
+
+if TYPE_CHECKING:
+    from ui.shell import AppContext
 
 
-def describe_folder(folder: str) -> tuple[str, list[list[str]]]:
-    """The loader's summary as text and its problem list as table rows."""
-    try:
-        dataset = load_dataset(DatasetSection(path=folder.strip()), seed=42)
-    except DatasetError as error:
-        return f"**{error}**", []
+@dataclass(frozen=True)
+class Loaded:
+    """The folder on screen and its images in gallery order, so a click's index names a file."""
+
+    folder: str
+    images: tuple[Path, ...] = ()
+
+
+def explain_error(error: DatasetError) -> tuple[str, list[list[str]]]:
+    """A DatasetError in plain words, pointing at the folder box or at the Training tab setting to change.
+
+    When every file was skipped, the files and reasons also come back as problem rows.
+    """
+    if error.field != "dataset.path":
+        where = f"The Training tab's setting `{error.field} = {error.value!r}` does not fit this folder"
+    else:
+        where = f"Could not load `{error.value}`" if str(error.value).strip() else "Could not load"
+    root = Path(str(error.value)).expanduser().absolute()
+    rows = [[_shown(problem.path, root), _kind(problem.skipped), problem.reason] for problem in error.problems]
+    return f"**{where}:** {error.message}", rows
+
+
+def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, list[list[str]]]:
+    """The loader's summary as Markdown, and every problem as a (file, skipped/warning, reason) row."""
     summary = summarize(dataset)
-    rows = [[path, "skipped" if skipped else "warning", reason] for path, reason, skipped in summary.problems]
-    return f"```\n{summary.as_text()}\n```", rows
+    used = summary.images_used
+    if dataset.validation_root:
+        split = f"validation images from `{dataset.validation_root}`"
+    elif summary.validation_count:
+        split = f"held out by `dataset.validation_size = {section.validation_size:g}` and the run seed"
+    else:
+        split = "validation off (`dataset.validation_size = 0`)"
+    coverage = round(100 * summary.captions_from_file / used) if used else 0
+    lines = [
+        f"**{summary.images_found} images found:** {used} used, {summary.images_skipped} skipped",
+        f"**Split:** {summary.train_count} train / {summary.validation_count} validation — {split}",
+        f"**Captions:** {summary.captions_from_file} of {used} from caption files ({coverage}%), "
+        f"{summary.captions_default} default, {summary.captions_none} none",
+        f"**Buckets:** {_counts(summary.buckets)} (at `dataset.resolution = {section.resolution}`)",
+        f"**Resolutions:** {_counts(summary.resolutions)}",
+    ]
+    if section.caption_prefix:
+        lines.append(f"**Caption prefix:** `{section.caption_prefix}` is put before every caption")
+    skipped = sum(skipped for _, _, skipped in summary.problems)
+    lines.append(f"**Problems:** {skipped} skipped, {len(summary.problems) - skipped} warnings")
+    rows = [[path, _kind(skipped), reason] for path, reason, skipped in summary.problems]
+    return "\n\n".join(lines), rows
 
 
-def build_dataset_tab(initial_folder: Path | None) -> None:
-    folder = gr.Textbox(
-        label="Dataset folder",
-        value=str(initial_folder or ""),
-        placeholder="/path/to/images (with same-name .txt captions)",
-        info="A folder of images with same-stem .txt captions; subfolders are included.",
+def copy_upload(files: list[str], folder: Path, caption_extension: str) -> tuple[list[Path], list[str]]:
+    """Copy uploaded images, and captions whose stem matches one of them, into `folder`.
+
+    Nothing is copied when a file of the same name is already there, so an upload never replaces
+    the user's images or captions. Returns the copied files and the names of the files left out.
+    """
+    extension = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
+    sources = [Path(file) for file in files]
+    stems = {source.stem for source in sources if is_image_file(source)}
+    if not stems:
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"none of the uploaded files is an image ({kinds}): choose image files")
+    wanted = [s for s in sources if is_image_file(s) or (s.suffix.lower() == extension and s.stem in stems)]
+    ignored = [source.name for source in sources if source not in wanted]
+    names = [source.name for source in wanted]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"two uploaded files are both named {', '.join(twice)}: rename one and upload again")
+    clashes = [name for name in names if (folder / name).exists()]
+    if clashes:
+        raise ValueError(
+            f"`{folder}` already has {', '.join(clashes)}; nothing was copied — "
+            "choose another folder name, or rename those files"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for source in wanted:
+        with atomic_path(folder / source.name) as tmp:
+            shutil.copyfile(source, tmp)
+        copied.append(folder / source.name)
+    return copied, ignored
+
+
+def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
+    """The tab's widgets and events; all state is per browser tab except the shared config's dataset folder."""
+    gr.Markdown(
+        "Point at a folder of images with same-name `.txt` captions (subfolders included), or upload images "
+        "into a new dataset. Click an image to edit its caption."
     )
-    load = gr.Button("Load dataset", variant="primary")
-    summary = gr.Markdown()
-    problems = gr.Dataframe(headers=["file", "kind", "reason"], label="Problems", interactive=False, wrap=True)
-    load.click(describe_folder, inputs=folder, outputs=[summary, problems])
-    folder.submit(describe_folder, inputs=folder, outputs=[summary, problems])
+    with gr.Row(equal_height=True):
+        folder = gr.Textbox(
+            label="Dataset folder",
+            value=context.store.get().dataset.path,
+            placeholder="/path/to/images (with same-name .txt captions)",
+            info="Loading uses the Training tab's dataset settings, and makes this the folder training uses.",
+            elem_id="dataset-folder",
+            scale=5,
+        )
+        load = gr.Button("Load", variant="primary", elem_id="dataset-load", scale=1)
+    folder_error = gr.Markdown(elem_id="dataset-folder-error")
+    with gr.Accordion("Upload images into a new dataset", open=False, elem_id="dataset-upload"):
+        uploads = gr.File(
+            label="Images, and .txt captions with the same names",
+            file_count="multiple",
+            file_types=["image", ".txt"],
+            elem_id="dataset-upload-files",
+        )
+        with gr.Row(equal_height=True):
+            new_name = gr.Textbox(
+                label="New dataset folder name",
+                placeholder="my-style",
+                info=f"Created in {Path(context.output_dir).absolute() / DATASETS_FOLDER}",
+                elem_id="dataset-new-name",
+                scale=3,
+            )
+            create = gr.Button("Copy and load", elem_id="dataset-create", scale=1)
+        upload_status = gr.Markdown(elem_id="dataset-upload-status")
+    with gr.Row():
+        summary = gr.Markdown(elem_id="dataset-summary")
+        problems = gr.Dataframe(
+            headers=["file", "kind", "reason"],
+            label="Problems",
+            interactive=False,
+            wrap=True,
+            elem_id="dataset-problems",
+        )
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(
+                label="Images (train / val)",
+                columns=5,
+                height=560,
+                allow_preview=False,
+                object_fit="contain",
+                format="jpeg",
+                elem_id="dataset-gallery",
+            )
+        with gr.Column(scale=2):
+            selected_image = gr.Image(
+                label="Selected image", interactive=False, height=300, elem_id="dataset-selected-image"
+            )
+            caption = gr.Textbox(label="Caption file text", lines=4, interactive=True, elem_id="dataset-caption")
+            with gr.Row():
+                save = gr.Button("Save caption", variant="primary", elem_id="dataset-save")
+                undo_button = gr.Button("Undo last edit", elem_id="dataset-undo")
+            caption_status = gr.Markdown(elem_id="dataset-caption-status")
+
+    loaded = gr.State(Loaded(""))
+    selected = gr.State(None)
+    last_edit = gr.State(None)
+    view = [folder_error, summary, problems, gallery, loaded]
+    editor = [selected, selected_image, caption, caption_status]
+
+    def section() -> DatasetSection:
+        return context.store.get().dataset
+
+    def show(path: str) -> tuple[Any, ...]:
+        """The view outputs for `path`; a successful load makes it the config's dataset folder."""
+        settings = context.store.get()
+        try:
+            dataset = load_dataset(settings.dataset.model_copy(update={"path": path}), settings.run.seed)
+        except DatasetError as error:
+            message, rows = explain_error(error)
+            return message, "", rows, [], Loaded(path)
+        if path != settings.dataset.path:
+            context.store.update({"dataset.path": path})
+        text, rows = describe_dataset(dataset, settings.dataset)
+        items, images = _gallery(dataset, rows)
+        return "", text, rows, items, Loaded(path, tuple(images))
+
+    def on_load(path: str) -> tuple[Any, ...]:
+        return *show(path.strip()), None, None, "", ""
+
+    def on_select(state: Loaded, event: gr.SelectData) -> tuple[Any, ...]:
+        image = state.images[event.index]
+        path = caption_path(image, section().caption_extension)
+        try:
+            picture = preview(image, SELECTED_PREVIEW)
+            text = read_caption(image, section().caption_extension)
+        except (CaptionError, UnusableImage, OSError) as error:
+            return str(image), None, "", f"**{image.name}: {error}** — load the folder again."
+        status = "" if path.exists() else f"`{image.name}` has no `{path.name}` yet: Save creates it."
+        return str(image), picture, text, status
+
+    def on_save(image: str | None, text: str, state: Loaded, edit: CaptionEdit | None) -> tuple[Any, ...]:
+        if image is None:
+            return *_unchanged(), edit, "Click an image in the gallery first."
+        extension = section().caption_extension
+        try:
+            unchanged = text == read_caption(Path(image), extension)
+        except CaptionError:
+            unchanged = False  # an unreadable caption is replaced; write_caption keeps it as .bak
+        if unchanged:
+            return *_unchanged(), edit, "No change to save."
+        try:
+            edit = write_caption(Path(image), text, extension)
+        except CaptionError as error:
+            return *_unchanged(), edit, f"**Not saved — {error}**"
+        kept = f" (previous text kept in `{edit.backup.name}`)" if edit.backup else ""
+        return *show(state.folder), edit, f"Saved `{edit.path.name}`{kept}."
+
+    def on_undo(image: str | None, state: Loaded, edit: CaptionEdit | None) -> tuple[Any, ...]:
+        if edit is None:
+            return *_unchanged(), gr.skip(), None, "Nothing to undo."
+        try:
+            undo(edit)
+        except CaptionError as error:
+            return *_unchanged(), gr.skip(), edit, f"**Not undone — {error}**"
+        done = "restored its previous text" if edit.original is not None else "removed it (it did not exist before)"
+        text = (edit.previous or "") if image == str(edit.image) else gr.skip()
+        return *show(state.folder), text, None, f"Undid the edit of `{edit.path.name}`: {done}."
+
+    def on_create(files: list[str] | None, name: str) -> tuple[Any, ...]:
+        target, message = _upload(context, files, name)
+        if target is None:
+            return gr.skip(), gr.skip(), message, *_unchanged(), *_unchanged_editor()
+        return str(target), None, message, *on_load(str(target))
+
+    app.load(lambda: context.store.get().dataset.path, outputs=folder)
+    load.click(on_load, inputs=folder, outputs=view + editor)
+    folder.submit(on_load, inputs=folder, outputs=view + editor)
+    gallery.select(on_select, inputs=loaded, outputs=editor)
+    save.click(on_save, inputs=[selected, caption, loaded, last_edit], outputs=[*view, last_edit, caption_status])
+    undo_button.click(
+        on_undo, inputs=[selected, loaded, last_edit], outputs=[*view, caption, last_edit, caption_status]
+    )
+    create.click(on_create, inputs=[uploads, new_name], outputs=[folder, uploads, upload_status, *view, *editor])
+
+
+def _gallery(dataset: Dataset, rows: list[list[str]]) -> tuple[list[tuple[Any, str]], list[Path]]:
+    """Thumbnails labelled with split, file and training caption; an image gone since loading becomes a row."""
+    items: list[tuple[Any, str]] = []
+    images: list[Path] = []
+    records = [("train", record) for record in dataset.train] + [("val", record) for record in dataset.validation]
+    for split, record in records:
+        name = _shown(record.path, dataset.root)
+        try:
+            thumbnail = preview(record.path, THUMBNAIL)
+        except (UnusableImage, OSError) as error:
+            rows.append([name, "not shown", f"could not be previewed ({error}): load the folder again"])
+            continue
+        items.append((thumbnail, f"{split} · {name} — {record.caption or '(no caption)'}"))
+        images.append(record.path)
+    return items, images
+
+
+def _upload(context: AppContext, files: list[str] | None, name: str) -> tuple[Path | None, str]:
+    """Copy an upload into `<output_dir>/datasets/<name>`: the folder, or None and what to fix."""
+    name = name.strip()
+    if not files:
+        return None, "**Choose images to upload first.**"
+    if not name or name in {".", ".."} or name.startswith(".") or any(sep in name for sep in "/\\"):
+        return None, "**New dataset folder name:** type a plain name such as `my-style` (no `/`, `\\`, leading dot)."
+    folder = Path(context.output_dir).absolute() / DATASETS_FOLDER / name
+    try:
+        copied, ignored = copy_upload(files, folder, context.store.get().dataset.caption_extension)
+    except ValueError as error:
+        return None, f"**Upload not copied:** {error}"
+    except OSError as error:
+        return None, f"**Upload not copied:** `{folder}` cannot be written ({error.strerror}): check its permissions"
+    left_out = f" Left out (not an image or a caption of one): {', '.join(ignored)}." if ignored else ""
+    return folder, f"Copied {len(copied)} files into `{folder}`.{left_out}"
+
+
+def _unchanged() -> tuple[Any, ...]:
+    """Leave the view outputs as they are."""
+    return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+
+def _unchanged_editor() -> tuple[Any, ...]:
+    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key} ({count})" for key, count in counts.items()) or "none"
+
+
+def _shown(path: Path, root: Path) -> str:
+    """A file's name as the summary shows it: below the dataset folder when it is in it."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def _kind(skipped: bool) -> str:
+    return "skipped" if skipped else "warning"

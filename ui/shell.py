@@ -1,7 +1,8 @@
 """The Gradio Blocks shell: one tab per module in ui/, all talking to core through its public API.
 
-Tabs that later issues add (Training, Monitor, Captioning, Inference, Tools) plug in here as
-`build_*_tab(context)` functions next to the Dataset tab.
+Each tab module exposes `build_<name>_tab(context)`; tabs share state only through `AppContext`
+(the training session and the config store), never through each other's widgets. Tabs that later
+issues add (Captioning, Inference, Tools) plug in here the same way.
 """
 
 from __future__ import annotations
@@ -11,29 +12,70 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.config import TrainConfig
+from core.config_files import build_config
 from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
+from core.session import TrainingSession
+from ui.config_store import ConfigStore
 from ui.dataset_tab import build_dataset_tab
+from ui.monitor_tab import build_monitor_tab
+from ui.training_tab import build_training_tab
+
+SETTINGS_FILE = "atelier-ui.toml"
 
 
 @dataclass(frozen=True)
 class AppContext:
-    """What every tab may need to know about this app instance."""
+    """What every tab may use: where runs go, the demo assets, the one training session, the shared config."""
 
     output_dir: Path
+    session: TrainingSession
+    store: ConfigStore
     demo_model: Path | None = None
     demo_dataset: Path | None = None
 
+    @property
+    def demo(self) -> bool:
+        return self.demo_model is not None
+
+    def preset_config(self, name: str) -> TrainConfig:
+        """A preset applied to the defaults, keeping the chosen model, dataset and output folder.
+
+        In demo mode the `demo` preset is stacked on top, so a style preset keeps its trigger words and
+        prompts but trains at the demo's CPU-friendly size.
+        """
+        current = self.store.get()
+        presets = [name, "demo"] if self.demo else [name]
+        keep = [
+            f"model.base={current.model.base}",
+            f"dataset.path={current.dataset.path}",
+            f"run.output_dir={current.run.output_dir}",
+        ]
+        return build_config(presets, overrides=keep)
+
     @classmethod
     def create(cls, output_dir: Path, demo: bool) -> AppContext:
-        if not demo:
-            return cls(output_dir=Path(output_dir))
-        cache = default_cache_dir()
-        return cls(Path(output_dir), ensure_demo_model(cache), ensure_demo_dataset(cache / "demo-dataset"))
+        output_dir = Path(output_dir)
+        demo_model = demo_dataset = None
+        overrides = [f"run.output_dir={output_dir}"]
+        presets = ["sd15"]
+        if demo:
+            cache = default_cache_dir()
+            demo_model, demo_dataset = ensure_demo_model(cache), ensure_demo_dataset(cache / "demo-dataset")
+            overrides += [f"model.base={demo_model}", f"dataset.path={demo_dataset}"]
+            presets.append("demo")
+        store = ConfigStore(output_dir / SETTINGS_FILE, build_config(presets, overrides=overrides))
+        return cls(output_dir, TrainingSession(), store, demo_model, demo_dataset)
 
 
 def build_app(context: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Atelier") as app:
         gr.Markdown("# Atelier\nTrain Stable Diffusion 1.5 LoRAs on your own images.")
-        with gr.Tabs(), gr.Tab("Dataset", id="dataset"):
-            build_dataset_tab(context.demo_dataset)
+        with gr.Tabs():
+            with gr.Tab("Dataset", id="dataset"):
+                build_dataset_tab(context, app)
+            with gr.Tab("Training", id="training"):
+                build_training_tab(context, app)
+            with gr.Tab("Monitor", id="monitor"):
+                build_monitor_tab(context, app)
     return app

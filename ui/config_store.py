@@ -1,0 +1,57 @@
+"""The app's current training config, shared by every tab and kept on disk.
+
+A local app has one user, so the form's state lives on the server: every tab reads and writes this
+store, a page reload (or a second tab) shows the same values, and the Monitor tab starts training
+with exactly what the Training tab shows.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from core.config import TrainConfig, parse_config
+from core.config_files import config_to_toml, load_config, merge, parse_override
+from core.fsutil import atomic_write_text
+
+
+class ConfigStore:
+    def __init__(self, path: Path, initial: TrainConfig) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._config = load_config(self.path) if self.path.is_file() else initial
+        if not self.path.is_file():
+            self._write(self._config)
+
+    def _write(self, config: TrainConfig) -> None:
+        atomic_write_text(self.path, config_to_toml(config))
+
+    def get(self) -> TrainConfig:
+        with self._lock:
+            return self._config
+
+    def set(self, config: TrainConfig) -> None:
+        with self._lock:
+            self._config = config
+            self._write(config)
+
+    def update(self, values: dict[str, Any]) -> TrainConfig:
+        """Change settings by dotted path ({"dataset.path": "/x"}); raises ConfigError naming bad fields."""
+        with self._lock:
+            data = self._config.model_dump(mode="json")
+            for path, value in values.items():
+                section, _, name = path.partition(".")
+                data = merge(data, {section: {name: value}})
+            config = parse_config(data)
+            self._config = config
+            self._write(config)
+            return config
+
+    def update_from_text(self, assignments: list[str]) -> TrainConfig:
+        """The same from `section.key=value` strings, typed by the schema."""
+        values: dict[str, Any] = {}
+        for assignment in assignments:
+            for section, fields in parse_override(assignment).items():
+                values.update({f"{section}.{name}": value for name, value in fields.items()})
+        return self.update(values)

@@ -1,0 +1,265 @@
+"""Training tab: a preset picker, every setting as a form generated from the schema, config files, checks.
+
+The shared `ConfigStore` is the single truth: a valid change to a field is written there at once (so
+the Monitor tab trains with what this tab shows and a reload shows it again), an invalid one is shown
+next to its field and not stored. Each field writes only itself, so a setting another tab changed
+meanwhile (the Dataset tab's folder) is never overwritten with a stale value from this form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from core.config import ConfigError, Problem, TrainConfig, config_fields, parse_config
+from core.config_files import PresetInfo, list_presets, load_config, save_config
+from core.dataset import Dataset
+from core.estimates import latest_measured_its, memory_estimate, time_per_epoch
+from core.preflight import RunPlan, plan_run, preflight
+from ui.form import ConfigForm, FormField, build_form, from_widget, range_text
+
+if TYPE_CHECKING:
+    from ui.shell import AppContext
+
+DEMO_PRESET = "demo"  # stacked on top by AppContext in demo mode; a size, not a recipe to pick
+NO_PRESET = "Choosing a preset replaces every setting except the base model, dataset folder and output folder."
+
+
+def picker_presets() -> list[PresetInfo]:
+    """The base recipes first (they inherit nothing), then the styles built on them."""
+    presets = [preset for preset in list_presets() if preset.name != DEMO_PRESET]
+    return sorted(presets, key=lambda preset: (bool(preset.inherits), preset.name))
+
+
+def describe_preset(name: str | None) -> str:
+    for preset in picker_presets():
+        if preset.name == name:
+            base = f" Builds on `{preset.inherits}`." if preset.inherits else ""
+            return f"**{preset.name}** — {preset.description}.{base}"
+    return NO_PRESET
+
+
+def field_problem(form: ConfigForm, problem: Problem) -> Problem:
+    """Say what to do and what happens meanwhile, next to a field whose typed value was refused."""
+    allowed = range_text(form.by_path[problem.field].spec) if problem.field in form.by_path else ""
+    fix = f" (allowed: {allowed})" if allowed else ""
+    return Problem(problem.field, problem.value, f"{problem.message}{fix}. Not saved until fixed.")
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+@dataclass
+class Estimator:
+    """Run estimates; remembers the dataset of the last Check so later edits update the step counts cheaply."""
+
+    session_its: Callable[[], float]  # the live session's measured it/s, 0 before its first step
+    checked: tuple[tuple[str, int], Dataset] | None = None
+
+    def remember(self, config: TrainConfig, dataset: Dataset | None) -> None:
+        self.checked = (self._key(config), dataset) if dataset is not None else None
+
+    @staticmethod
+    def _key(config: TrainConfig) -> tuple[str, int]:
+        return config.dataset.model_dump_json(), config.run.seed
+
+    def plan(self, config: TrainConfig) -> RunPlan | None:
+        if self.checked is None or self.checked[0] != self._key(config):
+            return None
+        dataset = self.checked[1]
+        if config.schedule.batch_size > len(dataset.train):
+            return None
+        return plan_run(config, dataset)
+
+    def describe(self, config: TrainConfig) -> str:
+        lines = ["### Run estimate"]
+        plan = self.plan(config)
+        if plan is None:
+            lines.append("Steps: press **Check** to read the dataset and count them.")
+        else:
+            lines.append(
+                f"**{plan.steps_per_epoch} steps per epoch** × {plan.epochs} epochs = **{plan.total_steps} total "
+                f"steps** ({plan.train_images} training images, {plan.validation_images} validation, batch "
+                f"{config.schedule.batch_size})."
+            )
+            its = self.session_its() or latest_measured_its(Path(config.run.output_dir))
+            seconds = time_per_epoch(its, plan.steps_per_epoch)
+            if seconds is None:
+                lines.append("Time per epoch: shown once a run has measured its speed.")
+            else:
+                lines.append(
+                    f"Time per epoch: about **{format_duration(seconds)}** at the last measured {its:.2f} it/s "
+                    "(training steps only; validation and samples add to it)."
+                )
+        memory = memory_estimate(config)
+        lines.append(
+            f"GPU memory: about **{memory.total_gb:.1f} GB** (frozen model {memory.weights_gb:.1f}, LoRA "
+            f"{memory.lora_parameters / 1e6:.1f} M parameters with gradients and optimizer state "
+            f"{memory.lora_gb:.2f}, activations {memory.activations_gb:.1f}, CUDA overhead "
+            f"{memory.overhead_gb:.1f}); a rough guide, ±30%."
+        )
+        return "\n\n".join(lines)
+
+
+def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem]) -> str:
+    if not refused and not problems:
+        return "✅ **Ready to train** with these settings."
+    lines = []
+    if refused:
+        names = ", ".join(form.label(problem) for problem in refused)
+        lines.append(f"❌ **Fix the marked fields first** (their values are not saved): {names}.")
+    if problems:
+        lines.append(f"❌ **{len(problems)} problem(s) would stop the run:**")
+        lines += [f"- {form.label(problem)}: {problem.message}" for problem in problems]
+    return "\n".join(lines)
+
+
+def refused_fields(form: ConfigForm, payloads: tuple[Any, ...]) -> list[Problem]:
+    """The fields whose shown value the schema rejects (and which the store therefore does not hold)."""
+    try:
+        parse_config(form.data(payloads))
+    except ConfigError as error:
+        return [field_problem(form, problem) for problem in error.problems]
+    return []
+
+
+def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
+    """Widgets and events of the tab; the form's values live in `context.store`, shared with the other tabs."""
+    presets = picker_presets()
+    with gr.Row(equal_height=True):
+        preset = gr.Dropdown(
+            choices=[preset.name for preset in presets],
+            value=None,
+            label="Preset",
+            info="Fills the form with a recipe: the base SD 1.5 study settings or one architectural style.",
+            elem_id="training-preset",
+            scale=1,
+        )
+        preset_description = gr.Markdown(NO_PRESET, elem_id="training-preset-description")
+    with gr.Accordion("Config file (TOML)", open=True, elem_id="training-config-file"):
+        with gr.Row(equal_height=True):
+            config_path = gr.Textbox(
+                label="Config file path",
+                placeholder="output/my-style.toml",
+                info="Save writes every setting (an existing file is kept as .bak); Load reads one back.",
+                elem_id="training-config-path",
+                scale=4,
+            )
+            save = gr.Button("Save config", elem_id="training-save", scale=1)
+            load = gr.Button("Load config", elem_id="training-load", scale=1)
+            upload = gr.File(
+                label="…or drop a .toml here to load it",
+                file_types=[".toml"],
+                type="filepath",
+                elem_id="training-upload",
+                scale=2,
+            )
+        file_status = gr.Markdown(elem_id="training-file-status")
+    with gr.Row(equal_height=True):
+        check = gr.Button("Check", variant="primary", elem_id="training-check", scale=1)
+        summary = gr.Markdown(
+            "Press **Check** to test the settings against the dataset and the disk.", elem_id="training-summary"
+        )
+    estimate = gr.Markdown(elem_id="training-estimate")
+    form = build_form(config_fields())
+
+    estimator = Estimator(lambda: context.session.snapshot().its)
+
+    def filled(config: TrainConfig) -> list[Any]:
+        """Outputs that show `config` in every widget with no problem shown, and its estimate."""
+        return [*form.values(config), *form.problem_updates([]), estimator.describe(config)]
+
+    def on_page_load() -> list[Any]:
+        config = context.store.get()
+        return [*filled(config), str(Path(config.run.output_dir) / f"{config.run.name}.toml")]
+
+    def on_preset(name: str | None) -> list[Any]:
+        if not name:
+            return [NO_PRESET, *[gr.skip()] * (2 * len(form.fields) + 1), ""]
+        try:
+            config = context.preset_config(name)
+        except ConfigError as error:
+            return [describe_preset(name), *[gr.skip()] * (2 * len(form.fields) + 1), f"❌ {error}"]
+        context.store.set(config)
+        return [describe_preset(name), *filled(config), f"Filled the form from preset `{name}`; press Check."]
+
+    def on_load_file(path: str | None) -> list[Any]:
+        if not path or not str(path).strip():
+            return [*[gr.skip()] * (2 * len(form.fields) + 1), "❌ Config file path: enter a .toml path to load."]
+        target = Path(str(path).strip()).expanduser()
+        try:
+            config = load_config(target)
+        except ConfigError as error:
+            return [*[gr.skip()] * (2 * len(form.fields) + 1), f"❌ Not loaded — {error}"]
+        context.store.set(config)
+        return [*filled(config), f"Loaded `{target.absolute()}`."]
+
+    def on_save(path: str, *payloads: Any) -> str:
+        refused = refused_fields(form, payloads)
+        if refused:
+            return "❌ Not saved — " + _summary(form, refused, [])
+        if not path.strip():
+            return "❌ Config file path: enter where to save, e.g. output/my-style.toml."
+        target = Path(path.strip()).expanduser()
+        if target.suffix != ".toml":
+            return f"❌ Config file path: `{target.name}` should end in .toml, e.g. {target.with_suffix('.toml')}."
+        try:
+            save_config(context.store.get(), target)
+        except OSError as error:
+            return f"❌ Config file path: cannot write `{target}` ({error.strerror}) — choose another folder."
+        return f"Saved `{target.absolute()}`."
+
+    def on_check(*payloads: Any) -> list[Any]:
+        """Preflight the stored config; widgets showing a refused value keep it and its message."""
+        refused = refused_fields(form, payloads)
+        config = context.store.get()
+        dataset, problems = preflight(config)
+        estimator.remember(config, dataset)
+        refused_paths = {problem.field for problem in refused}
+        widgets = [
+            gr.skip() if entry.spec.path in refused_paths else value
+            for entry, value in zip(form.fields, form.values(config), strict=True)
+        ]
+        return [
+            *widgets,
+            *form.problem_updates(refused + problems),
+            estimator.describe(config),
+            _summary(form, refused, problems),
+        ]
+
+    def on_field(entry: FormField) -> Any:
+        def store_value(payload: Any) -> list[Any]:
+            try:
+                config = context.store.update({entry.spec.path: from_widget(entry.spec, payload)})
+            except ConfigError as error:
+                mine = [field_problem(form, p) for p in error.problems if p.field == entry.spec.path]
+                return [form.problem_update(mine or [field_problem(form, p) for p in error.problems]), gr.skip()]
+            return [form.problem_update([]), estimator.describe(config)]
+
+        return store_value
+
+    everything = [*form.inputs, *form.problems, estimate]
+    app.load(on_page_load, outputs=[*everything, config_path])
+    preset.input(on_preset, inputs=preset, outputs=[preset_description, *everything, file_status])
+    load.click(on_load_file, inputs=config_path, outputs=[*everything, file_status])
+    upload.upload(on_load_file, inputs=upload, outputs=[*everything, file_status])
+    save.click(on_save, inputs=[config_path, *form.inputs], outputs=file_status, preprocess=False)
+    check.click(on_check, inputs=form.inputs, outputs=[*everything, summary], preprocess=False)
+    for entry in form.fields:
+        entry.input.input(
+            on_field(entry),
+            inputs=entry.input,
+            outputs=[entry.problem, estimate],
+            preprocess=False,
+            trigger_mode="always_last",
+            show_progress="hidden",
+        )
