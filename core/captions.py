@@ -10,13 +10,15 @@ skipped: the original bytes stay in the `.bak` and come back on undo.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
 
-from core.fsutil import atomic_write_bytes, backup
+from core.fsutil import atomic_path, backup
 from core.images import is_image_file, open_image
 
 DEFAULT_EXTENSION = ".txt"
@@ -77,7 +79,7 @@ def write_caption(image: Path, text: str, extension: str = DEFAULT_EXTENSION) ->
     original = _read_bytes(path)
     try:
         copy = backup(path) if original is not None else None
-        atomic_write_bytes(path, text.encode("utf-8"))
+        _replace(path, text.encode("utf-8"), like=path if original is not None else image)
     except OSError as error:
         raise CaptionError(path, f"cannot be written ({error.strerror}): check the folder's permissions") from None
     return CaptionEdit(image, path, original, text, copy)
@@ -97,7 +99,7 @@ def undo(edit: CaptionEdit) -> None:
         if edit.original is None:
             edit.path.unlink()
         else:
-            atomic_write_bytes(edit.path, edit.original)
+            _replace(edit.path, edit.original, like=edit.path)
     except OSError as error:
         reason = f"cannot be restored ({error.strerror}): check the folder's permissions"
         raise CaptionError(edit.path, reason) from None
@@ -136,3 +138,15 @@ def _read_bytes(path: Path) -> bytes | None:
         raise CaptionError(path, "is a folder, not a caption file — rename or move the folder") from None
     except OSError as error:
         raise CaptionError(path, f"cannot be read ({error.strerror}): check its permissions") from None
+
+
+def _replace(path: Path, data: bytes, like: Path) -> None:
+    """Write `data` atomically with the permissions of `like` (the old caption, or the image for a new one).
+
+    The atomic write's temporary file is private to the owner; a caption must stay readable by whoever
+    could read it before, e.g. a training job running as another user.
+    """
+    mode = stat.S_IMODE(like.stat().st_mode) & 0o666
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        os.chmod(tmp, mode)

@@ -152,13 +152,10 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
 
         rank = self.accelerator.process_index
-        order = torch.Generator().manual_seed(cfg.run.seed + rank)
-        noise = torch.Generator(self.accelerator.device).manual_seed(cfg.run.seed + 10_000 + rank)
-        progress = Progress()
-        history: list[dict] = []
-        epoch_order_state = order.get_state()
-        if state is not None:
-            progress, history, epoch_order_state = self._restore(state, order, noise)
+        self.order = torch.Generator().manual_seed(cfg.run.seed + rank)  # batch order and flips, on the CPU
+        self.noise = torch.Generator(self.accelerator.device).manual_seed(cfg.run.seed + 10_000 + rank)
+        self.epoch_order_state = self.order.get_state()
+        progress, history = self._restore(state) if state is not None else (Progress(), [])
         self.run_log = RunLog(self.run_dir, history) if self.accelerator.is_main_process else None
         self._replay(history)
 
@@ -167,24 +164,14 @@ class Trainer:
         step_times: list[float] = []
         try:
             while progress.epoch <= plan.epochs and progress.step < plan.total_steps:
-                if progress.next_batch == 0:
-                    epoch_order_state = order.get_state()
-                    progress.epoch_losses = []
-                current_order = order.get_state()
-                order.set_state(epoch_order_state)
-                batches = train_set.epoch_batches(order, self.accelerator.num_processes)[
-                    rank :: self.accelerator.num_processes
-                ]
-                if progress.next_batch:
-                    order.set_state(current_order)
-                accumulation = cfg.schedule.gradient_accumulation
+                batches = self._epoch_batches(train_set, progress)
                 while progress.next_batch < len(batches) and progress.step < plan.total_steps:
-                    if self._obey_commands(progress, order, noise, epoch_order_state):
+                    if self._obey_commands(progress):
                         status = "stopped"
                         break
-                    group = batches[progress.next_batch : progress.next_batch + accumulation]
+                    group = batches[progress.next_batch : progress.next_batch + cfg.schedule.gradient_accumulation]
                     tick = time.perf_counter()
-                    loss = self._optimizer_step(unet, text_encoder, train_set, group, order, noise)
+                    loss = self._optimizer_step(unet, text_encoder, train_set, group)
                     progress.next_batch += len(group)
                     progress.step += 1
                     step_times = [*step_times[-19:], time.perf_counter() - tick]
@@ -205,11 +192,11 @@ class Trainer:
                 if status != "finished":
                     break
                 progress.next_batch = 0
-                if self._end_of_epoch(progress, order, noise, epoch_order_state):
+                if self._end_of_epoch(progress):
                     status = "early_stopped"
                     break
                 progress.epoch += 1
-            self._finish(progress, order, noise, epoch_order_state, status)
+            self._finish(progress, status)
         finally:
             if self.run_log:
                 self.run_log.close()
@@ -224,28 +211,43 @@ class Trainer:
             self.files,
         )
 
+    def _epoch_batches(self, train_set: TrainingSet, progress: Progress) -> list[list[int]]:
+        """This process's batches for the epoch.
+
+        The order is drawn from the order generator's state at the start of the epoch, which a checkpoint
+        keeps; so a run resumed mid-epoch draws the same order and continues exactly where it stopped.
+        """
+        if progress.next_batch == 0:
+            self.epoch_order_state = self.order.get_state()
+            progress.epoch_losses = []
+        current = self.order.get_state()
+        self.order.set_state(self.epoch_order_state)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batches = train_set.epoch_batches(self.order, world)[rank::world]
+        if progress.next_batch:
+            self.order.set_state(current)
+        return batches
+
     def _optimizer_step(
         self,
         unet: torch.nn.Module,
         text_encoder: torch.nn.Module | None,
         train_set: TrainingSet,
         group: list[list[int]],
-        order: torch.Generator,
-        noise_generator: torch.Generator,
     ) -> float:
         """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step."""
         cfg, device = self.config, self.accelerator.device
         scheduler = self.components.noise_scheduler
         total = torch.zeros((), device=device)
         for index, indices in enumerate(group):
-            batch = train_set.batch(indices, order, noise_generator, cfg.dataset.flip)
+            batch = train_set.batch(indices, self.order, self.noise, cfg.dataset.flip)
             latents = batch.latents
-            noise = torch.randn(latents.shape, generator=noise_generator, device=device)
+            noise = torch.randn(latents.shape, generator=self.noise, device=device)
             if cfg.loss.noise_offset:
-                offset = torch.randn((*latents.shape[:2], 1, 1), generator=noise_generator, device=device)
+                offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.noise, device=device)
                 noise = noise + cfg.loss.noise_offset * offset
             timesteps = torch.randint(
-                0, scheduler.config.num_train_timesteps, (len(latents),), generator=noise_generator, device=device
+                0, scheduler.config.num_train_timesteps, (len(latents),), generator=self.noise, device=device
             )
             noisy = scheduler.add_noise(latents, noise, timesteps)
             if batch.embeddings is not None:
@@ -292,9 +294,7 @@ class Trainer:
             self.run_log.step(record)
         self.callbacks.on_step(record)
 
-    def _obey_commands(
-        self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
-    ) -> bool:
+    def _obey_commands(self, progress: Progress) -> bool:
         """Act on pause, sample-now and save-now; True when a stop was asked for."""
         if self.commands.paused:
             self.callbacks.on_status("paused")
@@ -304,12 +304,10 @@ class Trainer:
             self._sample(self.run_dir / "samples" / f"step-{progress.step:06d}", progress.epoch)
         if self.commands.take_save_request():
             self._save_lora(f"{self.config.run.name}-step{progress.step:06d}", progress, "manual")
-            self._checkpoint(progress, order, noise, epoch_order_state)
+            self._checkpoint(progress)
         return self.commands.stop_requested
 
-    def _end_of_epoch(
-        self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
-    ) -> bool:
+    def _end_of_epoch(self, progress: Progress) -> bool:
         """Validate, keep the best, save and sample as configured; True when early stopping ends the run."""
         cfg, epoch = self.config, progress.epoch
         val_loss = None
@@ -334,7 +332,7 @@ class Trainer:
             self._sample(self.run_dir / "samples" / f"epoch-{epoch:04d}", epoch)
         next_position = Progress(**{**progress.__dict__, "epoch": epoch + 1, "next_batch": 0, "epoch_losses": []})
         if cfg.saving.checkpoint_every_n_epochs and epoch % cfg.saving.checkpoint_every_n_epochs == 0:
-            self._checkpoint(next_position, order, noise, order.get_state())
+            self._checkpoint(next_position, self.order.get_state())
         self.callbacks.on_status("training")
         return self._patience_exhausted(progress)
 
@@ -426,9 +424,7 @@ class Trainer:
             )
             self.callbacks.on_saved(folder, f"{kind} (diffusers)")
 
-    def _checkpoint(
-        self, progress: Progress, order: torch.Generator, noise: torch.Generator, epoch_order_state: torch.Tensor
-    ) -> None:
+    def _checkpoint(self, progress: Progress, epoch_order_state: torch.Tensor | None = None) -> None:
         if not self.accelerator.is_main_process:
             return
         state = {
@@ -437,27 +433,26 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "progress": dict(progress.__dict__),
-            "epoch_order_state": epoch_order_state,
-            "order_state": order.get_state(),
-            "noise_state": noise.get_state(),
+            "epoch_order_state": self.epoch_order_state if epoch_order_state is None else epoch_order_state,
+            "order_state": self.order.get_state(),
+            "noise_state": self.noise.get_state(),
             "history": self.run_log.history if self.run_log else [],
         }
         path = save_checkpoint(self.run_dir, state)
         self.callbacks.on_saved(path, "checkpoint")
 
-    def _restore(
-        self, state: dict, order: torch.Generator, noise: torch.Generator
-    ) -> tuple[Progress, list[dict], torch.Tensor]:
+    def _restore(self, state: dict) -> tuple[Progress, list[dict]]:
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.components.unet), state["unet_lora"])
         if self.text_params:
             set_peft_model_state_dict(self.components.text_encoder, state["text_lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        order.set_state(state["order_state"])
-        noise.set_state(state["noise_state"])
+        self.order.set_state(state["order_state"])
+        self.noise.set_state(state["noise_state"])
+        self.epoch_order_state = state["epoch_order_state"]
         progress = Progress(**state["progress"])
         self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
-        return progress, list(state["history"]), state["epoch_order_state"]
+        return progress, list(state["history"])
 
     def _replay(self, history: list[dict]) -> None:
         """Hand a resumed run's earlier curve to the callbacks, so the chart continues instead of restarting."""
@@ -466,16 +461,9 @@ class Trainer:
             record_type = {"step": StepRecord, "epoch": EpochRecord, "validation": ValidationRecord}[row["type"]]
             getattr(self.callbacks, f"on_{row['type']}")(record_type(**fields))
 
-    def _finish(
-        self,
-        progress: Progress,
-        order: torch.Generator,
-        noise: torch.Generator,
-        epoch_order_state: torch.Tensor,
-        status: str,
-    ) -> None:
+    def _finish(self, progress: Progress, status: str) -> None:
         self._save_lora(self.config.run.name, progress, "final")
-        self._checkpoint(progress, order, noise, epoch_order_state)
+        self._checkpoint(progress)
         self.accelerator.wait_for_everyone()
         best = (
             f"best epoch {progress.best_epoch} (val loss {progress.best_val_loss:.5f})" if progress.best_epoch else ""

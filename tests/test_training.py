@@ -18,7 +18,7 @@ from core.events import EpochRecord, TrainingCommands
 from core.feature_cache import FeatureCache
 from core.lora import add_training_loras
 from core.models import load_sd15
-from core.session import SessionBusy, TrainingSession
+from core.session import SessionBusy, TrainingSession, explain_error
 from core.trainer import Trainer, TrainingError
 from core.validation import build_validation_set, validation_loss
 
@@ -210,6 +210,13 @@ def test_session_runs_in_the_background_with_controls(demo_model: Path, demo_dat
     assert (Path(snap.run_dir) / "checkpoint.pt").is_file()
 
 
+def test_out_of_memory_is_explained_with_what_to_lower() -> None:
+    message = explain_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    for advice in ("schedule.batch_size", "dataset.resolution", "lora.rank", "gradient_checkpointing", "adamw8bit"):
+        assert advice in message
+    assert "last saved LoRA is kept" in message
+
+
 def test_session_refuses_a_bad_config_before_loading_anything(demo_model: Path, tmp_path: Path) -> None:
     session = TrainingSession()
     with pytest.raises(ConfigError) as caught:
@@ -241,6 +248,13 @@ def test_cli_trains_the_demo_and_prints_a_summary(demo_model: Path, demo_dataset
     assert done.returncode == 0, done.stderr[-2000:]
     assert "finished: 14 steps, 2 epochs" in done.stdout and "best epoch:" in done.stdout
     assert (tmp_path / "demo" / "demo-best.safetensors").is_file()
+
+    longer = [sys.executable, "-m", "core.train", "--resume", str(tmp_path / "demo"), "--set", "schedule.epochs=3"]
+    resumed = subprocess.run(longer, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "finished: 21 steps, 3 epochs" in resumed.stdout
+    steps = [row["step"] for row in read_metrics(tmp_path / "demo") if row["type"] == "step"]
+    assert steps == list(range(1, 22))
 
     bad = subprocess.run([*command, "--set", "lora.rank=0"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "lora.rank = 0" in bad.stderr
