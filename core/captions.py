@@ -6,19 +6,19 @@ caption that is replaced is first copied to `<name>.bak` beside it, and `undo` p
 bytes the edit replaced. A caption in another encoding than UTF-8 is treated the same way rather
 than refused, because saving a new UTF-8 caption is precisely how the user fixes one the loader
 skipped: the original bytes stay in the `.bak` and come back on undo.
+
+`preview` lives here because the caption editor is the one place that shows the images themselves.
 """
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
 
-from core.fsutil import atomic_path, backup
+from core.fsutil import atomic_write_bytes, backup
 from core.images import is_image_file, open_image
 
 DEFAULT_EXTENSION = ".txt"
@@ -79,7 +79,7 @@ def write_caption(image: Path, text: str, extension: str = DEFAULT_EXTENSION) ->
     original = _read_bytes(path)
     try:
         copy = backup(path) if original is not None else None
-        _replace(path, text.encode("utf-8"), like=path if original is not None else image)
+        atomic_write_bytes(path, text.encode("utf-8"))
     except OSError as error:
         raise CaptionError(path, f"cannot be written ({error.strerror}): check the folder's permissions") from None
     return CaptionEdit(image, path, original, text, copy)
@@ -99,7 +99,7 @@ def undo(edit: CaptionEdit) -> None:
         if edit.original is None:
             edit.path.unlink()
         else:
-            _replace(edit.path, edit.original, like=edit.path)
+            atomic_write_bytes(edit.path, edit.original)
     except OSError as error:
         reason = f"cannot be restored ({error.strerror}): check the folder's permissions"
         raise CaptionError(edit.path, reason) from None
@@ -108,11 +108,12 @@ def undo(edit: CaptionEdit) -> None:
 def preview(image: Path, size: int = 256) -> Image.Image:
     """A small upright RGB copy for a gallery, so any format the loader takes (TIFF, CMYK, 16-bit) displays.
 
-    Cached by modification time and size: refreshing the gallery after a caption edit does not decode every image again.
+    Cached by modification time and size, so refreshing the gallery after a caption edit does not
+    decode every image again.
     """
     image = Path(image)
-    stat = image.stat()
-    return _preview(image, (stat.st_mtime_ns, stat.st_size), size)
+    info = image.stat()
+    return _preview(image, (info.st_mtime_ns, info.st_size), size)
 
 
 @lru_cache(maxsize=512)
@@ -124,7 +125,7 @@ def _preview(image: Path, version: tuple[int, int], size: int) -> Image.Image:
 
 def _check_image(image: Path) -> None:
     if not is_image_file(image):
-        raise CaptionError(image, "not an image the dataset loader reads, so a caption for it would not train")
+        raise CaptionError(image, "not an image the dataset loader reads (a caption would not train): choose an image")
     if not image.is_file():
         raise CaptionError(image, "image not found — it was moved or deleted; load the folder again")
 
@@ -138,15 +139,3 @@ def _read_bytes(path: Path) -> bytes | None:
         raise CaptionError(path, "is a folder, not a caption file — rename or move the folder") from None
     except OSError as error:
         raise CaptionError(path, f"cannot be read ({error.strerror}): check its permissions") from None
-
-
-def _replace(path: Path, data: bytes, like: Path) -> None:
-    """Write `data` atomically with the permissions of `like` (the old caption, or the image for a new one).
-
-    The atomic write's temporary file is private to the owner; a caption must stay readable by whoever
-    could read it before, e.g. a training job running as another user.
-    """
-    mode = stat.S_IMODE(like.stat().st_mode) & 0o666
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-        os.chmod(tmp, mode)

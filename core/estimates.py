@@ -184,10 +184,7 @@ def time_per_epoch(its: float | None, steps_per_epoch: int) -> float | None:
 
 def latest_measured_its(output_dir: Path) -> float | None:
     """The last it/s recorded by the most recently written run under `output_dir`, if any run has stepped."""
-    try:
-        logs = [path for path in Path(output_dir).expanduser().glob(f"*/{METRICS_FILE}") if path.is_file()]
-    except OSError:
-        return None
+    logs = [path for path in Path(output_dir).expanduser().glob(f"*/{METRICS_FILE}") if path.is_file()]
     for path in sorted(logs, key=os.path.getmtime, reverse=True):
         its = _last_its(path)
         if its:

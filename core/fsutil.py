@@ -27,9 +27,26 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _mode_for(target))  # mkstemp makes owner-only files; keep the usual permissions
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe to probe later
+
+
+def _mode_for(target: Path) -> int:
+    """The replaced file's permissions, or what a plain `open(..., "w")` would give under the umask."""
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    return 0o666 & ~_UMASK
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:

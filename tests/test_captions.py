@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,17 @@ def test_preview_is_small_upright_rgb_and_follows_changes(image: Path) -> None:
     Image.new("RGB", (64, 96), "red").save(image)
     os.utime(image, ns=(1, 1))
     assert preview(image, 48).size == (32, 48)
+
+
+def test_captions_keep_the_permissions_of_the_file_they_replace(image: Path) -> None:
+    plain = image.with_name("plain.txt")
+    plain.write_text("made with open()", encoding="utf-8")
+    edit = write_caption(image, "new")
+    assert stat.S_IMODE(caption_path(image).stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)  # not 0600
+    undo(edit)
+    caption_path(image).write_text("old", encoding="utf-8")
+    caption_path(image).chmod(0o604)
+    edit = write_caption(image, "newer")
+    assert stat.S_IMODE(caption_path(image).stat().st_mode) == 0o604
+    undo(edit)
+    assert stat.S_IMODE(caption_path(image).stat().st_mode) == 0o604

@@ -241,6 +241,7 @@ def test_cli_trains_the_demo_and_prints_a_summary(demo_model: Path, demo_dataset
     command = [
         sys.executable, "-m", "core.train", "--preset", "demo", "--model", str(demo_model),
         "--dataset", str(demo_dataset), "--output", str(tmp_path), "--set", "schedule.epochs=2",
+        "--set", "run.name=demo",
         "--set", "sampling.every_n_epochs=0",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -265,7 +266,8 @@ def test_two_process_distributed_run(demo_model: Path, demo_dataset: Path, tmp_p
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "core.train",
         "--preset", "demo", "--model", str(demo_model), "--dataset", str(demo_dataset),
-        "--output", str(tmp_path / "out"), "--set", "schedule.epochs=2", "--set", "sampling.every_n_epochs=1",
+        "--output", str(tmp_path / "out"), "--set", "run.name=demo", "--set", "schedule.epochs=2",
+        "--set", "sampling.every_n_epochs=1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -13,7 +13,14 @@ from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingComm
 def demo_config(model: Path, dataset: Path, output: Path, *overrides: str) -> TrainConfig:
     return build_config(
         "demo",
-        overrides=[f"model.base={model}", f"dataset.path={dataset}", f"run.output_dir={output}", *overrides],
+        overrides=[
+            f"model.base={model}",
+            f"dataset.path={dataset}",
+            f"run.output_dir={output}",
+            "run.name=demo",
+            'sampling.prompts=["bauhaus style building", "neoclassical style building"]',
+            *overrides,
+        ],
     )
 
 

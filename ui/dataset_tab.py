@@ -8,7 +8,6 @@ through `core.captions` (atomic writes, `.bak` of the replaced text, undo of the
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +17,8 @@ import gradio as gr
 from core.captions import CaptionEdit, CaptionError, caption_path, preview, read_caption, undo, write_caption
 from core.config import DatasetSection
 from core.dataset import Dataset, DatasetError, load_dataset, summarize
-from core.fsutil import atomic_path
-from core.images import IMAGE_EXTENSIONS, UnusableImage, is_image_file
+from core.dataset_import import import_images
+from core.images import UnusableImage, is_image_file
 
 THUMBNAIL = 256
 SELECTED_PREVIEW = 512
@@ -43,7 +42,8 @@ def explain_error(error: DatasetError) -> tuple[str, list[list[str]]]:
     When every file was skipped, the files and reasons also come back as problem rows.
     """
     if error.field != "dataset.path":
-        where = f"The Training tab's setting `{error.field} = {error.value!r}` does not fit this folder"
+        value = f"{error.value:g}" if isinstance(error.value, float) else repr(error.value)
+        where = f"Setting `{error.field} = {value}` (Training tab)"
     else:
         where = f"Could not load `{error.value}`" if str(error.value).strip() else "Could not load"
     root = Path(str(error.value)).expanduser().absolute()
@@ -59,6 +59,8 @@ def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, li
         split = f"validation images from `{dataset.validation_root}`"
     elif summary.validation_count:
         split = f"held out by `dataset.validation_size = {section.validation_size:g}` and the run seed"
+    elif section.validation_size:
+        split = f"none held out: `dataset.validation_size = {section.validation_size:g}` does not fit this folder"
     else:
         split = "validation off (`dataset.validation_size = 0`)"
     coverage = round(100 * summary.captions_from_file / used) if used else 0
@@ -78,55 +80,23 @@ def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, li
     return "\n\n".join(lines), rows
 
 
-def copy_upload(files: list[str], folder: Path, caption_extension: str) -> tuple[list[Path], list[str]]:
-    """Copy uploaded images, and captions whose stem matches one of them, into `folder`.
-
-    Nothing is copied when a file of the same name is already there, so an upload never replaces
-    the user's images or captions. Returns the copied files and the names of the files left out.
-    """
-    extension = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
-    sources = [Path(file) for file in files]
-    stems = {source.stem for source in sources if is_image_file(source)}
-    if not stems:
-        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise ValueError(f"none of the uploaded files is an image ({kinds}): choose image files")
-    wanted = [s for s in sources if is_image_file(s) or (s.suffix.lower() == extension and s.stem in stems)]
-    ignored = [source.name for source in sources if source not in wanted]
-    names = [source.name for source in wanted]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise ValueError(f"two uploaded files are both named {', '.join(twice)}: rename one and upload again")
-    clashes = [name for name in names if (folder / name).exists()]
-    if clashes:
-        raise ValueError(
-            f"`{folder}` already has {', '.join(clashes)}; nothing was copied — "
-            "choose another folder name, or rename those files"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for source in wanted:
-        with atomic_path(folder / source.name) as tmp:
-            shutil.copyfile(source, tmp)
-        copied.append(folder / source.name)
-    return copied, ignored
-
-
-def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
+def build_dataset_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
     """The tab's widgets and events; all state is per browser tab except the shared config's dataset folder."""
     gr.Markdown(
         "Point at a folder of images with same-name `.txt` captions (subfolders included), or upload images "
         "into a new dataset. Click an image to edit its caption."
     )
-    with gr.Row(equal_height=True):
+    with gr.Row():
         folder = gr.Textbox(
             label="Dataset folder",
             value=context.store.get().dataset.path,
             placeholder="/path/to/images (with same-name .txt captions)",
             info="Loading uses the Training tab's dataset settings, and makes this the folder training uses.",
+            interactive=False,  # until the page load puts in the current folder, which would replace typing
             elem_id="dataset-folder",
             scale=5,
         )
-        load = gr.Button("Load", variant="primary", elem_id="dataset-load", scale=1)
+        load = gr.Button("Load", variant="primary", elem_id="dataset-load", scale=0, min_width=140)
     folder_error = gr.Markdown(elem_id="dataset-folder-error")
     with gr.Accordion("Upload images into a new dataset", open=False, elem_id="dataset-upload"):
         uploads = gr.File(
@@ -135,7 +105,7 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
             file_types=["image", ".txt"],
             elem_id="dataset-upload-files",
         )
-        with gr.Row(equal_height=True):
+        with gr.Row():
             new_name = gr.Textbox(
                 label="New dataset folder name",
                 placeholder="my-style",
@@ -143,7 +113,7 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
                 elem_id="dataset-new-name",
                 scale=3,
             )
-            create = gr.Button("Copy and load", elem_id="dataset-create", scale=1)
+            create = gr.Button("Copy and load", elem_id="dataset-create", scale=0, min_width=160)
         upload_status = gr.Markdown(elem_id="dataset-upload-status")
     with gr.Row():
         summary = gr.Markdown(elem_id="dataset-summary")
@@ -152,13 +122,14 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
             label="Problems",
             interactive=False,
             wrap=True,
+            column_widths=["28%", "14%", "58%"],
             elem_id="dataset-problems",
         )
     with gr.Row():
         with gr.Column(scale=3):
             gallery = gr.Gallery(
                 label="Images (train / val)",
-                columns=5,
+                columns=4,
                 height=560,
                 allow_preview=False,
                 object_fit="contain",
@@ -181,32 +152,44 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
     view = [folder_error, summary, problems, gallery, loaded]
     editor = [selected, selected_image, caption, caption_status]
 
-    def section() -> DatasetSection:
-        return context.store.get().dataset
+    def caption_extension() -> str:
+        return context.store.get().dataset.caption_extension
 
     def show(path: str) -> tuple[Any, ...]:
-        """The view outputs for `path`; a successful load makes it the config's dataset folder."""
+        """The view outputs for `path`; a folder that loads becomes the config's dataset folder.
+
+        When only the validation size does not fit (a small new dataset), the images are still shown,
+        without a split, so they can be captioned while the message points at the setting.
+        """
         settings = context.store.get()
+        chosen = settings.dataset.model_copy(update={"path": path})
+        message = ""
         try:
-            dataset = load_dataset(settings.dataset.model_copy(update={"path": path}), settings.run.seed)
+            try:
+                dataset = load_dataset(chosen, settings.run.seed)
+            except DatasetError as error:
+                if error.field != "dataset.validation_size":
+                    raise
+                message, _ = explain_error(error)
+                dataset = load_dataset(chosen.model_copy(update={"validation_size": 0}), settings.run.seed)
         except DatasetError as error:
             message, rows = explain_error(error)
             return message, "", rows, [], Loaded(path)
         if path != settings.dataset.path:
             context.store.update({"dataset.path": path})
-        text, rows = describe_dataset(dataset, settings.dataset)
-        items, images = _gallery(dataset, rows)
-        return "", text, rows, items, Loaded(path, tuple(images))
+        text, rows = describe_dataset(dataset, chosen)
+        items, images = _gallery(dataset, rows, chosen.caption_extension)
+        return message, text, rows, items, Loaded(path, tuple(images))
 
     def on_load(path: str) -> tuple[Any, ...]:
         return *show(path.strip()), None, None, "", ""
 
     def on_select(state: Loaded, event: gr.SelectData) -> tuple[Any, ...]:
         image = state.images[event.index]
-        path = caption_path(image, section().caption_extension)
+        path = caption_path(image, caption_extension())
         try:
             picture = preview(image, SELECTED_PREVIEW)
-            text = read_caption(image, section().caption_extension)
+            text = read_caption(image, caption_extension())
         except (CaptionError, UnusableImage, OSError) as error:
             return str(image), None, "", f"**{image.name}: {error}** — load the folder again."
         status = "" if path.exists() else f"`{image.name}` has no `{path.name}` yet: Save creates it."
@@ -214,41 +197,49 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
 
     def on_save(image: str | None, text: str, state: Loaded, edit: CaptionEdit | None) -> tuple[Any, ...]:
         if image is None:
-            return *_unchanged(), edit, "Click an image in the gallery first."
-        extension = section().caption_extension
-        try:
-            unchanged = text == read_caption(Path(image), extension)
+            return *_skip(len(view)), edit, "Click an image in the gallery first."
+        extension = caption_extension()
+        try:  # the browser turns CRLF into LF, which alone is no reason to rewrite a file
+            unchanged = text == read_caption(Path(image), extension).replace("\r\n", "\n")
         except CaptionError:
             unchanged = False  # an unreadable caption is replaced; write_caption keeps it as .bak
         if unchanged:
-            return *_unchanged(), edit, "No change to save."
+            return *_skip(len(view)), edit, "No change to save."
         try:
             edit = write_caption(Path(image), text, extension)
         except CaptionError as error:
-            return *_unchanged(), edit, f"**Not saved — {error}**"
+            return *_skip(len(view)), edit, f"**Not saved — {error}**"
         kept = f" (previous text kept in `{edit.backup.name}`)" if edit.backup else ""
         return *show(state.folder), edit, f"Saved `{edit.path.name}`{kept}."
 
     def on_undo(image: str | None, state: Loaded, edit: CaptionEdit | None) -> tuple[Any, ...]:
         if edit is None:
-            return *_unchanged(), gr.skip(), None, "Nothing to undo."
+            return *_skip(len(view)), gr.skip(), None, "Nothing to undo."
         try:
             undo(edit)
         except CaptionError as error:
-            return *_unchanged(), gr.skip(), edit, f"**Not undone — {error}**"
+            return *_skip(len(view)), gr.skip(), edit, f"**Not undone — {error}**"
         done = "restored its previous text" if edit.original is not None else "removed it (it did not exist before)"
-        text = (edit.previous or "") if image == str(edit.image) else gr.skip()
+        text = gr.skip()
+        if image == str(edit.image):
+            try:
+                text = read_caption(edit.image, caption_extension())
+            except CaptionError as error:  # the restored file is not UTF-8 again: show nothing rather than �
+                text, done = "", f"{done} — {error.message}"
         return *show(state.folder), text, None, f"Undid the edit of `{edit.path.name}`: {done}."
 
     def on_create(files: list[str] | None, name: str) -> tuple[Any, ...]:
         target, message = _upload(context, files, name)
         if target is None:
-            return gr.skip(), gr.skip(), message, *_unchanged(), *_unchanged_editor()
+            return gr.skip(), gr.skip(), message, *_skip(len(view) + len(editor))
         return str(target), None, message, *on_load(str(target))
 
-    app.load(lambda: context.store.get().dataset.path, outputs=folder)
-    load.click(on_load, inputs=folder, outputs=view + editor)
-    folder.submit(on_load, inputs=folder, outputs=view + editor)
+    def stored_folder() -> gr.Textbox:
+        return gr.Textbox(value=context.store.get().dataset.path, interactive=True)
+
+    app.load(stored_folder, outputs=folder)
+    tab.select(stored_folder, outputs=folder)  # the Training tab or a loaded config may have changed it
+    gr.on([load.click, folder.submit], on_load, inputs=folder, outputs=view + editor)
     gallery.select(on_select, inputs=loaded, outputs=editor)
     save.click(on_save, inputs=[selected, caption, loaded, last_edit], outputs=[*view, last_edit, caption_status])
     undo_button.click(
@@ -257,20 +248,31 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
     create.click(on_create, inputs=[uploads, new_name], outputs=[folder, uploads, upload_status, *view, *editor])
 
 
-def _gallery(dataset: Dataset, rows: list[list[str]]) -> tuple[list[tuple[Any, str]], list[Path]]:
-    """Thumbnails labelled with split, file and training caption; an image gone since loading becomes a row."""
+def _gallery(dataset: Dataset, rows: list[list[str]], extension: str) -> tuple[list[tuple[Any, str]], list[Path]]:
+    """Thumbnails labelled with split, file and training caption; an image gone since loading becomes a row.
+
+    Images skipped although they have a caption file are shown too, so a caption the loader could not
+    read (not UTF-8) can be rewritten here.
+    """
+    entries = [("train", record.path, record.caption or "(no caption)") for record in dataset.train]
+    entries += [("val", record.path, record.caption or "(no caption)") for record in dataset.validation]
+    entries += [
+        ("skipped", problem.path, problem.reason)
+        for problem in dataset.problems
+        if problem.skipped and is_image_file(problem.path) and caption_path(problem.path, extension).is_file()
+    ]
     items: list[tuple[Any, str]] = []
     images: list[Path] = []
-    records = [("train", record) for record in dataset.train] + [("val", record) for record in dataset.validation]
-    for split, record in records:
-        name = _shown(record.path, dataset.root)
+    for label, path, text in entries:
+        name = _shown(path, dataset.root)
         try:
-            thumbnail = preview(record.path, THUMBNAIL)
+            thumbnail = preview(path, THUMBNAIL)
         except (UnusableImage, OSError) as error:
-            rows.append([name, "not shown", f"could not be previewed ({error}): load the folder again"])
+            if label != "skipped":
+                rows.append([name, "not shown", f"could not be previewed ({error}): load the folder again"])
             continue
-        items.append((thumbnail, f"{split} · {name} — {record.caption or '(no caption)'}"))
-        images.append(record.path)
+        items.append((thumbnail, f"{label} · {name} — {text}"))
+        images.append(path)
     return items, images
 
 
@@ -283,7 +285,7 @@ def _upload(context: AppContext, files: list[str] | None, name: str) -> tuple[Pa
         return None, "**New dataset folder name:** type a plain name such as `my-style` (no `/`, `\\`, leading dot)."
     folder = Path(context.output_dir).absolute() / DATASETS_FOLDER / name
     try:
-        copied, ignored = copy_upload(files, folder, context.store.get().dataset.caption_extension)
+        copied, ignored = import_images(files, folder, context.store.get().dataset.caption_extension)
     except ValueError as error:
         return None, f"**Upload not copied:** {error}"
     except OSError as error:
@@ -292,13 +294,9 @@ def _upload(context: AppContext, files: list[str] | None, name: str) -> tuple[Pa
     return folder, f"Copied {len(copied)} files into `{folder}`.{left_out}"
 
 
-def _unchanged() -> tuple[Any, ...]:
-    """Leave the view outputs as they are."""
-    return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-
-
-def _unchanged_editor() -> tuple[Any, ...]:
-    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+def _skip(count: int) -> tuple[Any, ...]:
+    """Leave `count` outputs as they are."""
+    return tuple(gr.skip() for _ in range(count))
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -63,20 +63,20 @@ def _float_step(spec: FieldSpec) -> float:
     return min(1.0, 10.0 ** math.floor(math.log10(abs(spec.default))))
 
 
-def _widget(spec: FieldSpec) -> gr.components.Component:
+def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
     common: dict[str, Any] = {
         "label": field_label(spec),
         "info": _help(spec),
         "elem_id": f"field-{spec.section}-{spec.name}",
     }
     if spec.kind == "bool":
-        return gr.Checkbox(value=spec.default, **common)
+        return gr.Checkbox(value=value, **common)
     if spec.kind == "choice":
-        return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
+        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
     if spec.kind in ("int", "float"):
         # precision=None for floats: Gradio must not round 3e-4 or 1e-8; ints show without decimals.
         return gr.Number(
-            value=spec.default,
+            value=value,
             minimum=spec.minimum,
             maximum=spec.maximum,
             precision=0 if spec.kind == "int" else None,
@@ -85,8 +85,8 @@ def _widget(spec: FieldSpec) -> gr.components.Component:
         )
     if spec.kind == "list":
         common["info"] += " · one per line"
-        return gr.Textbox(value="\n".join(spec.default), lines=3, max_lines=12, **common)
-    return gr.Textbox(value=spec.default, **common)
+        return gr.Textbox(value=to_widget(spec, value), lines=3, max_lines=12, **common)
+    return gr.Textbox(value=value, **common)
 
 
 def to_widget(spec: FieldSpec, value: Any) -> Any:
@@ -149,7 +149,7 @@ class ConfigForm:
 
     @staticmethod
     def problem_update(problems: Sequence[Problem]) -> dict[str, Any]:
-        text = "\n\n".join(f"⚠️ {problem.message}" for problem in problems)
+        text = "\n\n".join(f"⚠ {problem.message}" for problem in problems)
         return gr.update(value=text, visible=bool(problems))
 
     def label(self, problem: Problem) -> str:
@@ -158,24 +158,29 @@ class ConfigForm:
         return f"{humanise(field.spec.section)} › {field_label(field.spec)}" if field else problem.field
 
 
-def _field(spec: FieldSpec) -> FormField:
+def _field(spec: FieldSpec, data: dict[str, dict[str, Any]]) -> FormField:
+    """The widget with its (hidden) problem message in one column, so the message sits right under it."""
     with gr.Column(min_width=300):
-        widget = _widget(spec)
-        problem = gr.Markdown(visible=False, elem_id=f"problem-{spec.section}-{spec.name}", elem_classes="problem")
+        widget = _widget(spec, data[spec.section][spec.name])
+        problem = gr.Markdown(visible=False, elem_id=f"problem-{spec.section}-{spec.name}")
     return FormField(spec, widget, problem)
 
 
-def build_form(specs: Sequence[FieldSpec]) -> ConfigForm:
-    """One accordion per section in schema order; inside, the common fields, then the folded advanced ones."""
+def build_form(specs: Sequence[FieldSpec], config: TrainConfig) -> ConfigForm:
+    """One accordion per section in schema order; inside, the common fields, then the folded advanced ones.
+
+    The widgets start with `config`'s values, so the first paint already shows the current settings.
+    """
+    data = config.model_dump(mode="json")
     fields: list[FormField] = []
     for section, members in groupby(specs, key=lambda spec: spec.section):
         group = list(members)
         with gr.Accordion(humanise(section), open=True, elem_id=f"section-{section}"):
             with gr.Row():
-                fields += [_field(spec) for spec in group if not spec.advanced]
+                fields += [_field(spec, data) for spec in group if not spec.advanced]
             advanced = [spec for spec in group if spec.advanced]
             if advanced:
                 with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{section}"), gr.Row():
-                    fields += [_field(spec) for spec in advanced]
+                    fields += [_field(spec, data) for spec in advanced]
     order = {spec.path: index for index, spec in enumerate(specs)}
     return ConfigForm(sorted(fields, key=lambda field: order[field.spec.path]))

@@ -72,10 +72,10 @@ def build_app(context: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Atelier") as app:
         gr.Markdown("# Atelier\nTrain Stable Diffusion 1.5 LoRAs on your own images.")
         with gr.Tabs():
-            with gr.Tab("Dataset", id="dataset"):
-                build_dataset_tab(context, app)
-            with gr.Tab("Training", id="training"):
-                build_training_tab(context, app)
+            with gr.Tab("Dataset", id="dataset") as dataset_tab:
+                build_dataset_tab(context, app, dataset_tab)
+            with gr.Tab("Training", id="training") as training_tab:
+                build_training_tab(context, app, training_tab)
             with gr.Tab("Monitor", id="monitor"):
                 build_monitor_tab(context, app)
     return app

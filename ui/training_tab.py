@@ -20,13 +20,14 @@ from core.config_files import PresetInfo, list_presets, load_config, save_config
 from core.dataset import Dataset
 from core.estimates import latest_measured_its, memory_estimate, time_per_epoch
 from core.preflight import RunPlan, plan_run, preflight
-from ui.form import ConfigForm, FormField, build_form, from_widget, range_text
+from ui.form import ConfigForm, FormField, build_form, field_path, from_widget, range_text
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
 
 DEMO_PRESET = "demo"  # stacked on top by AppContext in demo mode; a size, not a recipe to pick
 NO_PRESET = "Choosing a preset replaces every setting except the base model, dataset folder and output folder."
+UNCHECKED = "Press **Check** to test these settings against the dataset and the disk before training."
 
 
 def picker_presets() -> list[PresetInfo]:
@@ -45,7 +46,8 @@ def describe_preset(name: str | None) -> str:
 
 def field_problem(form: ConfigForm, problem: Problem) -> Problem:
     """Say what to do and what happens meanwhile, next to a field whose typed value was refused."""
-    allowed = range_text(form.by_path[problem.field].spec) if problem.field in form.by_path else ""
+    entry = form.by_path.get(field_path(problem))
+    allowed = range_text(entry.spec) if entry else ""
     fix = f" (allowed: {allowed})" if allowed else ""
     return Problem(problem.field, problem.value, f"{problem.message}{fix}. Not saved until fixed.")
 
@@ -84,7 +86,7 @@ class Estimator:
         lines = ["### Run estimate"]
         plan = self.plan(config)
         if plan is None:
-            lines.append("Steps: press **Check** to read the dataset and count them.")
+            lines.append("Steps: counted once **Check** has read this dataset without problems.")
         else:
             lines.append(
                 f"**{plan.steps_per_epoch} steps per epoch** × {plan.epochs} epochs = **{plan.total_steps} total "
@@ -102,7 +104,7 @@ class Estimator:
                 )
         memory = memory_estimate(config)
         lines.append(
-            f"GPU memory: about **{memory.total_gb:.1f} GB** (frozen model {memory.weights_gb:.1f}, LoRA "
+            f"GPU memory for SD 1.5: about **{memory.total_gb:.1f} GB** (frozen model {memory.weights_gb:.1f}, LoRA "
             f"{memory.lora_parameters / 1e6:.1f} M parameters with gradients and optimizer state "
             f"{memory.lora_gb:.2f}, activations {memory.activations_gb:.1f}, CUDA overhead "
             f"{memory.overhead_gb:.1f}); a rough guide, ±30%."
@@ -112,13 +114,13 @@ class Estimator:
 
 def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem]) -> str:
     if not refused and not problems:
-        return "✅ **Ready to train** with these settings."
+        return "✓ **Ready to train** with these settings."
     lines = []
     if refused:
         names = ", ".join(form.label(problem) for problem in refused)
-        lines.append(f"❌ **Fix the marked fields first** (their values are not saved): {names}.")
+        lines.append(f"⚠ **Fix the marked fields first** (their values are not saved): {names}.")
     if problems:
-        lines.append(f"❌ **{len(problems)} problem(s) would stop the run:**")
+        lines.append(f"⚠ **{len(problems)} problem(s) would stop the run:**")
         lines += [f"- {form.label(problem)}: {problem.message}" for problem in problems]
     return "\n".join(lines)
 
@@ -132,12 +134,11 @@ def refused_fields(form: ConfigForm, payloads: tuple[Any, ...]) -> list[Problem]
     return []
 
 
-def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
+def build_training_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
     """Widgets and events of the tab; the form's values live in `context.store`, shared with the other tabs."""
-    presets = picker_presets()
     with gr.Row(equal_height=True):
         preset = gr.Dropdown(
-            choices=[preset.name for preset in presets],
+            choices=[preset.name for preset in picker_presets()],
             value=None,
             label="Preset",
             info="Fills the form with a recipe: the base SD 1.5 study settings or one architectural style.",
@@ -145,38 +146,37 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             scale=1,
         )
         preset_description = gr.Markdown(NO_PRESET, elem_id="training-preset-description")
-    with gr.Accordion("Config file (TOML)", open=True, elem_id="training-config-file"):
-        with gr.Row(equal_height=True):
+    with gr.Accordion("Config file (TOML)", open=True, elem_id="training-config-file"), gr.Row():
+        with gr.Column(scale=3):
             config_path = gr.Textbox(
                 label="Config file path",
                 placeholder="output/my-style.toml",
                 info="Save writes every setting (an existing file is kept as .bak); Load reads one back.",
                 elem_id="training-config-path",
-                scale=4,
             )
-            save = gr.Button("Save config", elem_id="training-save", scale=1)
-            load = gr.Button("Load config", elem_id="training-load", scale=1)
-            upload = gr.File(
-                label="…or drop a .toml here to load it",
-                file_types=[".toml"],
-                type="filepath",
-                elem_id="training-upload",
-                scale=2,
-            )
-        file_status = gr.Markdown(elem_id="training-file-status")
+            with gr.Row():
+                save = gr.Button("Save config", elem_id="training-save")
+                load = gr.Button("Load config", elem_id="training-load")
+            file_status = gr.Markdown(elem_id="training-file-status")
+        upload = gr.File(
+            label="…or drop a .toml here to load it",
+            file_types=[".toml"],
+            type="filepath",
+            height=150,
+            elem_id="training-upload",
+            scale=1,
+        )
     with gr.Row(equal_height=True):
         check = gr.Button("Check", variant="primary", elem_id="training-check", scale=1)
-        summary = gr.Markdown(
-            "Press **Check** to test the settings against the dataset and the disk.", elem_id="training-summary"
-        )
+        summary = gr.Markdown(UNCHECKED, elem_id="training-summary")
     estimate = gr.Markdown(elem_id="training-estimate")
-    form = build_form(config_fields())
-
+    form = build_form(config_fields(), context.store.get())
     estimator = Estimator(lambda: context.session.snapshot().its)
+    unchanged = [gr.skip()] * (2 * len(form.fields) + 2)
 
     def filled(config: TrainConfig) -> list[Any]:
-        """Outputs that show `config` in every widget with no problem shown, and its estimate."""
-        return [*form.values(config), *form.problem_updates([]), estimator.describe(config)]
+        """Show `config` in every widget, no problems, its estimate, and ask for a new Check."""
+        return [*form.values(config), *form.problem_updates([]), estimator.describe(config), UNCHECKED]
 
     def on_page_load() -> list[Any]:
         config = context.store.get()
@@ -184,47 +184,45 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
 
     def on_preset(name: str | None) -> list[Any]:
         if not name:
-            return [NO_PRESET, *[gr.skip()] * (2 * len(form.fields) + 1), ""]
+            return [NO_PRESET, *unchanged, ""]
         try:
             config = context.preset_config(name)
         except ConfigError as error:
-            return [describe_preset(name), *[gr.skip()] * (2 * len(form.fields) + 1), f"❌ {error}"]
+            return [describe_preset(name), *unchanged, f"⚠ Preset not applied — {error}"]
         context.store.set(config)
-        return [describe_preset(name), *filled(config), f"Filled the form from preset `{name}`; press Check."]
+        return [describe_preset(name), *filled(config), f"Filled the form from preset `{name}`."]
 
     def on_load_file(path: str | None) -> list[Any]:
         if not path or not str(path).strip():
-            return [*[gr.skip()] * (2 * len(form.fields) + 1), "❌ Config file path: enter a .toml path to load."]
+            return [*unchanged, "⚠ Config file path: enter the .toml file to load, e.g. output/my-style.toml."]
         target = Path(str(path).strip()).expanduser()
         try:
             config = load_config(target)
         except ConfigError as error:
-            return [*[gr.skip()] * (2 * len(form.fields) + 1), f"❌ Not loaded — {error}"]
+            return [*unchanged, f"⚠ Not loaded — {error}"]
         context.store.set(config)
         return [*filled(config), f"Loaded `{target.absolute()}`."]
 
     def on_save(path: str, *payloads: Any) -> str:
         refused = refused_fields(form, payloads)
         if refused:
-            return "❌ Not saved — " + _summary(form, refused, [])
-        if not path.strip():
-            return "❌ Config file path: enter where to save, e.g. output/my-style.toml."
+            return "⚠ Not saved. " + _summary(form, refused, [])
         target = Path(path.strip()).expanduser()
-        if target.suffix != ".toml":
-            return f"❌ Config file path: `{target.name}` should end in .toml, e.g. {target.with_suffix('.toml')}."
+        if not path.strip() or target.suffix != ".toml":
+            return "⚠ Config file path: enter a file name ending in .toml, e.g. output/my-style.toml."
         try:
             save_config(context.store.get(), target)
         except OSError as error:
-            return f"❌ Config file path: cannot write `{target}` ({error.strerror}) — choose another folder."
+            return f"⚠ Config file path: cannot write `{target}` ({error.strerror}) — choose another folder."
         return f"Saved `{target.absolute()}`."
 
     def on_check(*payloads: Any) -> list[Any]:
-        """Preflight the stored config; widgets showing a refused value keep it and its message."""
+        """Preflight the stored config (what training would use) and show it; refused values stay shown."""
         refused = refused_fields(form, payloads)
         config = context.store.get()
         dataset, problems = preflight(config)
         estimator.remember(config, dataset)
-        refused_paths = {problem.field for problem in refused}
+        refused_paths = {field_path(problem) for problem in refused}
         widgets = [
             gr.skip() if entry.spec.path in refused_paths else value
             for entry, value in zip(form.fields, form.values(config), strict=True)
@@ -236,30 +234,37 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             _summary(form, refused, problems),
         ]
 
-    def on_field(entry: FormField) -> Any:
+    def on_field(entry: FormField) -> Callable[[Any], list[Any]]:
         def store_value(payload: Any) -> list[Any]:
             try:
                 config = context.store.update({entry.spec.path: from_widget(entry.spec, payload)})
             except ConfigError as error:
-                mine = [field_problem(form, p) for p in error.problems if p.field == entry.spec.path]
-                return [form.problem_update(mine or [field_problem(form, p) for p in error.problems]), gr.skip()]
-            return [form.problem_update([]), estimator.describe(config)]
+                return [form.problem_update([field_problem(form, p) for p in error.problems]), gr.skip(), gr.skip()]
+            return [form.problem_update([]), estimator.describe(config), UNCHECKED]
 
         return store_value
 
-    everything = [*form.inputs, *form.problems, estimate]
-    app.load(on_page_load, outputs=[*everything, config_path])
-    preset.input(on_preset, inputs=preset, outputs=[preset_description, *everything, file_status])
-    load.click(on_load_file, inputs=config_path, outputs=[*everything, file_status])
-    upload.upload(on_load_file, inputs=upload, outputs=[*everything, file_status])
-    save.click(on_save, inputs=[config_path, *form.inputs], outputs=file_status, preprocess=False)
-    check.click(on_check, inputs=form.inputs, outputs=[*everything, summary], preprocess=False)
+    # One queue lane for every event here: a Check or Save right after typing sees the typed value stored.
+    lane: dict[str, Any] = {"concurrency_id": "training-config", "concurrency_limit": 1}
+    everything = [*form.inputs, *form.problems, estimate, summary]
+    app.load(on_page_load, outputs=[*everything, config_path], **lane)
+    tab.select(on_page_load, outputs=[*everything, config_path], **lane)  # other tabs may have changed the store
+    preset.input(on_preset, inputs=preset, outputs=[preset_description, *everything, file_status], **lane)
+    load.click(on_load_file, inputs=config_path, outputs=[*everything, file_status], **lane)
+    upload.upload(on_load_file, inputs=upload, outputs=[*everything, file_status], **lane)
+    save.click(on_save, inputs=[config_path, *form.inputs], outputs=file_status, preprocess=False, **lane)
+    check.click(on_check, inputs=form.inputs, outputs=everything, preprocess=False, **lane)
     for entry in form.fields:
-        entry.input.input(
+        # Gradio 6's Textbox fires `input` only on a key press (not on paste or delete), so text fields listen
+        # to `change`, which also fires when a fill sets them: that re-stores the value just read, harmlessly.
+        # Other widgets use `input`, so filling the form does not echo 50 writes back.
+        listen = entry.input.change if isinstance(entry.input, gr.Textbox) else entry.input.input
+        listen(
             on_field(entry),
             inputs=entry.input,
-            outputs=[entry.problem, estimate],
+            outputs=[entry.problem, estimate, summary],
             preprocess=False,
             trigger_mode="always_last",
             show_progress="hidden",
+            **lane,
         )

@@ -1,0 +1,133 @@
+"""Run estimates: the LoRA and weight counts match the real SD 1.5 architecture, memory moves the right way
+and lands where the study's recipe says, and time per epoch comes from the last measured speed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from core.config import TrainConfig
+from core.config_files import build_config
+from core.estimates import (
+    TEXT_ENCODER_PARAMETERS,
+    UNET_PARAMETERS,
+    VAE_PARAMETERS,
+    latest_measured_its,
+    lora_parameters,
+    memory_estimate,
+    time_per_epoch,
+)
+from core.lora import text_encoder_target_modules, unet_target_modules
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+
+
+@pytest.fixture(scope="module")
+def sd15_models() -> dict[str, nn.Module]:
+    """SD 1.5's real UNet, VAE and text encoder, built from the shipped configs on the meta device (no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return {
+            "unet": UNet2DConditionModel.from_config(json.loads((ASSETS / "unet" / "config.json").read_text())),
+            "vae": AutoencoderKL.from_config(json.loads((ASSETS / "vae" / "config.json").read_text())),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(ASSETS / "text_encoder")),
+        }
+
+
+def _peft_lora_parameters(model: nn.Module, targets: list[str], exact: bool, rank: int) -> int:
+    """What peft adds: lora_A (in × kernel → rank) and lora_B (rank → out) on every matched Linear/Conv2d."""
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if name in targets if exact else any(name.endswith(f".{target}") for target in targets):
+            kernel = module.weight[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+            total += rank * (module.weight.shape[1] * kernel + module.weight.shape[0])
+    return total
+
+
+def _config(**changes: dict[str, object]) -> TrainConfig:
+    base = build_config("sd15").model_dump()
+    for section, values in changes.items():
+        base[section].update(values)
+    return TrainConfig.model_validate(base)
+
+
+def test_frozen_weight_counts_are_sd15s(sd15_models: dict[str, nn.Module]) -> None:
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in sd15_models.items()}
+    assert counts == {"unet": UNET_PARAMETERS, "vae": VAE_PARAMETERS, "text_encoder": TEXT_ENCODER_PARAMETERS}
+
+
+@pytest.mark.parametrize("targets", ["attention", "attention_ff", "all"])
+def test_lora_parameters_match_the_layers_core_lora_wraps(sd15_models: dict[str, nn.Module], targets: str) -> None:
+    unet, text_encoder = sd15_models["unet"], sd15_models["text_encoder"]
+    unet_count = _peft_lora_parameters(unet, unet_target_modules(unet, targets), targets == "all", rank=16)
+    text_count = _peft_lora_parameters(text_encoder, text_encoder_target_modules(targets), False, rank=16)
+    assert lora_parameters(16, targets, text_encoder=False) == unet_count
+    assert lora_parameters(16, targets, text_encoder=True) == unet_count + text_count
+    assert lora_parameters(32, targets, text_encoder=True) == 2 * (unet_count + text_count)
+
+
+def test_memory_grows_with_batch_resolution_rank_and_precision() -> None:
+    base = memory_estimate(_config()).total_gb
+    assert memory_estimate(_config(schedule={"batch_size": 8})).total_gb > base
+    assert memory_estimate(_config(dataset={"resolution": 768})).total_gb > base
+    assert memory_estimate(_config(lora={"rank": 128})).total_gb > base
+    assert memory_estimate(_config(lora={"targets": "all"})).total_gb > base
+    assert memory_estimate(_config(lora={"train_text_encoder": True})).total_gb > base
+    assert memory_estimate(_config(performance={"mixed_precision": "no"})).total_gb > base
+    assert memory_estimate(_config(optimizer={"name": "prodigy"})).total_gb > base
+
+
+def test_memory_savings_are_savings() -> None:
+    base = memory_estimate(_config())
+    checkpointed = memory_estimate(_config(performance={"gradient_checkpointing": True}))
+    assert checkpointed.total_gb < base.total_gb and checkpointed.activations_gb < base.activations_gb
+    assert memory_estimate(_config(optimizer={"name": "adamw8bit"})).lora_gb < base.lora_gb
+    assert memory_estimate(_config(schedule={"batch_size": 1})).total_gb < base.total_gb
+
+
+def test_the_study_recipe_lands_where_its_preset_says() -> None:
+    """presets/sd15.toml: batch 4 at 512 px in bf16 needs about 6–7 GB, 4–5 GB with gradient checkpointing."""
+    config = _config()
+    assert config.schedule.batch_size == 4 and config.dataset.resolution == 512
+    assert config.performance.mixed_precision == "bf16"
+    estimate = memory_estimate(config)
+    assert 4 <= estimate.total_gb <= 12
+    assert 6 <= estimate.total_gb <= 7.5
+    assert 4 <= memory_estimate(_config(performance={"gradient_checkpointing": True})).total_gb <= 5
+    assert 5e6 < estimate.lora_parameters < 7e6  # rank 16 on attention + feed-forward: about 6 M
+
+
+def test_time_per_epoch_needs_a_measured_speed() -> None:
+    assert time_per_epoch(None, 14) is None
+    assert time_per_epoch(0.0, 14) is None
+    assert time_per_epoch(2.0, 14) == pytest.approx(7.0)
+
+
+def _write_run(folder: Path, rows: list[dict[str, object]], tail: str = "", mtime: float = 0) -> None:
+    folder.mkdir(parents=True)
+    path = folder / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + tail)
+    os.utime(path, (mtime, mtime))
+
+
+def test_latest_measured_its_reads_the_newest_run(tmp_path: Path) -> None:
+    assert latest_measured_its(tmp_path / "missing") is None
+    step = {"type": "step", "step": 1, "its": 1.5}
+    _write_run(tmp_path / "old", [step], mtime=1_000)
+    assert latest_measured_its(tmp_path) == 1.5
+    # The newest run wins; its last step counts even after an epoch row and a line cut off by a crash.
+    rows = [{**step, "its": 2.0}, {**step, "step": 2, "its": 2.5}, {"type": "epoch", "epoch": 1}]
+    _write_run(tmp_path / "new", rows, tail='{"type": "step", "its": 9', mtime=2_000)
+    assert latest_measured_its(tmp_path) == 2.5
+    # A run that has not stepped yet is skipped for one that has.
+    _write_run(tmp_path / "starting", [], mtime=3_000)
+    assert latest_measured_its(tmp_path) == 2.5
