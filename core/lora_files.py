@@ -174,7 +174,7 @@ def training_metadata(
     return {key: str(value) for key, value in values.items() if value is not None}
 
 
-def _data_hash(tensors: dict[str, torch.Tensor]) -> str:
+def tensor_data_hash(tensors: dict[str, torch.Tensor]) -> str:
     """kohya's `sshs_model_hash`: SHA-256 of the tensor data after the header (the hash A1111 shows for LoRAs)."""
     blob = save(tensors)
     header_len = int.from_bytes(blob[:8], "little")
@@ -192,7 +192,7 @@ def save_lora(
     if not_text:
         raise TypeError(f"safetensors metadata values must be strings; convert {', '.join(not_text)} with str()")
     tensors = kohya_state_dict(unet, text_encoder, _dtype(precision))
-    header = {**metadata, "sshs_model_hash": _data_hash(tensors)}
+    header = {**metadata, "sshs_model_hash": tensor_data_hash(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     log.info("saved LoRA %s (%d modules, %s)", path, len(tensors) // 3, precision)

@@ -16,19 +16,21 @@ from PIL import Image, PngImagePlugin
 from core.config import SamplingSection
 from core.fsutil import atomic_path
 from core.models import SD15Components, build_pipeline
+from core.png_info import format_parameters
 from core.samplers import SAMPLER_LABELS, make_sampler
 
 
 def generation_parameters(prompt: str, section: SamplingSection, model: str) -> str:
     """The A1111 "parameters" text, so a sample dropped into A1111 (or our Inference tab) restores its settings."""
-    lines = [prompt]
-    if section.negative_prompt:
-        lines.append(f"Negative prompt: {section.negative_prompt}")
-    lines.append(
-        f"Steps: {section.steps}, Sampler: {SAMPLER_LABELS[section.sampler]}, CFG scale: {section.cfg_scale}, "
-        f"Seed: {section.seed}, Size: {section.width}x{section.height}, Model: {model}"
-    )
-    return "\n".join(lines)
+    settings: dict[str, object] = {
+        "Steps": section.steps,
+        "Sampler": SAMPLER_LABELS[section.sampler],
+        "CFG scale": section.cfg_scale,
+        "Seed": section.seed,
+        "Size": f"{section.width}x{section.height}",
+        "Model": model,
+    }
+    return format_parameters(prompt, section.negative_prompt, settings)
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:

@@ -19,6 +19,7 @@ from core.session import TrainingSession
 from ui.config_store import ConfigStore
 from ui.dataset_tab import build_dataset_tab
 from ui.monitor_tab import build_monitor_tab
+from ui.tools_tab import build_tools_tab
 from ui.training_tab import build_training_tab
 
 SETTINGS_FILE = "atelier-ui.toml"
@@ -78,4 +79,6 @@ def build_app(context: AppContext) -> gr.Blocks:
                 build_training_tab(context, app, training_tab)
             with gr.Tab("Monitor", id="monitor"):
                 build_monitor_tab(context, app)
+            with gr.Tab("Tools", id="tools") as tools_tab:
+                build_tools_tab(context, app, tools_tab)
     return app

@@ -1,0 +1,367 @@
+"""LoRA file tools for SD 1.5: inspect, convert, merge, combine, resize and extract.
+
+Every tool reads into `LoraModule`s (core.lora_formats), works on each module's ΔW (core.lora_svd) and
+writes a new file atomically; none writes onto one of its inputs, and an existing output is backed up.
+`python -m core.lora_tools --help` is the command-line face of the same functions:
+
+    python -m core.lora_tools inspect FILE
+    python -m core.lora_tools convert FILE --to kohya|diffusers [--precision fp16|bf16|fp32] -o OUT
+    python -m core.lora_tools merge --model BASE --lora FILE[:WEIGHT] … -o OUT(.safetensors|folder)
+    python -m core.lora_tools combine FILE:W FILE:W … [--rank R] -o OUT
+    python -m core.lora_tools resize FILE (--rank R | --energy 0.99) -o OUT
+    python -m core.lora_tools extract --base BASE --tuned TUNED (--rank R | --energy E) -o OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.lora_files import DTYPES, SavePrecision
+from core.lora_formats import (
+    LoraFile,
+    LoraFormat,
+    Target,
+    derived_header,
+    prepare_output,
+    read_lora,
+    sd15_index,
+    write_lora,
+)
+from core.lora_merge import extract_lora, merge_loras
+from core.lora_svd import LoraModule, ModuleRank, combine_modules, resize_module, uniform_alpha
+from core.models import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAMES = {"kohya": "kohya/A1111", "diffusers": "diffusers/peft"}
+TRAINING_LABELS = {  # the header entries a person wants first, in this order
+    "modelspec.title": "title",
+    "ss_output_name": "run",
+    "ss_sd_model_name": "trained on",
+    "ss_network_dim": "network dim",
+    "ss_network_alpha": "network alpha",
+    "ss_num_train_images": "images",
+    "ss_epoch": "epoch",
+    "ss_steps": "steps",
+    "ss_resolution": "resolution",
+    "ss_learning_rate": "learning rate",
+    "ss_optimizer": "optimizer",
+    "modelspec.trigger_phrase": "trigger",
+    "modelspec.date": "date",
+}
+
+
+@dataclass
+class LoraInfo:
+    """What `inspect` reports: counts are module counts (ranks: rank → modules, alphas: alpha → modules)."""
+
+    path: Path
+    format: LoraFormat
+    modules: int
+    ranks: dict[int, int]
+    alphas: dict[float, int]
+    targets: dict[str, int]
+    alpha_source: str
+    base_model: str
+    training: dict[str, str]
+    size_bytes: int
+    parameters: int
+    dtypes: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        """A readable summary for the CLI and the Tools tab."""
+
+        def counts(table: dict) -> str:
+            return ", ".join(f"{key:g} ×{n}" if isinstance(key, float) else f"{key} ×{n}" for key, n in table.items())
+
+        lines = [
+            f"{self.path.name}: {FORMAT_NAMES[self.format]} LoRA, {self.modules} modules, "
+            f"{self.size_bytes / 1e6:.2f} MB, {self.parameters:,} parameters ({', '.join(self.dtypes)})",
+            f"rank: {counts(self.ranks)}",
+            f"alpha: {counts(self.alphas)} ({self.alpha_source})",
+            f"targets: {counts(self.targets)}",
+            f"base model: {self.base_model or 'not recorded'}",
+        ]
+        shown = [(label, self.training[key]) for key, label in TRAINING_LABELS.items() if key in self.training]
+        lines += [f"  {label}: {value}" for label, value in shown]
+        if len(self.training) > len(shown):
+            lines.append(f"  (+{len(self.training) - len(shown)} more ss_*/modelspec.* entries in the header)")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+CATEGORIES = (
+    "unet attention",
+    "unet feed-forward",
+    "unet conv",
+    "unet other linear",
+    "text encoder attention",
+    "text encoder MLP",
+)
+
+
+def _category(target: Target) -> str:
+    if target.component == "text_encoder":
+        return "text encoder attention" if ".self_attn." in target.path else "text encoder MLP"
+    if target.conv:
+        return "unet conv"
+    if ".attn1." in target.path or ".attn2." in target.path:
+        return "unet attention"
+    return "unet feed-forward" if ".ff." in target.path else "unet other linear"
+
+
+def _targets(targets: Iterable[Target]) -> dict[str, int]:
+    counts = collections.Counter(_category(target) for target in targets)
+    return {category: counts[category] for category in CATEGORIES if counts[category]}
+
+
+def inspect_lora(path: Path) -> LoraInfo:
+    """Modules, ranks, alphas, targets, base model and training metadata of a kohya or diffusers LoRA."""
+    lora = read_lora(Path(path))
+    index = sd15_index()
+    modules = list(lora.modules.values())
+    header = lora.metadata
+    notes = list(lora.notes)
+    if lora.format == "kohya" and len({m.alpha for m in modules}) > 1:
+        notes.append(
+            "alphas differ between modules: diffusers 0.42's load_lora_weights mis-scales such kohya files "
+            "(UNet attention and text-encoder modules); `convert --to diffusers` gives a file it loads right"
+        )
+    version = header.get("ss_base_model_version") or header.get("modelspec.architecture", "")
+    name = header.get("ss_sd_model_name", "")
+    base = f"{name} ({version})" if name and version else name or version
+    return LoraInfo(
+        path=lora.path,
+        format=lora.format,
+        modules=len(modules),
+        ranks=dict(sorted(collections.Counter(m.rank for m in modules).items())),
+        alphas=dict(sorted(collections.Counter(m.alpha for m in modules).items())),
+        targets=_targets(index.targets[m.name] for m in modules),
+        alpha_source=lora.alpha_source,
+        base_model=base,
+        training={k: v for k, v in header.items() if k.startswith(("ss_", "modelspec."))},
+        size_bytes=lora.path.stat().st_size,
+        parameters=sum(m.down.numel() + m.up.numel() for m in modules),
+        dtypes=sorted({str(t.dtype).removeprefix("torch.") for m in modules for t in (m.down, m.up)}),
+        notes=notes,
+    )
+
+
+def _cast(modules: Sequence[LoraModule], precision: SavePrecision | None) -> list[LoraModule]:
+    return [m.to(DTYPES[precision]) for m in modules] if precision else list(modules)
+
+
+def convert_lora(source: Path, output: Path, *, to: LoraFormat, precision: SavePrecision | None = None) -> Path:
+    """Rewrite a LoRA in the other layout (or the same one at another precision); tensors are copied as is,
+    so without `precision` a kohya → diffusers → kohya round trip is bit-exact."""
+    if to not in FORMAT_NAMES:
+        raise ValueError(f"--to must be kohya or diffusers, got {to!r}")
+    prepare_output(Path(output), [source])
+    lora = read_lora(Path(source))
+    modules = _cast(list(lora.modules.values()), precision)
+    write_lora(Path(output), modules, to, lora.carried_metadata, sd15_index())
+    log.info("converted %s (%s) to %s (%s)", source, lora.format, output, to)
+    return Path(output)
+
+
+@dataclass
+class RankResult:
+    """Per module of a resized / combined / extracted LoRA: old and new rank and the energy kept (1 when exact)."""
+
+    output: Path
+    modules: list[ModuleRank]
+
+    def text(self) -> str:
+        energies = [m.energy for m in self.modules]
+        ranks = collections.Counter(m.new_rank for m in self.modules)
+        return (
+            f"{self.output}: {len(self.modules)} modules, new ranks "
+            + ", ".join(f"{rank} ×{n}" for rank, n in sorted(ranks.items()))
+            + f"; energy kept min {min(energies):.4%}, mean {sum(energies) / len(energies):.4%}"
+        )
+
+    def table(self) -> str:
+        """One line per module, lowest energy first (where the resize cost the most)."""
+        rows = sorted(self.modules, key=lambda m: m.energy)
+        return "\n".join(f"{m.energy:9.4%}  {m.old_rank:4d} → {m.new_rank:<4d} {m.name}" for m in rows)
+
+
+def resize_lora(
+    source: Path,
+    output: Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    precision: SavePrecision | None = None,
+) -> RankResult:
+    """Lower every module's rank by truncated SVD of its ΔW: to `rank`, or the smallest rank keeping
+    `energy` of Σσ². Modules below the target rank keep theirs (a resize never adds rank). Same format out."""
+    prepare_output(Path(output), [source])
+    lora = read_lora(Path(source))
+    resized = [resize_module(m, rank=rank, energy=energy) for m in lora.modules.values()]
+    modules = _cast(uniform_alpha([module for module, _ in resized]), precision)
+    header = derived_header(
+        modules, lora.carried_metadata, resized={"from": lora.path.name, "rank": rank, "energy": energy}
+    )
+    write_lora(Path(output), modules, lora.format, header, sd15_index())
+    return RankResult(Path(output), [stats for _, stats in resized])
+
+
+def combine_loras(
+    sources: Sequence[tuple[Path, float]],
+    output: Path,
+    *,
+    rank: int | None = None,
+    fmt: LoraFormat = "kohya",
+    precision: SavePrecision | None = None,
+) -> RankResult:
+    """One LoRA with ΔW = Σ wᵢ·ΔWᵢ per module: exact (ranks concatenated) or, with `rank`, compressed by SVD.
+
+    Without `precision` the output takes the widest input dtype, so fp32 inputs stay exact.
+    """
+    if len(sources) < 2:
+        raise ValueError("give at least two LoRAs to combine (FILE:WEIGHT FILE:WEIGHT)")
+    prepare_output(Path(output), [path for path, _ in sources])
+    loras = [(read_lora(Path(path)), weight) for path, weight in sources]
+    dtype = DTYPES[precision] if precision else _widest(loras)
+    by_name: dict[str, list[tuple[LoraModule, float]]] = collections.defaultdict(list)
+    for lora, weight in loras:
+        for name, module in lora.modules.items():
+            by_name[name].append((module, weight))
+    modules = [combine_modules(parts, dtype) for parts in by_name.values()]
+    stats = [ModuleRank(m.name, m.rank, m.rank, 1.0) for m in modules]
+    if rank is not None:
+        compressed = [resize_module(m, rank=rank) for m in modules]
+        modules = [m for m, _ in compressed]
+        stats = [s for _, s in compressed]
+    modules = uniform_alpha(modules)
+    recipe = [{"lora": lora.path.name, "weight": weight} for lora, weight in loras]
+    header = derived_header(modules, combined={"loras": recipe, "rank": rank})
+    write_lora(Path(output), modules, fmt, header, sd15_index())
+    log.info("combined %d LoRAs into %s (%d modules)", len(loras), output, len(modules))
+    return RankResult(Path(output), stats)
+
+
+def _widest(loras: Sequence[tuple[LoraFile, float]]) -> torch.dtype:
+    dtypes = {m.down.dtype for lora, _ in loras for m in lora.modules.values()}
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def parse_weighted(value: str) -> tuple[Path, float]:
+    """`FILE[:WEIGHT]`; a colon that is not followed by a number is part of the path (C:\\ on Windows)."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core.lora_tools", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    precision = {"choices": sorted(DTYPES), "help": "save precision (default: keep the input's)"}
+
+    def rank_options(command: argparse.ArgumentParser) -> None:
+        group = command.add_mutually_exclusive_group(required=True)
+        group.add_argument("--rank", type=int, help="keep this rank per module")
+        group.add_argument("--energy", type=float, help="keep the smallest rank with this share of Σσ² (e.g. 0.99)")
+
+    inspect = commands.add_parser("inspect", help="modules, ranks, alpha, targets and training metadata")
+    inspect.add_argument("file", type=Path)
+
+    convert = commands.add_parser("convert", help="kohya/A1111 <-> diffusers/peft, or change precision")
+    convert.add_argument("file", type=Path)
+    convert.add_argument("--to", required=True, choices=sorted(FORMAT_NAMES))
+    convert.add_argument("--precision", **precision)
+    convert.add_argument("-o", "--output", required=True, type=Path)
+
+    merge = commands.add_parser("merge", help="bake LoRAs into a base model (.safetensors file or diffusers folder)")
+    merge.add_argument("--model", required=True, help="base model: hub id, diffusers folder or .safetensors")
+    merge.add_argument("--lora", required=True, nargs="+", type=parse_weighted, metavar="FILE[:WEIGHT]")
+    merge.add_argument("--precision", **precision)
+    merge.add_argument("--config-dir", type=Path, help="diffusers configs for a single-file base (default SD 1.5)")
+    merge.add_argument("-o", "--output", required=True, type=Path)
+
+    combine = commands.add_parser("combine", help="several LoRAs with weights into one")
+    combine.add_argument("files", nargs="+", type=parse_weighted, metavar="FILE[:WEIGHT]")
+    combine.add_argument("--rank", type=int, help="compress to this rank by SVD (default: exact, ranks add up)")
+    combine.add_argument("--format", default="kohya", choices=sorted(FORMAT_NAMES))
+    combine.add_argument("--precision", **precision)
+    combine.add_argument("-o", "--output", required=True, type=Path)
+
+    resize = commands.add_parser("resize", help="lower a LoRA's rank by truncated SVD")
+    resize.add_argument("file", type=Path)
+    rank_options(resize)
+    resize.add_argument("--precision", **precision)
+    resize.add_argument("-o", "--output", required=True, type=Path)
+
+    extract = commands.add_parser("extract", help="a LoRA from the difference between a fine-tune and its base")
+    extract.add_argument("--base", required=True)
+    extract.add_argument("--tuned", required=True)
+    rank_options(extract)
+    extract.add_argument("--min-diff", type=float, default=1e-4, help="relative change below which a layer is skipped")
+    extract.add_argument("--precision", **precision)
+    extract.add_argument("--config-dir", type=Path, help="diffusers configs for single-file models (default SD 1.5)")
+    extract.add_argument("-o", "--output", required=True, type=Path)
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    """Carry out one parsed command and return its report."""
+    if args.command == "inspect":
+        return inspect_lora(args.file).text()
+    if args.command == "convert":
+        return f"wrote {convert_lora(args.file, args.output, to=args.to, precision=args.precision)}"
+    if args.command == "merge":
+        result = merge_loras(args.model, args.lora, args.output, precision=args.precision, config_dir=args.config_dir)
+        return f"wrote {result.output} ({sum(result.modules.values())} LoRA modules merged)"
+    if args.command == "combine":
+        rank = args.rank
+        result = combine_loras(args.files, args.output, rank=rank, fmt=args.format, precision=args.precision)
+        return result.text()
+    if args.command == "resize":
+        result = resize_lora(args.file, args.output, rank=args.rank, energy=args.energy, precision=args.precision)
+        return f"{result.table()}\n{result.text()}"
+    extracted = extract_lora(
+        args.base,
+        args.tuned,
+        args.output,
+        rank=args.rank,
+        energy=args.energy,
+        min_diff=args.min_diff,
+        precision=args.precision,
+        config_dir=args.config_dir,
+    )
+    lines = [RankResult(extracted.output, extracted.modules).text()]
+    lines.append(f"{len(extracted.unchanged)} layers unchanged (skipped)")
+    if extracted.not_extracted:
+        lines.append(f"changed but not representable as LoRA: {', '.join(extracted.not_extracted[:8])}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: reports go to stdout through logging, errors to stderr with exit status 1."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        log.info("%s", run(args))
+    except (ValueError, ModelLoadError) as error:
+        log.error("error: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

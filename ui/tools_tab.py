@@ -1,0 +1,241 @@
+"""Tools tab: inspect, convert, resize, combine, merge and extract LoRA files.
+
+Each action runs the same command object the CLI (`python -m core.lora_tools`) builds, so the tab and
+the CLI share one implementation and one report format.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from core.lora_tools import parse_weighted, run
+from core.models import ModelLoadError
+
+if TYPE_CHECKING:
+    from ui.shell import AppContext
+
+PRECISIONS = ["keep", "fp16", "bf16", "fp32"]
+FORMATS = ["kohya", "diffusers"]
+
+
+def run_tool(command: str, options: Callable[[], dict[str, object]]) -> str:
+    """The tool's report as Markdown, or its error in plain words (the files are left as they were).
+
+    `options` builds the command's arguments from the form, so a missing field is reported the same way.
+    """
+    try:
+        report = run(argparse.Namespace(command=command, **options()))
+    except (ValueError, ModelLoadError, OSError) as error:
+        return f"**{command} failed:** {error}"
+    return f"```\n{report}\n```"
+
+
+def _path(value: str, what: str) -> Path:
+    if not value.strip():
+        raise ValueError(f"choose {what}")
+    return Path(value.strip()).expanduser()
+
+
+def _model(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"choose {what}")
+    return value.strip()
+
+
+def _precision(value: str) -> str | None:
+    return None if value == "keep" else value
+
+
+def _weighted(lines: str) -> list[tuple[Path, float]]:
+    entries = [parse_weighted(line.strip()) for line in lines.splitlines() if line.strip()]
+    if not entries:
+        raise ValueError("list at least one LoRA file, one per line, as PATH or PATH:WEIGHT")
+    return entries
+
+
+def _rank_or_energy(mode: str, rank: float | None, energy: float | None) -> dict[str, object]:
+    if mode == "rank":
+        return {"rank": int(rank or 0), "energy": None}
+    return {"rank": None, "energy": float(energy or 0)}
+
+
+def inspect_action(file: str) -> str:
+    return run_tool("inspect", lambda: {"file": _path(file, "a LoRA file")})
+
+
+def convert_action(file: str, to: str, precision: str, output: str) -> str:
+    return run_tool(
+        "convert",
+        lambda: {
+            "file": _path(file, "a LoRA file"),
+            "to": to,
+            "precision": _precision(precision),
+            "output": _path(output, "an output file"),
+        },
+    )
+
+
+def resize_action(file: str, mode: str, rank: float | None, energy: float | None, precision: str, output: str) -> str:
+    return run_tool(
+        "resize",
+        lambda: {
+            "file": _path(file, "a LoRA file"),
+            **_rank_or_energy(mode, rank, energy),
+            "precision": _precision(precision),
+            "output": _path(output, "an output file"),
+        },
+    )
+
+
+def combine_action(lines: str, rank: float | None, fmt: str, precision: str, output: str) -> str:
+    return run_tool(
+        "combine",
+        lambda: {
+            "files": _weighted(lines),
+            "rank": int(rank) if rank else None,
+            "format": fmt,
+            "precision": _precision(precision),
+            "output": _path(output, "an output file"),
+        },
+    )
+
+
+def merge_action(model: str, lines: str, precision: str, output: str) -> str:
+    return run_tool(
+        "merge",
+        lambda: {
+            "model": _model(model, "the base model the LoRAs were trained on"),
+            "lora": _weighted(lines),
+            "precision": _precision(precision),
+            "config_dir": None,
+            "output": _path(output, "an output .safetensors file or folder"),
+        },
+    )
+
+
+def extract_action(
+    base: str, tuned: str, mode: str, rank: float | None, energy: float | None, min_diff: float, output: str
+) -> str:
+    return run_tool(
+        "extract",
+        lambda: {
+            "base": _model(base, "the base model"),
+            "tuned": _model(tuned, "the fine-tuned model"),
+            **_rank_or_energy(mode, rank, energy),
+            "min_diff": float(min_diff),
+            "precision": None,
+            "config_dir": None,
+            "output": _path(output, "an output file"),
+        },
+    )
+
+
+def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
+    gr.Markdown("Work on LoRA files: ours and any kohya/A1111 or diffusers LoRA. Outputs never replace an input.")
+    tools_dir = context.output_dir / "tools"
+
+    with gr.Accordion("Inspect", open=True):
+        inspect_file = gr.Textbox(label="LoRA file", elem_id="tools-inspect-file")
+        inspect_button = gr.Button("Inspect", elem_id="tools-inspect-run")
+        inspect_report = gr.Markdown(elem_id="tools-inspect-report")
+    inspect_button.click(inspect_action, inputs=inspect_file, outputs=inspect_report)
+
+    with gr.Accordion("Convert (kohya ⇄ diffusers, precision)", open=False):
+        with gr.Row():
+            convert_file = gr.Textbox(label="LoRA file", elem_id="tools-convert-file")
+            convert_to = gr.Dropdown(FORMATS, value="diffusers", label="To format")
+            convert_precision = gr.Dropdown(PRECISIONS, value="keep", label="Precision")
+        convert_output = gr.Textbox(label="Output file", value=str(tools_dir / "converted.safetensors"))
+        convert_button = gr.Button("Convert")
+        convert_report = gr.Markdown()
+    convert_button.click(
+        convert_action,
+        inputs=[convert_file, convert_to, convert_precision, convert_output],
+        outputs=convert_report,
+    )
+
+    with gr.Accordion("Resize (lower the rank by SVD)", open=False):
+        with gr.Row():
+            resize_file = gr.Textbox(label="LoRA file", elem_id="tools-resize-file")
+            resize_mode = gr.Radio(["rank", "energy"], value="rank", label="Keep", elem_id="tools-resize-mode")
+            resize_rank = gr.Number(value=8, precision=0, minimum=1, label="Rank", elem_id="tools-resize-rank")
+            resize_energy = gr.Number(value=0.99, minimum=0, maximum=1, label="Energy share kept")
+            resize_precision = gr.Dropdown(PRECISIONS, value="keep", label="Precision")
+        resize_output = gr.Textbox(
+            label="Output file", value=str(tools_dir / "resized.safetensors"), elem_id="tools-resize-output"
+        )
+        resize_button = gr.Button("Resize", elem_id="tools-resize-run")
+        resize_report = gr.Markdown(elem_id="tools-resize-report")
+    resize_button.click(
+        resize_action,
+        inputs=[resize_file, resize_mode, resize_rank, resize_energy, resize_precision, resize_output],
+        outputs=resize_report,
+    )
+
+    with gr.Accordion("Combine several LoRAs into one", open=False):
+        combine_files = gr.Textbox(label="LoRA files, one per line as PATH:WEIGHT", lines=3)
+        with gr.Row():
+            combine_rank = gr.Number(value=0, precision=0, minimum=0, label="Compress to rank (0 = exact)")
+            combine_format = gr.Dropdown(FORMATS, value="kohya", label="Format")
+            combine_precision = gr.Dropdown(PRECISIONS, value="keep", label="Precision")
+        combine_output = gr.Textbox(label="Output file", value=str(tools_dir / "combined.safetensors"))
+        combine_button = gr.Button("Combine")
+        combine_report = gr.Markdown()
+    combine_button.click(
+        combine_action,
+        inputs=[combine_files, combine_rank, combine_format, combine_precision, combine_output],
+        outputs=combine_report,
+    )
+
+    with gr.Accordion("Merge LoRAs into the base model (full checkpoint)", open=False):
+        merge_model = gr.Textbox(label="Base model (hub id, diffusers folder or .safetensors)")
+        merge_files = gr.Textbox(label="LoRA files, one per line as PATH:WEIGHT", lines=3)
+        with gr.Row():
+            merge_precision = gr.Dropdown(PRECISIONS, value="fp16", label="Precision")
+            merge_output = gr.Textbox(
+                label="Output: a .safetensors file (A1111) or a folder (diffusers)",
+                value=str(tools_dir / "merged.safetensors"),
+            )
+        merge_button = gr.Button("Merge")
+        merge_report = gr.Markdown()
+    merge_button.click(
+        merge_action, inputs=[merge_model, merge_files, merge_precision, merge_output], outputs=merge_report
+    )
+
+    with gr.Accordion("Extract a LoRA from a fine-tuned model", open=False):
+        with gr.Row():
+            extract_base = gr.Textbox(label="Base model")
+            extract_tuned = gr.Textbox(label="Fine-tuned model")
+        with gr.Row():
+            extract_mode = gr.Radio(["rank", "energy"], value="rank", label="Keep")
+            extract_rank = gr.Number(value=16, precision=0, minimum=1, label="Rank")
+            extract_energy = gr.Number(value=0.99, minimum=0, maximum=1, label="Energy share kept")
+            extract_min_diff = gr.Number(value=1e-4, minimum=0, label="Skip layers that changed less than")
+        extract_output = gr.Textbox(label="Output file", value=str(tools_dir / "extracted.safetensors"))
+        extract_button = gr.Button("Extract")
+        extract_report = gr.Markdown()
+    extract_button.click(
+        extract_action,
+        inputs=[
+            extract_base,
+            extract_tuned,
+            extract_mode,
+            extract_rank,
+            extract_energy,
+            extract_min_diff,
+            extract_output,
+        ],
+        outputs=extract_report,
+    )
+
+    def stored_model() -> tuple[str, str]:
+        base = context.store.get().model.base
+        return base, base
+
+    app.load(stored_model, outputs=[merge_model, extract_base])
+    tab.select(stored_model, outputs=[merge_model, extract_base])
