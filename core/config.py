@@ -189,7 +189,7 @@ class PerformanceSection(Section):
     mixed_precision: MixedPrecision = setting("bf16", "Precision of the frozen base model; LoRA weights stay fp32")
     gradient_checkpointing: bool = setting(False, "Recompute activations: much less memory, ~20–30% slower")
     cache_latents: bool = setting(True, "Encode images and captions once and keep them on disk", advanced=True)
-    channels_last: bool = setting(True, "channels_last memory format for convolutions", advanced=True)
+    channels_last: bool = setting(True, "channels_last memory format for convolutions (GPU only)", advanced=True)
     compile: bool = setting(False, "torch.compile the UNet (slow first step, faster after)", advanced=True)
 
 

@@ -84,7 +84,7 @@ class Trainer:
             module.to(device)
         components.vae.eval()
         components.unet.train()
-        if self.config.performance.channels_last:
+        if self.config.performance.channels_last and device.type == "cuda":  # on CPUs it slows convolutions
             components.unet.to(memory_format=torch.channels_last)
         torch.manual_seed(self.config.run.seed)
         self.unet_params, self.text_params = add_training_loras(

@@ -1,0 +1,298 @@
+"""Training speed of Atelier's engine against a reference loop, in one command.
+
+    python -m bench.train_speed [--model demo|sd15-random|PATH] [--resolution 512] [--batch 4] [--rank 16]
+                                [--precision bf16] [--steps N] [--json OUT]
+
+The reference does per step what diffusers' `train_text_to_image_lora.py` does: VAE-encode the
+images, CLIP-encode the captions, UNet forward and backward, torch AdamW, fp32 LoRA weights (peft,
+attention targets) on a half-precision base. Each variant runs in a fresh subprocess, so peak memory
+and allocator state are its own, and both run in the same invocation so their ratio holds on a noisy
+machine. `sd15-random` is the real SD 1.5 architecture with random weights (speed does not depend on
+the weights), built once into the cache folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("bench.train_speed")
+WARMUP_STEPS = 3
+
+
+@dataclass
+class Measurement:
+    variant: str
+    steps: int
+    its: float
+    images_per_second: float
+    first_step_seconds: float
+    peak_memory_gb: float
+    memory_kind: str
+
+
+def peak_memory_gb(device: str) -> tuple[float, str]:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30, "GPU max allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+
+
+def model_path(name: str, cache: Path) -> str:
+    if name == "demo":
+        from core.demo import ensure_demo_model
+
+        return str(ensure_demo_model(cache))
+    if name == "sd15-random":
+        return str(ensure_random_sd15(cache))
+    return name
+
+
+def ensure_random_sd15(cache: Path) -> Path:
+    """The SD 1.5 architecture from the bundled configs with random weights, saved once as fp16."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from core.models import SD15_CONFIG_DIR
+
+    target = cache / "sd15-random"
+    if (target / "model_index.json").is_file():
+        return target
+    torch.manual_seed(0)
+    config_dir = SD15_CONFIG_DIR
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(config_dir / "scheduler")
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".sd15-random-"))
+    pipeline.to(torch.float16).save_pretrained(staging)
+    staging.rename(target)
+    return target
+
+
+def make_dataset(folder: Path, count: int, resolution: int) -> Path:
+    """Simple synthetic images with captions: the content does not change the speed."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+        (folder / f"{index:03d}.txt").write_text(f"a building, style {index % 5}", encoding="utf-8")
+    return folder
+
+
+def run_ours(args: argparse.Namespace, model: str, dataset: Path, output: Path) -> Measurement:
+    import torch
+
+    from core.config_files import build_config
+    from core.events import StepRecord, TrainingCallbacks
+    from core.trainer import Trainer
+
+    class Timer(TrainingCallbacks):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step(self, record: StepRecord) -> None:
+            self.times.append(time.perf_counter())
+
+    config = build_config(
+        overrides=[
+            f"model.base={model}",
+            f"dataset.path={dataset}",
+            f"run.output_dir={output}",
+            f"dataset.resolution={args.resolution}",
+            "dataset.validation_size=0",
+            f"schedule.batch_size={args.batch}",
+            f"schedule.max_steps={args.steps + WARMUP_STEPS}",
+            f"lora.rank={args.rank}",
+            f"lora.alpha={args.rank}",
+            f"lora.targets={args.targets}",
+            f"performance.mixed_precision={args.precision}",
+            f"performance.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+            *args.set,
+            "validation.every_n_epochs=0",
+            "sampling.every_n_epochs=0",
+            "saving.every_n_epochs=0",
+            "saving.checkpoint_every_n_epochs=0",
+        ]
+    )
+    timer = Timer()
+    started = time.perf_counter()
+    Trainer(config, timer).run()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _measurement("ours", args, timer.times, started, device)
+
+
+def run_reference(args: argparse.Namespace, model: str, dataset: Path) -> Measurement:
+    """One step = what the diffusers example does: encode images and captions, UNet forward/backward, AdamW."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig
+    from PIL import Image
+
+    from core.models import load_sd15
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    started = time.perf_counter()
+    parts = load_sd15(model, dtype=dtype)
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.requires_grad_(False)
+        module.to(device)
+    parts.unet.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
+    params = [p for p in parts.unet.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    if args.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    images = sorted(dataset.glob("*.png"))
+    pixels = [
+        torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1)
+        for p in images
+    ]
+    captions = [p.with_suffix(".txt").read_text(encoding="utf-8") for p in images]
+    scheduler = parts.noise_scheduler
+    times = []
+    for step in range(args.steps + WARMUP_STEPS):
+        chosen = [(step * args.batch + i) % len(pixels) for i in range(args.batch)]
+        batch = torch.stack([pixels[i] for i in chosen]).to(device, dtype)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            latents = parts.vae.encode(batch).latent_dist.sample() * parts.vae.config.scaling_factor
+            ids = parts.tokenizer(
+                [captions[i] for i in chosen], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids.to(device)
+            hidden = parts.text_encoder(ids)[0]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(chosen),), device=device)
+            prediction = parts.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()  # the example logs the loss every step
+        times.append(time.perf_counter())
+    return _measurement("reference", args, times, started, device)
+
+
+def _measurement(
+    variant: str, args: argparse.Namespace, times: list[float], started: float, device: str
+) -> Measurement:
+    steady = times[WARMUP_STEPS:]
+    its = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")
+    peak, kind = peak_memory_gb(device)
+    return Measurement(variant, len(steady), its, its * args.batch, times[0] - started, peak, kind)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="demo, sd15-random, or a model path / hub id")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 128 for demo, 512 otherwise")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="attention_ff", choices=["attention", "attention_ff", "all"])
+    parser.add_argument("--precision", choices=["no", "fp16", "bf16"], help="default: no on CPU, else bf16")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up steps")
+    parser.add_argument("--images", type=int, default=16, help="synthetic training images")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="engine setting")
+    parser.add_argument("--only", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 128 if args.model == "demo" else 512
+    if args.precision is None:
+        import torch
+
+        args.precision = "bf16" if torch.cuda.is_available() else "no"
+    return args
+
+
+def child(args: argparse.Namespace) -> None:
+    """One variant in this process; prints its measurement as JSON on the last line."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    from core.demo import default_cache_dir
+
+    cache = default_cache_dir()
+    model = model_path(args.model, cache)
+    with tempfile.TemporaryDirectory() as scratch:
+        dataset = make_dataset(Path(scratch) / "data", args.images, args.resolution)
+        if args.only == "ours":
+            result = run_ours(args, model, dataset, Path(scratch) / "out")
+        else:
+            result = run_reference(args, model, dataset)
+    print(json.dumps(asdict(result)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    if args.only:
+        child(args)
+        return
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    results = []
+    for variant in ("reference", "ours"):
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.train_speed", *forwarded, "--only", variant],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode:
+            raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
+        results.append(Measurement(**json.loads(done.stdout.strip().splitlines()[-1])))
+    reference, ours = results
+    header = f"{'variant':<10} {'it/s':>8} {'images/s':>9} {'first step s':>13} {'peak GB':>8}"
+    lines = [
+        f"model {args.model}, {args.resolution} px, batch {args.batch}, rank {args.rank}, {args.precision}, "
+        f"targets {args.targets}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
+        header,
+    ]
+    for result in results:
+        lines.append(
+            f"{result.variant:<10} {result.its:>8.2f} {result.images_per_second:>9.2f} "
+            f"{result.first_step_seconds:>13.1f} {result.peak_memory_gb:>8.2f}"
+        )
+    lines.append(
+        f"ours / reference: {ours.images_per_second / reference.images_per_second:.2f}× images/s, "
+        f"{ours.peak_memory_gb / reference.peak_memory_gb:.2f}× peak memory ({ours.memory_kind})"
+    )
+    print("\n".join(lines))
+    if args.json:
+        report = {"settings": vars(args), "table": lines, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
