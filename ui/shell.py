@@ -15,9 +15,12 @@ import gradio as gr
 from core.config import TrainConfig
 from core.config_files import build_config
 from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
+from core.inference import InferenceEngine
 from core.session import TrainingSession
+from ui.captioning_tab import build_captioning_tab
 from ui.config_store import ConfigStore
 from ui.dataset_tab import build_dataset_tab
+from ui.inference_tab import build_inference_tab
 from ui.monitor_tab import build_monitor_tab
 from ui.tools_tab import build_tools_tab
 from ui.training_tab import build_training_tab
@@ -32,6 +35,7 @@ class AppContext:
     output_dir: Path
     session: TrainingSession
     store: ConfigStore
+    engine: InferenceEngine
     demo_model: Path | None = None
     demo_dataset: Path | None = None
 
@@ -66,19 +70,27 @@ class AppContext:
             overrides += [f"model.base={demo_model}", f"dataset.path={demo_dataset}"]
             presets.append("demo")
         store = ConfigStore(output_dir / SETTINGS_FILE, build_config(presets, overrides=overrides))
-        return cls(output_dir, TrainingSession(), store, demo_model, demo_dataset)
+        return cls(output_dir, TrainingSession(), store, InferenceEngine(), demo_model, demo_dataset)
 
 
 def build_app(context: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Atelier") as app:
         gr.Markdown("# Atelier\nTrain Stable Diffusion 1.5 LoRAs on your own images.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Dataset", id="dataset") as dataset_tab:
                 build_dataset_tab(context, app, dataset_tab)
+            with gr.Tab("Captioning", id="captioning") as captioning_tab:
+                build_captioning_tab(context, app, captioning_tab)
             with gr.Tab("Training", id="training") as training_tab:
                 build_training_tab(context, app, training_tab)
             with gr.Tab("Monitor", id="monitor"):
-                build_monitor_tab(context, app)
+                monitor = build_monitor_tab(context, app)
+            with gr.Tab("Inference", id="inference") as inference_tab:
+                inference = build_inference_tab(context, app, inference_tab)
             with gr.Tab("Tools", id="tools") as tools_tab:
                 build_tools_tab(context, app, tools_tab)
+        # "Use this epoch" on the Monitor puts that LoRA in an Inference row and opens the Inference tab.
+        inference.use_lora(monitor.use_lora, monitor.chosen_lora).then(
+            lambda: gr.Tabs(selected="inference"), outputs=tabs
+        )
     return app
