@@ -1,0 +1,227 @@
+"""Find a dataset's caption files, and keep every caption a bulk change replaces in a restorable backup.
+
+Auto-captioning and bulk edits rewrite many caption files at once, often hours of hand-written work. So
+before such a change writes anything, the captions it may replace are copied byte for byte into
+`<dataset>/.caption-backups/<id>/` (relative paths kept) with a manifest that also lists the captions
+the change will create. The folder's leading dot keeps the dataset loader from training on it.
+Restoring puts those bytes back and removes the created captions, after backing up what it is about to
+replace, so a restore can itself be undone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from core.captions import caption_path
+from core.config import DatasetSection
+from core.dataset import DatasetError, load_dataset
+from core.fsutil import atomic_path, atomic_write_text
+from core.images import is_image_file
+
+log = logging.getLogger(__name__)
+
+BACKUP_FOLDER = ".caption-backups"
+MANIFEST = "backup.json"
+_ID_FORMAT = "%Y-%m-%d_%H-%M-%S"
+
+
+class CaptioningError(ValueError):
+    """A caption run, edit or restore that cannot go ahead; `field` names the option or file to fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DatasetCaptions:
+    """The images a caption run covers (the ones training uses, in the loader's order) and those it cannot."""
+
+    root: Path
+    extension: str
+    images: list[Path]
+    problems: list[tuple[Path, str]]
+
+    def caption_file(self, image: Path) -> Path:
+        return caption_path(image, self.extension)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    """One backup: `replaced` captions are stored in `folder`; `created` ones did not exist before the change."""
+
+    id: str
+    folder: Path
+    created_at: str
+    description: str
+    replaced: tuple[str, ...]
+    created: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """One line for a picker: when, what, and how many captions it covers."""
+        counts = f"{len(self.replaced)} replaced" + (f", {len(self.created)} new" if self.created else "")
+        return f"{self.id} · {self.description} · {counts}"
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a restore changed; `safety_backup` holds the captions it replaced (None when nothing differed)."""
+
+    restored: list[Path]
+    removed: list[Path]
+    safety_backup: BackupInfo | None
+
+
+def scan_dataset(folder: Path | str, extension: str = ".txt") -> DatasetCaptions:
+    """The dataset's usable images, read the way the training loader reads them (hidden folders left out).
+
+    Images the loader skips (unreadable, duplicate stems, a caption that is not UTF-8) are returned as
+    problems with the loader's reason, so the user learns why they got no caption.
+    """
+    try:
+        section = DatasetSection(path=str(folder), validation_size=0, min_image_side=8, caption_extension=extension)
+    except ValidationError:
+        raise CaptioningError(
+            "caption extension", f"{extension!r} is not an extension: use one starting with a dot, e.g. .txt"
+        ) from None
+    try:
+        dataset = load_dataset(section, seed=0)
+    except DatasetError as error:
+        raise CaptioningError(f"dataset folder {str(folder)!r}", error.message) from None
+    problems = [(p.path, p.reason) for p in dataset.problems if p.skipped and is_image_file(p.path)]
+    return DatasetCaptions(dataset.root, section.caption_extension, [r.path for r in dataset.train], problems)
+
+
+def create_backup(root: Path, captions: Iterable[Path], description: str) -> BackupInfo:
+    """Copy the existing files among `captions` into a new backup; the missing ones are recorded as created.
+
+    The manifest is written last: a backup folder without one was interrupted before anything was
+    changed, and is not listed.
+    """
+    root = Path(root)
+    folder = _new_backup_folder(root)
+    replaced: list[str] = []
+    created: list[str] = []
+    for path in captions:
+        relative = Path(path).relative_to(root).as_posix()
+        if not Path(path).exists():
+            created.append(relative)
+            continue
+        try:
+            with atomic_path(folder / relative) as tmp:
+                shutil.copy2(path, tmp)
+        except OSError as error:
+            raise CaptioningError(
+                relative, f"cannot be backed up ({error.strerror}), so nothing was changed: check its permissions"
+            ) from None
+        replaced.append(relative)
+    stamp = datetime.now().isoformat(timespec="seconds")
+    info = BackupInfo(folder.name, folder, stamp, description, tuple(replaced), tuple(created))
+    manifest = {"created_at": info.created_at, "description": description, "replaced": replaced, "created": created}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1))
+    log.info("backed up %d captions of %s into %s", len(replaced), root, folder)
+    return info
+
+
+def list_backups(root: Path | str) -> list[BackupInfo]:
+    """The dataset's complete backups, newest first."""
+    base = Path(root) / BACKUP_FOLDER
+    if not base.is_dir():
+        return []
+    backups = [info for folder in base.iterdir() if (info := _read_backup(folder)) is not None]
+    return sorted(backups, key=lambda info: (info.created_at, info.id), reverse=True)
+
+
+def restore_backup(root: Path | str, backup_id: str) -> RestoreReport:
+    """Put the dataset's captions back as they were before the backed-up change.
+
+    Captions that differ from the backup are first backed up themselves (edits made since are kept
+    that way), then replaced atomically; captions the change created are removed.
+    """
+    root = Path(root)
+    info = _read_backup(root / BACKUP_FOLDER / backup_id) if _plain_name(backup_id) else None
+    if info is None:
+        known = ", ".join(backup.id for backup in list_backups(root)[:5]) or "none"
+        raise CaptioningError("backup", f"no backup {backup_id!r} in {root / BACKUP_FOLDER} (latest: {known})")
+    restore = {root / relative: info.folder / relative for relative in info.replaced}
+    missing = [source.name for source in restore.values() if not source.is_file()]
+    if missing:
+        raise CaptioningError(
+            f"backup {info.id}", f"is missing {', '.join(missing[:5])}, so nothing was restored: it was edited by hand"
+        )
+    remove = [root / relative for relative in info.created if (root / relative).exists()]
+    differing = [target for target, source in restore.items() if _read(target) != _read(source)]
+    safety = create_backup(root, differing + remove, f"before restoring {info.id}") if differing or remove else None
+    for target in differing:
+        with atomic_path(target) as tmp:
+            shutil.copy2(restore[target], tmp)
+    for path in remove:
+        path.unlink()
+    log.info("restored %s: %d captions back, %d removed", info.id, len(differing), len(remove))
+    return RestoreReport(differing, remove, safety)
+
+
+def _new_backup_folder(root: Path) -> Path:
+    """A fresh folder named by the time; a second change within the same second gets a numbered name."""
+    base = root / BACKUP_FOLDER
+    stamp = datetime.now().strftime(_ID_FORMAT)
+    for attempt in range(1, 1000):
+        folder = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise CaptioningError(
+                str(base), f"cannot be created ({error.strerror}), so nothing was changed: check the permissions"
+            ) from None
+    raise CaptioningError(str(base), "holds too many backups from this second: wait a moment and try again")
+
+
+def _read_backup(folder: Path) -> BackupInfo | None:
+    """The backup in `folder`, or None for an interrupted or damaged one (logged, never restored from)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        replaced = tuple(str(path) for path in manifest["replaced"])
+        created = tuple(str(path) for path in manifest["created"])
+        stamp, description = str(manifest["created_at"]), str(manifest["description"])
+        info = BackupInfo(folder.name, folder, stamp, description, replaced, created)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("ignoring damaged caption backup %s: %s", folder, error)
+        return None
+    if not all(_inside(path) for path in replaced + created):
+        log.warning("ignoring caption backup %s: its manifest names files outside the dataset", folder)
+        return None
+    return info
+
+
+def _inside(relative: str) -> bool:
+    path = Path(relative)
+    return not path.is_absolute() and ".." not in path.parts
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in {".", ".."} and "/" not in name and "\\" not in name
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None

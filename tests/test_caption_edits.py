@@ -1,0 +1,110 @@
+"""Bulk caption edits: a preview of every change, then an apply that backs up first and skips conflicts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from core.caption_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
+from core.caption_files import BACKUP_FOLDER, CaptioningError, list_backups, restore_backup
+
+
+def captions(folder: Path) -> dict[str, str]:
+    return {path.name: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.txt"))}
+
+
+def test_find_and_replace_previews_then_applies_with_a_backup(demo_dataset: Path) -> None:
+    before = captions(demo_dataset)
+    changes = plan_edits(demo_dataset, FindReplace("flat roofs", "toits plats, façade 東京"))
+    assert [change.path.name for change in changes] == [f"bauhaus_{i:02d}.txt" for i in range(1, 9)]
+    assert captions(demo_dataset) == before  # a preview writes nothing
+    first = changes[0]
+    assert first.old == before["bauhaus_01.txt"] and first.new == first.old.replace(
+        "flat roofs", "toits plats, façade 東京"
+    )
+
+    report = apply_edits(demo_dataset, changes, "replace roofs")
+    assert report.applied == [change.path for change in changes] and report.conflicts == []
+    assert captions(demo_dataset)["bauhaus_01.txt"] == first.new
+    assert report.backup is not None and report.backup.description == "replace roofs"
+    assert [backup.id for backup in list_backups(demo_dataset)] == [report.backup.id]
+    restore_backup(demo_dataset, report.backup.id)
+    assert captions(demo_dataset) == before
+
+
+def test_find_and_replace_options(demo_dataset: Path) -> None:
+    (demo_dataset / "bauhaus_01.txt").write_text("Flat roof, FLAT ROOF, flat roof", encoding="utf-8")
+    plain = plan_edits(demo_dataset, FindReplace("flat roof", "x", case_sensitive=False))
+    assert next(c for c in plain if c.path.name == "bauhaus_01.txt").new == "x, x, x"
+    regex = plan_edits(demo_dataset, FindReplace(r"(\w+) columns", r"\1 doric columns", regex=True))
+    assert {c.new.split(", ")[2] for c in regex} == {"four doric columns", "six doric columns"}
+    literal = plan_edits(demo_dataset, FindReplace("(", "["))
+    assert literal == []  # without regex, the text is looked for as typed
+    for edit, field in [
+        (FindReplace("", "x"), "find"),
+        (FindReplace("(unclosed", "x", regex=True), "find"),
+        (FindReplace("(a)", r"\2", regex=True), "replace"),
+    ]:
+        with pytest.raises(CaptioningError) as error:
+            plan_edits(demo_dataset, edit)
+        assert error.value.field == field
+
+
+def test_add_tag_skips_captions_that_have_it_and_creates_missing_files(demo_dataset: Path) -> None:
+    (demo_dataset / "bauhaus_02.txt").unlink()
+    (demo_dataset / "bauhaus_03.txt").write_text("plain sky,  Bauhaus   Style ,x\n", encoding="utf-8")
+    changes = {c.path.name: c for c in plan_edits(demo_dataset, AddTag("bauhaus style"))}
+    assert "bauhaus_03.txt" not in changes  # the same tag, in other case and spacing
+    assert changes["bauhaus_02.txt"].old == "" and changes["bauhaus_02.txt"].new == "bauhaus style"
+    assert changes["neoclassical_01.txt"].new == changes["neoclassical_01.txt"].old.rstrip() + ", bauhaus style\n"
+    report = apply_edits(demo_dataset, list(changes.values()))
+    assert (demo_dataset / "bauhaus_02.txt").read_text(encoding="utf-8") == "bauhaus style"
+    assert report.backup is not None and report.backup.created == ("bauhaus_02.txt",)
+    restore_backup(demo_dataset, report.backup.id)
+    assert not (demo_dataset / "bauhaus_02.txt").exists()
+
+    at_start = plan_edits(demo_dataset, AddTag(" 東京 style ", at_start=True))
+    assert at_start[0].new.startswith("東京 style, bauhaus style building, ")
+    for tag in ("", "a, b"):
+        with pytest.raises(CaptioningError, match="give one tag, without commas"):
+            plan_edits(demo_dataset, AddTag(tag))
+
+
+def test_remove_tag_removes_every_occurrence_and_keeps_the_line_end(demo_dataset: Path) -> None:
+    (demo_dataset / "bauhaus_01.txt").write_text("Plain Sky,a,plain  sky, b\r\n", encoding="utf-8")
+    changes = {c.path.name: c for c in plan_edits(demo_dataset, RemoveTag("plain sky"))}
+    assert changes["bauhaus_01.txt"].new == "a, b\r\n"
+    assert changes["bauhaus_02.txt"].new == changes["bauhaus_02.txt"].old.replace(", plain sky", "")
+    assert all(not name.startswith("neoclassical") for name in changes)
+    assert split_tags(" a ,, b,") == ["a", "b"]
+
+
+def test_a_caption_changed_since_the_preview_is_left_alone(demo_dataset: Path) -> None:
+    changes = plan_edits(demo_dataset, RemoveTag("plain sky"))
+    (demo_dataset / "bauhaus_04.txt").write_text("edited after the preview, plain sky", encoding="utf-8")
+    report = apply_edits(demo_dataset, changes)
+    assert [(path.name, reason.split(",")[0]) for path, reason in report.conflicts] == [
+        ("bauhaus_04.txt", "changed since the preview")
+    ]
+    assert (demo_dataset / "bauhaus_04.txt").read_text(encoding="utf-8") == "edited after the preview, plain sky"
+    assert len(report.applied) == 7 and report.backup is not None and len(report.backup.replaced) == 7
+    assert apply_edits(demo_dataset, changes[:1]).applied == []  # already applied: a conflict, not a double edit
+    with pytest.raises(CaptioningError, match="is not in the dataset folder"):
+        apply_edits(demo_dataset / "elsewhere", changes)
+
+
+def test_restore_refuses_unknown_or_damaged_backups(demo_dataset: Path) -> None:
+    report = apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged")))
+    assert report.backup is not None
+    for backup_id in ("nope", "../..", ""):
+        with pytest.raises(CaptioningError, match=re.escape(f"no backup {backup_id!r}")):
+            restore_backup(demo_dataset, backup_id)
+    (report.backup.folder / "bauhaus_01.txt").unlink()
+    with pytest.raises(CaptioningError, match=r"is missing bauhaus_01\.txt, so nothing was restored"):
+        restore_backup(demo_dataset, report.backup.id)
+    assert all("tagged" in text for text in captions(demo_dataset).values())
+    (report.backup.folder / "backup.json").write_text("{not json", encoding="utf-8")
+    assert list_backups(demo_dataset) == []
+    assert (demo_dataset / BACKUP_FOLDER).is_dir()
