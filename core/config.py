@@ -20,6 +20,7 @@ Precision = Literal["fp16", "bf16", "fp32"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LoraTargets = Literal["attention", "attention_ff", "all"]
 PredictionType = Literal["epsilon", "v_prediction"]
+NanPolicy = Literal["stop", "skip"]
 
 
 def setting(
@@ -147,6 +148,11 @@ class ScheduleSection(Section):
 class LossSection(Section):
     noise_offset: float = setting(0.0, "Noise offset: helps very dark and very bright images; 0.05–0.1", ge=0, le=1)
     min_snr_gamma: float = setting(0.0, "Min-SNR-γ loss weighting; 5 is usual, 0 turns it off", ge=0, le=100)
+    on_nan: NanPolicy = setting(
+        "stop",
+        "When a step's loss is NaN or inf: stop the run (the saved LoRAs are kept), or skip that step and go on",
+        advanced=True,
+    )
 
 
 class ValidationSection(Section):

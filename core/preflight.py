@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,10 @@ from core.config import Problem, TrainConfig
 from core.dataset import Dataset, DatasetError, ImageRecord, load_dataset
 
 LOCAL_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+LORA_PARAMS_PER_RANK = 600_000
+"""About an SD 1.5 LoRA's parameters per unit of rank (a rank-32 kohya file with the text encoder is ~38 MB in fp16)."""
+SAVE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+MB = 2**20
 
 
 @dataclass(frozen=True)
@@ -62,13 +67,46 @@ def _model_problems(config: TrainConfig) -> list[Problem]:
     return problems
 
 
-def _output_problems(config: TrainConfig) -> list[Problem]:
-    existing = Path(config.run.output_dir).expanduser().resolve()
+def _nearest_existing(folder: str) -> Path:
+    """The folder, or the closest parent that exists: the output folder is only made when the run starts."""
+    existing = Path(folder).expanduser().resolve()
     while not existing.exists():
         existing = existing.parent
+    return existing
+
+
+def _output_problems(config: TrainConfig) -> list[Problem]:
+    existing = _nearest_existing(config.run.output_dir)
     if not os.access(existing, os.W_OK):
         return [Problem("run.output_dir", config.run.output_dir, f"cannot write to {existing} — choose another folder")]
     return []
+
+
+def _disk_problems(config: TrainConfig, dataset: Dataset) -> list[Problem]:
+    """Refuse a run that would fill the disk part-way: an estimate of its LoRA files, checkpoint and samples.
+
+    The checkpoint holds the LoRA in fp32 with two Adam moments (3 × 4 bytes a parameter); samples are
+    counted as uncompressed RGB, which PNG only undercuts; 100 MB covers the cache, logs and metrics.
+    """
+    plan = plan_run(config, dataset)
+    saving, sampling = config.saving, config.sampling
+    lora_params = LORA_PARAMS_PER_RANK * config.lora.rank
+    saves = 2 + (plan.epochs // saving.every_n_epochs if saving.every_n_epochs else 0)  # plus best and final
+    sample_sets = plan.epochs // sampling.every_n_epochs if sampling.every_n_epochs else 0
+    need = (
+        100 * MB
+        + saves * lora_params * SAVE_BYTES[saving.precision]
+        + lora_params * 12
+        + sample_sets * len(sampling.prompts) * sampling.width * sampling.height * 3
+    )
+    free = shutil.disk_usage(_nearest_existing(config.run.output_dir)).free
+    if free >= need:
+        return []
+    message = (
+        f"only {free // MB} MB free; the run needs about {math.ceil(need / MB)} MB — free space or choose another "
+        "folder (or save and sample less often)"
+    )
+    return [Problem("run.output_dir", config.run.output_dir, message)]
 
 
 def _plan_problems(config: TrainConfig, dataset: Dataset) -> list[Problem]:
@@ -113,4 +151,4 @@ def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:
             *problems,
             Problem(error.field, error.value, error.message),
         ]
-    return dataset, problems + _plan_problems(config, dataset)
+    return dataset, problems + _plan_problems(config, dataset) + _disk_problems(config, dataset)

@@ -7,6 +7,7 @@ second tab) sees the same run, and errors arrive as one plain sentence, never as
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections import deque
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from core.checkpoint import CheckpointError
 from core.config import ConfigError, TrainConfig
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.preflight import preflight
@@ -61,8 +63,13 @@ def explain_error(error: BaseException) -> str:
             "The GPU ran out of memory. Lower schedule.batch_size or dataset.resolution or lora.rank, turn on "
             "performance.gradient_checkpointing, or use optimizer.name = adamw8bit. The last saved LoRA is kept."
         )
-    if isinstance(error, (ConfigError, TrainingError)):
+    if isinstance(error, (ConfigError, TrainingError, CheckpointError)):
         return str(error)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return (
+            "The disk is full: free some space or choose another run.output_dir, then resume the run. "
+            "The last saved LoRA and checkpoint are kept."
+        )
     if isinstance(error, FileNotFoundError):
         return (
             f"A file disappeared during training: {error.filename}. Restore it, or reload the dataset and start again."

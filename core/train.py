@@ -14,10 +14,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from core.checkpoint import CheckpointError
 from core.config import ConfigError, TrainConfig
 from core.config_files import build_config, list_presets
+from core.dataset import Dataset, summarize
 from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
 from core.events import EpochRecord, StepRecord, TrainingCallbacks
+from core.preflight import preflight
 from core.trainer import Trainer, TrainingError
 
 log = logging.getLogger("atelier.train")
@@ -80,6 +83,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return build_config(presets, args.config, overrides)
 
 
+def report_file_problems(dataset: Dataset) -> None:
+    """List every dataset file that is skipped or odd, as the Dataset tab does, so a CLI run is not silently smaller."""
+    problems = summarize(dataset).problems
+    if not problems:
+        return
+    skipped = sum(skipped for _, _, skipped in problems)
+    print(f"dataset: {skipped} files skipped, {len(problems) - skipped} warnings", file=sys.stderr)
+    for path, reason, is_skipped in problems:
+        print(f"  {'skipped' if is_skipped else 'warning'}  {path}: {reason}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -87,11 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"
     try:
         config = config_from_args(args)
+        # The same check the trainer starts with (the app's session also runs it first): it fails fast on a
+        # bad config and gives the file problems to list before the model loads.
+        dataset, problems = preflight(config)
+        if problems:
+            raise ConfigError(problems)
+        if main_process:
+            report_file_problems(dataset)
         result = Trainer(config, ProgressBar() if main_process else None, resume_dir=args.resume).run()
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    except TrainingError as error:
+    except (TrainingError, CheckpointError) as error:
         print(f"Training failed: {error}", file=sys.stderr)
         return 1
     if main_process:

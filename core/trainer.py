@@ -136,6 +136,8 @@ class Trainer:
         self.run_dir = Path(broadcast_object_list(chosen)[0])  # every process agrees on the main one's folder
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in self.run_dir.glob(".*.tmp"):  # half-written files of a killed earlier process
+                leftover.unlink()
             save_config(cfg, self.run_dir / "config.toml")
         self._say(
             f"{plan.train_images} training and {plan.validation_images} validation images, "
@@ -176,11 +178,17 @@ class Trainer:
                     progress.step += 1
                     step_times = [*step_times[-19:], time.perf_counter() - tick]
                     if not math.isfinite(loss):
-                        raise TrainingError(
-                            f"the loss became {loss} at step {progress.step}: lower optimizer.learning_rate "
-                            f"(now {cfg.optimizer.learning_rate:g}), keep optimizer.max_grad_norm above 0, or use "
-                            "bf16 instead of fp16. The LoRA files saved so far are kept."
-                        )
+                        if cfg.loss.on_nan == "stop":
+                            raise TrainingError(
+                                f"the loss became {loss} at step {progress.step}: lower optimizer.learning_rate "
+                                f"(now {cfg.optimizer.learning_rate:g}), keep optimizer.max_grad_norm above 0, or "
+                                "use bf16 instead of fp16 (or set loss.on_nan = skip). The LoRA files saved so far "
+                                "are kept."
+                            )
+                        # The step keeps its number and its batch is used up, so the run's length, epoch ends
+                        # and resume positions stay as planned; it only leaves a gap in the loss curve.
+                        self._say(f"skipped step {progress.step}: loss was {loss}")
+                        continue
                     progress.epoch_losses.append(loss)
                     self._report_step(progress, loss, step_times, started)
                     every = cfg.validation.every_n_steps
@@ -235,7 +243,11 @@ class Trainer:
         train_set: TrainingSet,
         group: list[list[int]],
     ) -> float:
-        """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step."""
+        """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step.
+
+        The step is left out when the loss is not finite; every process sees the same reduced loss, so all
+        of them leave it out together.
+        """
         cfg, device = self.config, self.accelerator.device
         scheduler = self.components.noise_scheduler
         total = torch.zeros((), device=device)
@@ -269,12 +281,14 @@ class Trainer:
                 loss = diffusion_loss(prediction, target, scheduler, timesteps, cfg.loss.min_snr_gamma) / len(group)
                 self.accelerator.backward(loss)
             total += loss.detach()
-        if cfg.optimizer.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.unet_params + self.text_params, cfg.optimizer.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        loss = float(self.accelerator.reduce(total, reduction="mean"))
+        if math.isfinite(loss):  # a non-finite loss has non-finite gradients: stepping would poison the LoRA
+            if cfg.optimizer.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.unet_params + self.text_params, cfg.optimizer.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(self.accelerator.reduce(total, reduction="mean"))
+        return loss
 
     # ----- reporting, commands, epoch ends ------------------------------------------------------
 
@@ -300,7 +314,7 @@ class Trainer:
             self.callbacks.on_status("paused")
             self.commands.wait_while_paused()
             self.callbacks.on_status("training")
-        if self.commands.take_sample_request():
+        if self.commands.take_sample_request() and not self.commands.stop_requested:  # a stop wins over samples
             self._sample(self.run_dir / "samples" / f"step-{progress.step:06d}", progress.epoch)
         if self.commands.take_save_request():
             self._save_lora(f"{self.config.run.name}-step{progress.step:06d}", progress, "manual")
