@@ -9,16 +9,15 @@ captions.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from core.fsutil import build_folder_once
+
 log = logging.getLogger(__name__)
 
 DEMO_CAPTIONER_NAME = "demo-captioner-v1"  # bump the suffix whenever the build below changes
-_COMPLETE_MARKER = ".complete"
 _SEED = 1  # a seed whose captions differ between the demo dataset's images and are never empty
 _SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 _WORDS = (
@@ -35,27 +34,12 @@ def ensure_demo_captioner(cache_dir: Path) -> Path:
     It is built in a temporary sibling and renamed into place when complete, so an interrupted or
     concurrent build never leaves a half-written model to be loaded.
     """
-    target = Path(cache_dir) / DEMO_CAPTIONER_NAME
-    if (target / _COMPLETE_MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building the demo captioner in %s", target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_CAPTIONER_NAME}-", dir=target.parent))
-    try:
+
+    def build(staging: Path) -> None:
         with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the caller's random state
             _write_demo_captioner(staging)
-        (staging / _COMPLETE_MARKER).touch()
-        if target.exists() and not (target / _COMPLETE_MARKER).is_file():
-            shutil.rmtree(target)  # no completion marker: not a build to trust
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / _COMPLETE_MARKER).is_file():
-                raise
-            log.info("another process finished the demo captioner first; using it")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return build_folder_once(Path(cache_dir) / DEMO_CAPTIONER_NAME, build)
 
 
 def _write_demo_captioner(target: Path) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,13 +25,13 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from core.fsutil import build_folder_once
 from core.models import SD15_CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "demo-sd15-v1"  # bump the suffix whenever the build below changes
 CONTROLNET_NAMES = ("controlnet-lineart", "controlnet-depth")
-_COMPLETE_MARKER = ".complete"
 _SEED = 1234
 
 
@@ -133,26 +131,7 @@ def ensure_demo_model(cache_dir: Path) -> Path:
     The folder is built in a temporary sibling and renamed into place when complete, so an
     interrupted build (or a concurrent one) never leaves a half-written model to be loaded.
     """
-    target = Path(cache_dir) / DEMO_MODEL_NAME
-    if (target / _COMPLETE_MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building the demo model in %s", target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=target.parent))
-    try:
-        _build_demo_model(staging)
-        (staging / _COMPLETE_MARKER).touch()
-        if target.exists() and not (target / _COMPLETE_MARKER).is_file():
-            shutil.rmtree(target)  # no completion marker: not a build to trust
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / _COMPLETE_MARKER).is_file():
-                raise
-            log.info("another process finished the demo model first; using it")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_folder_once(Path(cache_dir) / DEMO_MODEL_NAME, _build_demo_model)
 
 
 # ---------------------------------------------------------------- demo dataset

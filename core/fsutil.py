@@ -8,11 +8,15 @@ to a `.bak` beside them before they are replaced.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+COMPLETE_MARKER = ".complete"
 
 
 @contextlib.contextmanager
@@ -67,3 +71,31 @@ def backup(target: Path) -> Path | None:
     with atomic_path(copy) as tmp:
         shutil.copy2(target, tmp)
     return copy
+
+
+def build_folder_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, built by `build(staging_folder)` on first use and renamed into place when complete.
+
+    A folder without the completion marker (an interrupted build) is rebuilt; when another process
+    finishes the same build first, its folder is used.
+    """
+    target = Path(target)
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building %s", target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        (staging / COMPLETE_MARKER).touch()
+        if target.exists() and not (target / COMPLETE_MARKER).is_file():
+            shutil.rmtree(target)  # no completion marker: not a build to trust
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).is_file():
+                raise
+            log.info("another process finished %s first; using it", target.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
