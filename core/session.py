@@ -19,6 +19,7 @@ import torch
 from core.checkpoint import CheckpointError
 from core.config import ConfigError, TrainConfig
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
+from core.models import SD15Components
 from core.preflight import preflight
 from core.trainer import Trainer, TrainingError
 
@@ -138,6 +139,7 @@ class TrainingSession:
         self._commands = TrainingCommands()
         self._snapshot = Snapshot()
         self._log: deque[str] = deque(maxlen=500)
+        self._finished: Trainer | None = None  # the last run, whose loaded model inference may take over
 
     def start(self, config: TrainConfig, resume_dir: Path | None = None) -> None:
         """Check the config against the data (raising ConfigError at once), then train in the background."""
@@ -148,6 +150,7 @@ class TrainingSession:
             if problems:
                 raise ConfigError(problems)
             self._commands = TrainingCommands()
+            self._finished = None
             self._log.clear()
             self._snapshot = Snapshot(status="starting")
             trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)
@@ -164,6 +167,20 @@ class TrainingSession:
             message = explain_error(error)
             recorder.on_log(message)
             recorder._update(status="failed", error=message)
+        with self._lock:
+            self._finished = trainer if hasattr(trainer, "components") else None
+
+    def take_loaded_model(self, source: str) -> SD15Components | None:
+        """Hand the last run's loaded base model over (once), so generating after training needs no reload.
+
+        Only when no run is active and that run loaded `source`; the session keeps no reference after.
+        """
+        with self._lock:
+            trainer, self._finished = self._finished, None
+            if self._snapshot.running or trainer is None or trainer.components.source != source:
+                self._finished = None if self._snapshot.running else trainer
+                return None
+            return trainer.components
 
     def pause(self) -> None:
         self._commands.pause()

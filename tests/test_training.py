@@ -278,3 +278,23 @@ def test_two_process_distributed_run(demo_model: Path, demo_dataset: Path, tmp_p
     steps = [row for row in read_metrics(run) if row["type"] == "step"]
     assert len(steps) == 8  # 7 batches per epoch padded to 8 and shared by 2 processes: 4 steps an epoch
     assert (run / "demo-best.safetensors").is_file() and len(list((run / "samples").iterdir())) == 2
+
+
+def test_a_finished_run_hands_its_loaded_model_to_inference(
+    demo_model: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    from core.inference import GenerationRequest, InferenceEngine
+
+    session = TrainingSession()
+    session.start(demo_config(demo_model, demo_dataset, tmp_path, "schedule.epochs=1", "sampling.every_n_epochs=0"))
+    assert session.wait(120) and session.snapshot().status == "finished"
+    assert session.take_loaded_model("some/other-model") is None
+    components = session.take_loaded_model(str(demo_model))
+    assert components is not None and session.take_loaded_model(str(demo_model)) is None  # handed over once
+
+    engine = InferenceEngine(device="cpu")
+    engine.adopt(components)
+    engine.load_base(str(demo_model))  # the same model: no reload
+    assert engine.components is components
+    request = GenerationRequest(prompt="building", steps=2, width=64, height=64, seed=1)
+    assert engine.generate(request).images[0].size == (64, 64)

@@ -155,6 +155,8 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         override = (data[widgets.base_model] or "").strip()
         config = store.get().model
         progress(0, desc=f"Loading {override or config.base}")
+        if not override and (trained := context.session.take_loaded_model(config.base)) is not None:
+            engine.adopt(trained, vae=config.vae)  # the model the finished run loaded: no second load
         engine.load_base(override or config.base, vae="" if override else config.vae)
         if cancelled.is_set():
             raise GenerationCancelled("cancelled while the model was loading")
