@@ -4,20 +4,42 @@ Train loss is noisy step to step (each step sees a random timestep), so it is dr
 exponential moving average; the validation loss, measured on fixed images and timesteps, is the curve
 that picks the best epoch, so its best point is marked. The learning rate shares the step axis on a
 second y axis. Long runs are thinned to `MAX_POINTS` per curve, so a refresh costs the same at step
-100 and at step 100 000, and `uirevision` keeps the user's zoom while new points arrive.
+100 and at step 100 000.
+
+The chart is not a `gr.Plot`: Gradio 6 rebuilds a Plot's whole plotly div on every new value, which
+throws away the user's zoom once a second during training. The Monitor tab instead hands the figure's
+JSON to `Plotly.react` on one div (plotly.js from `plotly_script`), so `uirevision` keeps the zoom.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
+import gradio as gr
+import plotly
 import plotly.graph_objects as go
+from gradio.utils import is_static_file
 
 from core.events import ValidationRecord
 from core.session import Snapshot
 
 MAX_POINTS = 1000
 SMOOTHING = 0.9
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"  # the plotly.js the package ships
+GRID = "rgba(128, 128, 128, 0.2)"
+# An explicit template: plotly.py would otherwise embed its default one (~8 kB) in every refresh. Transparent
+# backgrounds and grey text suit Gradio's light and dark themes alike.
+TEMPLATE = {
+    "layout": {
+        "paper_bgcolor": "rgba(0, 0, 0, 0)",
+        "plot_bgcolor": "rgba(0, 0, 0, 0)",
+        "font": {"color": "#7a7a85"},
+        "xaxis": {"gridcolor": GRID, "zerolinecolor": GRID},
+        "yaxis": {"gridcolor": GRID, "zerolinecolor": GRID},
+    }
+}
 COLORS = {"raw": "rgba(99, 110, 250, 0.35)", "smooth": "#636efa", "val": "#ef553b", "best": "#00a86b", "lr": "#ab63fa"}
 
 
@@ -44,83 +66,110 @@ def best_validation(snapshot: Snapshot) -> ValidationRecord | None:
     return next((record for record in reversed(snapshot.val_history) if record.is_best), None)
 
 
+def _line(name: str, points: list[tuple[int, float]], line: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "scatter",
+        "name": name,
+        "x": [step for step, _ in points],
+        "y": [value for _, value in points],
+        "mode": "lines",
+        "line": line,
+        **extra,
+    }
+
+
 def loss_figure(snapshot: Snapshot) -> go.Figure:
-    """Raw and smoothed train loss, validation loss and the best point against step; learning rate on y2."""
+    """Raw and smoothed train loss, validation loss and the best point against step; learning rate on y2.
+
+    The figure is assembled from plain dicts without plotly's per-property validation (`_validate=False`),
+    which costs more than everything else in a refresh; tests validate the same spec once instead.
+    """
     steps = [step for step, _ in snapshot.loss_history]
     losses = [loss for _, loss in snapshot.loss_history]
     smoothed = ema(losses)
     keep = thin(len(steps))
-    lr_keep = thin(len(snapshot.lr_history))
     validations = snapshot.val_history
-    figure = go.Figure(
-        [
-            go.Scatter(
-                name="train loss",
-                x=[steps[i] for i in keep],
-                y=[losses[i] for i in keep],
-                mode="lines",
-                line={"color": COLORS["raw"], "width": 1},
-            ),
-            go.Scatter(
-                name="train loss (smoothed)",
-                x=[steps[i] for i in keep],
-                y=[smoothed[i] for i in keep],
-                mode="lines",
-                line={"color": COLORS["smooth"], "width": 2},
-            ),
-            go.Scatter(
-                name="val loss",
-                x=[record.step for record in validations],
-                y=[record.val_loss for record in validations],
-                customdata=[record.epoch for record in validations],
-                hovertemplate="val loss %{y:.5f}<br>epoch %{customdata}, step %{x}<extra></extra>",
-                mode="lines+markers",
-                line={"color": COLORS["val"], "width": 2},
-                marker={"size": 7},
-            ),
-            go.Scatter(
-                name="learning rate",
-                x=[snapshot.lr_history[i][0] for i in lr_keep],
-                y=[snapshot.lr_history[i][1] for i in lr_keep],
-                mode="lines",
-                line={"color": COLORS["lr"], "width": 1, "dash": "dot"},
-                yaxis="y2",
-            ),
-        ]
-    )
-    best = best_validation(snapshot)
-    if best is not None:
-        figure.add_trace(
-            go.Scatter(
-                name=f"best: epoch {best.epoch}",
-                x=[best.step],
-                y=[best.val_loss],
-                mode="markers",
-                marker={"symbol": "star", "size": 16, "color": COLORS["best"], "line": {"width": 1, "color": "white"}},
-                hovertemplate=f"best epoch {best.epoch}<br>val loss %{{y:.5f}}, step %{{x}}<extra></extra>",
-            )
-        )
-        figure.add_vline(
-            x=best.step,
-            line={"color": COLORS["best"], "dash": "dash", "width": 1},
-            annotation={"text": f"best epoch {best.epoch}", "font": {"color": COLORS["best"]}},
-            annotation_position="top",
-        )
-    figure.update_layout(
-        uirevision="loss-chart",
-        height=380,
-        margin={"l": 60, "r": 60, "t": 40, "b": 40},
-        hovermode="x unified",
-        legend={"orientation": "h", "y": 1.12, "x": 0},
-        xaxis={"title": {"text": "step"}, "rangemode": "tozero"},
-        yaxis={"title": {"text": "loss"}},
-        yaxis2={
+    traces = [
+        _line("train loss", [(steps[i], losses[i]) for i in keep], {"color": COLORS["raw"], "width": 1}),
+        _line(
+            "train loss (smoothed)", [(steps[i], smoothed[i]) for i in keep], {"color": COLORS["smooth"], "width": 2}
+        ),
+        {
+            "type": "scatter",
+            "name": "val loss",
+            "x": [record.step for record in validations],
+            "y": [record.val_loss for record in validations],
+            "customdata": [record.epoch for record in validations],
+            "hovertemplate": "val loss %{y:.5f}<br>epoch %{customdata}, step %{x}<extra></extra>",
+            "mode": "lines+markers",
+            "line": {"color": COLORS["val"], "width": 2},
+            "marker": {"size": 7},
+        },
+        _line(
+            "learning rate",
+            [snapshot.lr_history[i] for i in thin(len(snapshot.lr_history))],
+            {"color": COLORS["lr"], "width": 1, "dash": "dot"},
+            yaxis="y2",
+        ),
+    ]
+    layout: dict[str, Any] = {
+        "template": TEMPLATE,
+        "uirevision": "loss-chart",
+        "height": 380,
+        "margin": {"l": 60, "r": 60, "t": 50, "b": 40},
+        "hovermode": "x unified",
+        "legend": {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+        "xaxis": {"title": {"text": "step"}, "rangemode": "tozero"},
+        "yaxis": {"title": {"text": "loss"}},
+        "yaxis2": {
             "title": {"text": "learning rate"},
             "overlaying": "y",
             "side": "right",
             "showgrid": False,
-            "exponentformat": "e",
+            "tickformat": ".1e",
             "rangemode": "tozero",
         },
-    )
-    return figure
+        "shapes": [],
+        "annotations": [],
+    }
+    best = best_validation(snapshot)
+    if best is not None:
+        traces.append(
+            {
+                "type": "scatter",
+                "name": f"best: epoch {best.epoch}",
+                "x": [best.step],
+                "y": [best.val_loss],
+                "mode": "markers",
+                "marker": {
+                    "symbol": "star",
+                    "size": 16,
+                    "color": COLORS["best"],
+                    "line": {"width": 1, "color": "white"},
+                },
+                "hovertemplate": f"best epoch {best.epoch}<br>val loss %{{y:.5f}}, step %{{x}}<extra></extra>",
+            }
+        )
+        line = {"color": COLORS["best"], "dash": "dash", "width": 1}
+        layout["shapes"].append(
+            {"type": "line", "x0": best.step, "x1": best.step, "y0": 0, "y1": 1, "yref": "paper", "line": line}
+        )
+        layout["annotations"].append(
+            {
+                "x": best.step,
+                "y": 1,
+                "yref": "paper",
+                "yanchor": "bottom",
+                "text": f"best epoch {best.epoch}",
+                "showarrow": False,
+                "font": {"color": COLORS["best"]},
+            }
+        )
+    return go.Figure(data=traces, layout=layout, _validate=False)
+
+
+def plotly_script() -> str:
+    """A <script> tag loading the plotly.js that plotly.py ships, registered with Gradio as a static file."""
+    if not is_static_file(PLOTLY_JS):
+        gr.set_static_paths([PLOTLY_JS])
+    return f'<script src="gradio_api/file={PLOTLY_JS}"></script>'

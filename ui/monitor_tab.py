@@ -1,25 +1,34 @@
 """Monitor tab: start and steer the one training run, and watch it live.
 
-The page polls `session.snapshot()` once a second (a lock and a pointer copy, nothing the training
-thread waits on). Each browser session remembers the snapshot it last drew in a `gr.State` and sends
-only the parts that changed, so an idle page costs nothing and a training page costs one small chart
-update a second. Everything is drawn from the snapshot, so a reload or a second tab shows the same run.
+The live part (progress, chart, samples, log, error) is one `gr.HTML` panel whose script asks the server
+once a second for the parts that changed since it last drew them (`monitor_view`), through a Gradio
+server function: a plain request that only reads `session.snapshot()`. Not a `gr.Timer`: every Gradio
+event makes the browser walk the loading status of each component in the app, which in this app cost
+a tenth of a CPU core per second even when nothing changed. Gradio events are left for what needs them:
+the buttons, and redrawing the buttons and the file list when the run's status or files change.
+
+Everything is drawn from the snapshot, so a reload or a second tab shows the same run.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+from gradio.events import Dependency
 
 from core.config import ConfigError
 from core.session import SessionBusy, Snapshot
-from ui.charts import loss_figure
+from ui.charts import loss_figure, plotly_script
 from ui.sample_grid import CSS as GRID_CSS
 from ui.sample_grid import sample_grid_html
+
+if TYPE_CHECKING:
+    from ui.shell import AppContext
 
 LOG_LINES = 200
 LOOP = {"training", "validating", "sampling", "saving"}
@@ -38,17 +47,75 @@ STATUS_WORDS = {
     "early_stopped": "Stopped early: the validation loss stopped improving",
     "failed": "Failed",
 }
-PROGRESS_CSS = """
-.head { display: flex; justify-content: space-between; flex-wrap: wrap; gap: 8px; margin-bottom: 6px; }
-.status { font-weight: 600; }
-.numbers { font-variant-numeric: tabular-nums; color: var(--body-text-color-subdued); }
-.bar { height: 14px; border-radius: 7px; background: var(--block-border-color); overflow: hidden; }
-.fill { height: 100%; background: var(--color-accent); transition: width 0.5s linear; }
-.paused .fill { background: #e0a800; }
-.failed .fill { background: #d9534f; }
+PANEL = """
+<div id="monitor-progress" data-part="progress"></div>
+<div id="monitor-error" data-part="error"></div>
+<div id="monitor-chart" data-part="chart"></div>
+<div class="caption">Samples</div>
+<div id="monitor-samples" data-part="samples"></div>
+<div class="caption">Run log</div>
+<pre id="monitor-log" data-part="log"></pre>
+<div data-part="controls" hidden></div>
 """
-ERROR_CSS = """
-.error { padding: 10px 14px; border-radius: 8px; border: 1px solid #d9534f; background: rgba(217, 83, 79, 0.1); }
+# Runs in the browser when the panel mounts; `server.view` is `monitor_view` on this tab's session. Each part
+# keeps the version it shows on its own element, so if Gradio ever redraws the template, the next poll
+# finds the versions gone and draws everything again.
+POLL = """
+const slots = () => [...element.querySelectorAll('[data-part]')];
+const draw = (slot, content) => {
+  const name = slot.dataset.part;
+  if (name === 'controls') {
+    trigger('change');
+  } else if (name === 'chart') {
+    const figure = JSON.parse(content);
+    window.Plotly.react(slot, figure.data, figure.layout, {responsive: true, displaylogo: false});
+  } else if (name === 'log') {
+    slot.textContent = content;
+    slot.scrollTop = slot.scrollHeight;
+  } else {
+    slot.innerHTML = content;
+  }
+};
+let busy = false;
+const poll = async () => {
+  if (!element.isConnected) return clearInterval(timer);
+  if (busy) return;
+  busy = true;
+  try {
+    const known = Object.fromEntries(slots().map(slot => [slot.dataset.part, slot.dataset.version || '']));
+    const parts = await server.view(known);
+    for (const slot of slots()) {
+      const part = parts[slot.dataset.part];
+      if (part) {
+        draw(slot, part[1]);
+        slot.dataset.version = part[0];
+      }
+    }
+  } catch (error) {
+    console.warn('Monitor: no answer from the server this time', error);
+  } finally {
+    busy = false;
+  }
+};
+const timer = setInterval(poll, 1000);
+poll();
+"""
+PANEL_CSS = """
+.caption { margin: 12px 0 4px; font-size: var(--text-sm); color: var(--body-text-color-subdued); }
+#monitor-progress .head { display: flex; justify-content: space-between; flex-wrap: wrap; gap: 8px;
+  margin-bottom: 6px; }
+#monitor-progress .status { font-weight: 600; }
+#monitor-progress .numbers { font-variant-numeric: tabular-nums; color: var(--body-text-color-subdued); }
+#monitor-progress .bar { height: 14px; border-radius: 7px; background: var(--block-border-color); overflow: hidden; }
+#monitor-progress .fill { height: 100%; background: var(--color-accent); }
+#monitor-progress .paused .fill { background: #e0a800; }
+#monitor-progress .failed .fill { background: #d9534f; }
+#monitor-error .error { margin-top: 10px; padding: 10px 14px; border-radius: 8px; border: 1px solid #d9534f;
+  background: rgba(217, 83, 79, 0.1); }
+#monitor-chart { width: 100%; min-height: 380px; }
+#monitor-samples { max-height: 620px; overflow: auto; }
+#monitor-log { height: 14em; overflow: auto; margin: 0; padding: 8px; white-space: pre-wrap; border-radius: 6px;
+  background: var(--input-background-fill); font-size: var(--text-sm); }
 """
 
 
@@ -56,11 +123,11 @@ ERROR_CSS = """
 class MonitorTab:
     """The hooks other tabs may use: `use_lora` fires when "Use this epoch" puts a LoRA path in `chosen_lora`.
 
-    The Inference tab, once it exists, chains on it: `monitor.use_lora.then(load, inputs=monitor.chosen_lora, ...)`.
+    The Inference tab chains on it: `inference.use_lora(monitor.use_lora, monitor.chosen_lora)`.
     """
 
     chosen_lora: gr.State
-    use_lora: Any
+    use_lora: Dependency
 
 
 def format_duration(seconds: float | None) -> str:
@@ -86,7 +153,8 @@ def progress_html(snapshot: Snapshot) -> str:
         f'<div class="progress {snapshot.status}" data-status="{snapshot.status}" data-step="{snapshot.step}" '
         f'data-total-steps="{snapshot.total_steps}"><div class="head"><span class="status">{words}</span>'
         f'<span class="numbers">{" · ".join(parts)}</span></div>'
-        f'<div class="bar"><div class="fill" style="width: {fraction:.1%}"></div></div></div>'
+        f'<div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="{snapshot.total_steps}" '
+        f'aria-valuenow="{snapshot.step}"><div class="fill" style="width: {fraction:.1%}"></div></div></div>'
     )
 
 
@@ -95,6 +163,35 @@ def error_html(snapshot: Snapshot) -> str:
     if not snapshot.error:
         return ""
     return f'<div class="error"><strong>Training failed.</strong> {html.escape(snapshot.error)}</div>'
+
+
+def monitor_view(snapshot: Snapshot, known: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """The panel's parts whose version differs from `known`, as {part: (version, content)}.
+
+    Versions are cheap keys of what a part shows (hashes are per server process, like the page's session), so
+    an unchanged part costs a comparison, not a redraw.
+    "controls" has no content: its new version tells the page to redraw the buttons and the file list.
+    """
+    losses, validations, lrs = snapshot.loss_history, snapshot.val_history, snapshot.lr_history
+    progress = (snapshot.status, snapshot.step, snapshot.total_steps, snapshot.epoch, snapshot.total_epochs)
+    parts: dict[str, tuple[Any, Callable[[], str]]] = {
+        "progress": ((*progress, snapshot.its, snapshot.eta_seconds), lambda: progress_html(snapshot)),
+        "error": (snapshot.error, lambda: error_html(snapshot)),
+        "chart": ((len(losses), losses[-1:], len(validations), validations[-1:], lrs[-1:]), lambda: chart(snapshot)),
+        "samples": ((hash(tuple(snapshot.samples.items())), snapshot.best_epoch), lambda: sample_grid_html(snapshot)),
+        "log": (hash(snapshot.log), lambda: "\n".join(snapshot.log[-LOG_LINES:])),
+        "controls": ((snapshot.running, snapshot.status == "paused", snapshot.files), lambda: ""),
+    }
+    changed = {}
+    for name, (key, draw) in parts.items():
+        version = repr(key)
+        if known.get(name) != version:
+            changed[name] = (version, draw())
+    return changed
+
+
+def chart(snapshot: Snapshot) -> str:
+    return loss_figure(snapshot).to_json()
 
 
 def lora_files(snapshot: Snapshot) -> list[tuple[str, str]]:
@@ -122,25 +219,10 @@ def button_updates(snapshot: Snapshot) -> list[dict[str, Any]]:
     return [gr.update(interactive=flag) for flag in enabled]
 
 
-def render(snapshot: Snapshot, previous: Snapshot | None, chosen: str | None) -> list[Any]:
-    """Every output for `snapshot`, with `gr.skip()` for the parts that look the same as in `previous`."""
-
-    def changed(*fields: str) -> bool:
-        return previous is None or any(getattr(previous, f) != getattr(snapshot, f) for f in fields)
-
-    skip = gr.skip()
-    progress = ("status", "step", "total_steps", "epoch", "total_epochs", "its", "eta_seconds")
+def controls(snapshot: Snapshot, chosen: str | None) -> list[Any]:
+    """The file list (keeping the user's pick) and every button's state."""
     choices = lora_files(snapshot)
-    return [
-        snapshot,
-        progress_html(snapshot) if changed(*progress) else skip,
-        loss_figure(snapshot) if changed("loss_history", "lr_history", "val_history") else skip,
-        sample_grid_html(snapshot) if changed("samples", "best_epoch") else skip,
-        "\n".join(snapshot.log[-LOG_LINES:]) if changed("log") else skip,
-        error_html(snapshot) if changed("error") else skip,
-        gr.update(choices=choices, value=default_lora(choices, chosen)) if changed("files") else skip,
-        *(button_updates(snapshot) if changed("status", "files") else [skip] * 7),
-    ]
+    return [gr.update(choices=choices, value=default_lora(choices, chosen)), *button_updates(snapshot)]
 
 
 def start_message(error: Exception) -> str:
@@ -150,11 +232,11 @@ def start_message(error: Exception) -> str:
     return f"**{error}**"
 
 
-def build_monitor_tab(context: Any, app: gr.Blocks) -> MonitorTab:
+def build_monitor_tab(context: AppContext, app: gr.Blocks) -> MonitorTab:
+    """The tab's widgets and events. `app` is part of every tab's signature; this tab needs no page-load event,
+    because its panel draws itself as soon as it is shown (and again whenever the run changes)."""
     session = context.session
-    shown = gr.State(None)
     chosen_lora = gr.State(None)
-    progress = gr.HTML(elem_id="monitor-progress", css_template=PROGRESS_CSS, js_on_load=None)
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="monitor-start")
         pause = gr.Button("Pause", elem_id="monitor-pause", interactive=False)
@@ -163,45 +245,49 @@ def build_monitor_tab(context: Any, app: gr.Blocks) -> MonitorTab:
         sample = gr.Button("Sample now", elem_id="monitor-sample", interactive=False)
         save = gr.Button("Save now", elem_id="monitor-save", interactive=False)
     notice = gr.Markdown(elem_id="monitor-notice")
-    error = gr.HTML(elem_id="monitor-error", css_template=ERROR_CSS, js_on_load=None)
-    chart = gr.Plot(label="Loss and learning rate", elem_id="monitor-chart")
-    grid = gr.HTML(label="Samples", elem_id="monitor-samples", css_template=GRID_CSS, js_on_load=None, container=True)
+
+    def view(known: dict[str, str] | None) -> dict[str, tuple[str, str]]:
+        return monitor_view(session.snapshot(), known or {})
+
+    panel = gr.HTML(
+        elem_id="monitor-live",
+        html_template=PANEL,
+        css_template=GRID_CSS + PANEL_CSS,
+        head=plotly_script(),
+        js_on_load=POLL,
+        server_functions=[view],
+        container=True,
+    )
     with gr.Row(equal_height=True):
         files = gr.Dropdown(label="LoRA files of this run", choices=[], elem_id="monitor-files", scale=3)
         use = gr.Button("Use this epoch", elem_id="monitor-use", interactive=False, scale=1)
-    log = gr.Textbox(label="Run log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="monitor-log")
 
-    outputs = [shown, progress, chart, grid, log, error, files, start, pause, resume, stop, sample, save, use]
+    outputs = [files, start, pause, resume, stop, sample, save, use]
     quiet = {"show_progress": "hidden", "api_visibility": "private"}
+    panel.change(lambda chosen: controls(session.snapshot(), chosen), inputs=files, outputs=outputs, **quiet)
 
-    def refresh(previous: Snapshot | None, chosen: str | None) -> list[Any]:
-        return render(session.snapshot(), previous, chosen)
+    def act(command: Callable[[], None], message: str = "") -> Callable[[str | None], list[Any]]:
+        """A button handler: run the session command, then redraw the buttons at once."""
 
-    def act(command: Any, message: str = "") -> Any:
-        """A button handler: run the session command, then redraw at once instead of at the next tick."""
-
-        def handler(previous: Snapshot | None, chosen: str | None) -> list[Any]:
+        def handler(chosen: str | None) -> list[Any]:
             command()
-            return [message, *refresh(previous, chosen)]
+            return [message, *controls(session.snapshot(), chosen)]
 
         return handler
 
-    def start_run(previous: Snapshot | None, chosen: str | None) -> list[Any]:
+    def start_run(chosen: str | None) -> list[Any]:
         try:
             session.start(context.store.get())
             message = ""
         except (ConfigError, SessionBusy) as error:
             message = start_message(error)
-        return [message, *refresh(previous, chosen)]
+        return [message, *controls(session.snapshot(), chosen)]
 
     def use_file(path: str | None) -> tuple[str | None, str]:
         if not path:
             return None, "**Pick a LoRA file first.**"
-        return path, f"Chosen LoRA: `{path}` (the Inference tab will load it from here once it exists)."
+        return path, f"Chosen LoRA for the Inference tab: `{path}`"
 
-    state_inputs = [shown, files]
-    app.load(refresh, inputs=state_inputs, outputs=outputs, **quiet)
-    gr.Timer(1.0).tick(refresh, inputs=state_inputs, outputs=outputs, concurrency_limit=None, **quiet)
     handlers = {
         start: start_run,
         pause: act(session.pause),
@@ -211,6 +297,6 @@ def build_monitor_tab(context: Any, app: gr.Blocks) -> MonitorTab:
         save: act(session.save_now, "Save requested: the file appears in the list below shortly."),
     }
     for button, handler in handlers.items():
-        button.click(handler, inputs=state_inputs, outputs=[notice, *outputs], **quiet)
+        button.click(handler, inputs=files, outputs=[notice, *outputs], **quiet)
     use_lora = use.click(use_file, inputs=files, outputs=[chosen_lora, notice], **quiet)
     return MonitorTab(chosen_lora, use_lora)

@@ -26,23 +26,27 @@ from core.session import Snapshot
 
 PROMPT_CHARS = 60
 CSS = """
-table { border-collapse: separate; border-spacing: 6px; }
-th { font-weight: 600; text-align: left; vertical-align: middle; font-size: var(--text-sm); }
-thead th { max-width: 180px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-tr.best td, tr.best th { background: rgba(0, 168, 107, 0.15); }
-tr.best td img.thumb { outline: 3px solid #00a86b; }
-.badge { display: inline-block; margin-top: 2px; padding: 0 6px; border-radius: 8px; background: #00a86b;
-  color: white; font-size: var(--text-xs); }
-td { padding: 2px; border-radius: 4px; }
-summary { list-style: none; cursor: zoom-in; }
-summary::-webkit-details-marker { display: none; }
-img.thumb { display: block; width: 160px; height: auto; border-radius: 4px; }
-.enlarged { display: none; }
-details[open] .enlarged { display: flex; position: fixed; inset: 0; z-index: 1000; align-items: center;
-  justify-content: center; flex-direction: column; gap: 8px; background: rgba(0, 0, 0, 0.85); cursor: zoom-out;
-  color: white; }
-.enlarged img { max-width: 92vw; max-height: 86vh; image-rendering: auto; }
-.empty { color: var(--body-text-color-subdued); }
+.sample-grid table { border-collapse: separate; border-spacing: 6px; width: auto; margin: 0; }
+.sample-grid table, .sample-grid thead, .sample-grid tbody, .sample-grid tr, .sample-grid th, .sample-grid td {
+  border: none !important; }
+.sample-grid th { font-weight: 600; text-align: left; vertical-align: middle; font-size: var(--text-sm); }
+.sample-grid thead th { max-width: 150px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;
+  position: sticky; top: 0; z-index: 1; background: var(--block-background-fill); }
+.sample-grid tr.best td, .sample-grid tr.best th { background: rgba(0, 168, 107, 0.15); }
+.sample-grid tr.best img.thumb { outline: 3px solid #00a86b; }
+.sample-grid .badge { display: inline-block; margin-top: 2px; padding: 0 6px; border-radius: 8px;
+  background: #00a86b; color: white; font-size: var(--text-xs); }
+.sample-grid td { padding: 2px; border-radius: 4px; }
+.sample-grid summary { list-style: none; cursor: zoom-in; }
+.sample-grid summary::-webkit-details-marker { display: none; }
+.sample-grid img.thumb { display: block; width: 128px; height: auto; border-radius: 4px; }
+.sample-grid .enlarged { display: none; }
+.sample-grid details[open] .enlarged { display: flex; position: fixed; inset: 0; z-index: 1000;
+  align-items: center; justify-content: center; flex-direction: column; gap: 8px;
+  background: rgba(0, 0, 0, 0.85); cursor: zoom-out; }
+.sample-grid .enlarged img { width: auto; height: 86vh; max-width: 92vw; object-fit: contain; }
+.sample-grid .enlarged span { color: white; font-size: var(--text-md); }
+.sample-grid .empty { color: var(--body-text-color-subdued); }
 """
 
 
@@ -98,7 +102,10 @@ def sample_grid_html(snapshot: Snapshot) -> str:
     """The epochs × prompts table, the best epoch's row marked; a hint while there are no samples yet."""
     rows = sample_rows(snapshot)
     if not rows:
-        return '<p class="empty">No samples yet: they appear here after each sampled epoch, or with "Sample now".</p>'
+        return (
+            '<div class="sample-grid"><p class="empty">No samples yet: they appear here after each sampled epoch, '
+            'or with "Sample now".</p></div>'
+        )
     columns = max(len(row.paths) for row in rows)
     prompts = run_prompts(rows[0].paths[0]) if rows[0].paths else []
     names = [prompts[i] if i < len(prompts) else f"prompt {i + 1}" for i in range(columns)]
@@ -109,4 +116,5 @@ def sample_grid_html(snapshot: Snapshot) -> str:
         badge = '<br><span class="badge">★ best</span>' if best else ""
         cells = "".join(_cell(path, f"{row.label} · {names[i]}") for i, path in enumerate(row.paths))
         body.append(f'<tr class="{"best" if best else ""}"><th>{html.escape(row.label)}{badge}</th>{cells}</tr>')
-    return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="sample-grid">{table}</div>'
