@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch.optim.lr_scheduler import LRScheduler
 
 from core.fsutil import atomic_path
 
@@ -37,3 +39,34 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for damaged or unsafe files
         raise CheckpointError(f"{path} cannot be read ({error}); resume from another run or start anew") from error
+
+
+def training_state(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRScheduler,
+    **position: Any,
+) -> dict[str, Any]:
+    """The LoRA weights and optimizer/scheduler states, plus the run's position (progress, RNG states, history)."""
+    return {
+        "unet_lora": get_peft_model_state_dict(unet),
+        "text_lora": get_peft_model_state_dict(text_encoder) if text_encoder is not None else {},
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        **position,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRScheduler,
+) -> None:
+    set_peft_model_state_dict(unet, state["unet_lora"])
+    if text_encoder is not None:
+        set_peft_model_state_dict(text_encoder, state["text_lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from core.events import EpochRecord, StepRecord, ValidationRecord
+from core.events import EpochRecord, StepRecord, TrainingCallbacks, ValidationRecord
 from core.fsutil import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,3 +46,11 @@ class RunLog:
     def close(self) -> None:
         self._file.close()
         self._board.close()
+
+
+def replay(history: list[dict[str, Any]], callbacks: TrainingCallbacks) -> None:
+    """Hand a resumed run's earlier curve to the callbacks, so the chart continues instead of restarting."""
+    records = {"step": StepRecord, "epoch": EpochRecord, "validation": ValidationRecord}
+    for row in history:
+        fields = {key: value for key, value in row.items() if key != "type"}
+        getattr(callbacks, f"on_{row['type']}")(records[row["type"]](**fields))

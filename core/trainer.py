@@ -18,9 +18,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from core.checkpoint import load_checkpoint, save_checkpoint
+from core.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from core.config import ConfigError, Problem, TrainConfig
 from core.config_files import save_config
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
@@ -31,7 +30,7 @@ from core.losses import diffusion_loss, training_target
 from core.models import SD15Components, load_sd15
 from core.optim import make_lr_scheduler, make_optimizer
 from core.preflight import RunPlan, plan_run, preflight
-from core.run_log import RunLog
+from core.run_log import RunLog, replay
 from core.run_state import Progress, RunResult, model_fingerprint, new_run_dir
 from core.sampling import render_samples
 from core.training_data import FeatureOptions, TrainingSet, encode_features
@@ -159,7 +158,7 @@ class Trainer:
         self.epoch_order_state = self.order.get_state()
         progress, history = self._restore(state) if state is not None else (Progress(), [])
         self.run_log = RunLog(self.run_dir, history) if self.accelerator.is_main_process else None
-        self._replay(history)
+        replay(history, self.callbacks)
 
         self.callbacks.on_status("training")
         started, status = time.perf_counter(), "finished"
@@ -441,39 +440,29 @@ class Trainer:
     def _checkpoint(self, progress: Progress, epoch_order_state: torch.Tensor | None = None) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {
-            "unet_lora": get_peft_model_state_dict(self.accelerator.unwrap_model(self.components.unet)),
-            "text_lora": get_peft_model_state_dict(self.components.text_encoder) if self.text_params else {},
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "progress": dict(progress.__dict__),
-            "epoch_order_state": self.epoch_order_state if epoch_order_state is None else epoch_order_state,
-            "order_state": self.order.get_state(),
-            "noise_state": self.noise.get_state(),
-            "history": self.run_log.history if self.run_log else [],
-        }
-        path = save_checkpoint(self.run_dir, state)
-        self.callbacks.on_saved(path, "checkpoint")
+        state = training_state(
+            self.accelerator.unwrap_model(self.components.unet),
+            self.components.text_encoder if self.text_params else None,
+            self.optimizer,
+            self.lr_scheduler,
+            progress=dict(progress.__dict__),
+            epoch_order_state=self.epoch_order_state if epoch_order_state is None else epoch_order_state,
+            order_state=self.order.get_state(),
+            noise_state=self.noise.get_state(),
+            history=self.run_log.history if self.run_log else [],
+        )
+        self.callbacks.on_saved(save_checkpoint(self.run_dir, state), "checkpoint")
 
     def _restore(self, state: dict) -> tuple[Progress, list[dict]]:
-        set_peft_model_state_dict(self.accelerator.unwrap_model(self.components.unet), state["unet_lora"])
-        if self.text_params:
-            set_peft_model_state_dict(self.components.text_encoder, state["text_lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        unet = self.accelerator.unwrap_model(self.components.unet)
+        text_encoder = self.components.text_encoder if self.text_params else None
+        restore_training_state(state, unet, text_encoder, self.optimizer, self.lr_scheduler)
         self.order.set_state(state["order_state"])
         self.noise.set_state(state["noise_state"])
         self.epoch_order_state = state["epoch_order_state"]
         progress = Progress(**state["progress"])
         self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
         return progress, list(state["history"])
-
-    def _replay(self, history: list[dict]) -> None:
-        """Hand a resumed run's earlier curve to the callbacks, so the chart continues instead of restarting."""
-        for row in history:
-            fields = {key: value for key, value in row.items() if key != "type"}
-            record_type = {"step": StepRecord, "epoch": EpochRecord, "validation": ValidationRecord}[row["type"]]
-            getattr(self.callbacks, f"on_{row['type']}")(record_type(**fields))
 
     def _finish(self, progress: Progress, status: str) -> None:
         self._save_lora(self.config.run.name, progress, "final")
