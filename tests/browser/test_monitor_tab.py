@@ -95,7 +95,6 @@ def zoom_survives_a_refresh(page: Page) -> None:
     assert plot.evaluate("plot => plot.layout.xaxis.range") == zoomed
     page.mouse.dblclick(area["x"] + area["width"] / 2, middle)  # back to the whole run
     page.mouse.move(0, 0)
-    plot.evaluate("plot => window.Plotly.Fx.unhover(plot)")  # no tooltip left over in the screenshot
 
 
 def button(page: Page, name: str) -> Any:
