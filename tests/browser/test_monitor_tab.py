@@ -140,9 +140,10 @@ def test_the_default_run_is_watched_to_the_end(page: Page, app_server: AppServer
     assert {f"{run_name}-best.safetensors", f"{run_name}-e0002.safetensors", f"{run_name}.safetensors"} <= set(
         lora_choices(page)
     )
-    button(page, "use").click()
-    expect(page.locator("#monitor-notice")).to_contain_text(f"{run_name}-best.safetensors")
     screenshot(page, "monitor-tab-finished")
+    button(page, "use").click()  # the chosen LoRA goes into the Inference tab, which opens
+    expect(page.get_by_role("tab", name="Inference")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#inference-lora-0-file input")).to_have_value(re.compile(f"{run_name}-best"))
 
     page.reload()
     open_monitor(page)
