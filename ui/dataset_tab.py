@@ -80,7 +80,7 @@ def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, li
     return "\n\n".join(lines), rows
 
 
-def build_dataset_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
+def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
     """The tab's widgets and events; all state is per browser tab except the shared config's dataset folder."""
     gr.Markdown(
         "Point at a folder of images with same-name `.txt` captions (subfolders included), or upload images "
@@ -238,7 +238,6 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
         return gr.Textbox(value=context.store.get().dataset.path, interactive=True)
 
     app.load(stored_folder, outputs=folder)
-    tab.select(stored_folder, outputs=folder)  # the Training tab or a loaded config may have changed it
     gr.on([load.click, folder.submit], on_load, inputs=folder, outputs=view + editor)
     gallery.select(on_select, inputs=loaded, outputs=editor)
     save.click(on_save, inputs=[selected, caption, loaded, last_edit], outputs=[*view, last_edit, caption_status])

@@ -77,12 +77,12 @@ def build_app(context: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Atelier") as app:
         gr.Markdown("# Atelier\nTrain Stable Diffusion 1.5 LoRAs on your own images.")
         with gr.Tabs() as tabs:
-            with gr.Tab("Dataset", id="dataset") as dataset_tab:
-                build_dataset_tab(context, app, dataset_tab)
+            with gr.Tab("Dataset", id="dataset"):
+                build_dataset_tab(context, app)
             with gr.Tab("Captioning", id="captioning") as captioning_tab:
                 build_captioning_tab(context, app, captioning_tab)
-            with gr.Tab("Training", id="training") as training_tab:
-                build_training_tab(context, app, training_tab)
+            with gr.Tab("Training", id="training"):
+                build_training_tab(context, app)
             with gr.Tab("Monitor", id="monitor"):
                 monitor = build_monitor_tab(context, app)
             with gr.Tab("Inference", id="inference") as inference_tab:

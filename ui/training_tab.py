@@ -134,7 +134,7 @@ def refused_fields(form: ConfigForm, payloads: tuple[Any, ...]) -> list[Problem]
     return []
 
 
-def build_training_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
+def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
     """Widgets and events of the tab; the form's values live in `context.store`, shared with the other tabs."""
     with gr.Row(equal_height=True):
         preset = gr.Dropdown(
@@ -248,7 +248,6 @@ def build_training_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None
     lane: dict[str, Any] = {"concurrency_id": "training-config", "concurrency_limit": 1}
     everything = [*form.inputs, *form.problems, estimate, summary]
     app.load(on_page_load, outputs=[*everything, config_path], **lane)
-    tab.select(on_page_load, outputs=[*everything, config_path], **lane)  # other tabs may have changed the store
     preset.input(on_preset, inputs=preset, outputs=[preset_description, *everything, file_status], **lane)
     load.click(on_load_file, inputs=config_path, outputs=[*everything, file_status], **lane)
     upload.upload(on_load_file, inputs=upload, outputs=[*everything, file_status], **lane)
