@@ -8,8 +8,8 @@ run never fails minutes in, after the model has loaded, for a reason that was kn
 from __future__ import annotations
 
 import math
-import os
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +76,21 @@ def _nearest_existing(folder: str) -> Path:
 
 
 def _output_problems(config: TrainConfig) -> list[Problem]:
+    """Create and delete a file where the run will write, so the filesystem itself answers.
+
+    `os.access` judges by mode bits and the real user id, and network and FUSE filesystems that decide on
+    the server (NFS root squashing, SMB shares) can refuse what it allows.
+    """
     existing = _nearest_existing(config.run.output_dir)
-    if not os.access(existing, os.W_OK):
-        return [Problem("run.output_dir", config.run.output_dir, f"cannot write to {existing} — choose another folder")]
+    if not existing.is_dir():
+        return [Problem("run.output_dir", config.run.output_dir, f"{existing} is a file — choose a folder")]
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".atelier-write-check-", suffix=".tmp", dir=existing):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        message = f"cannot write to {existing} ({reason}) — choose another folder or make this one writable"
+        return [Problem("run.output_dir", config.run.output_dir, message)]
     return []
 
 

@@ -1,8 +1,9 @@
 """Faults inside a run: NaN/inf loss, out of memory, a full or read-only disk, a damaged cache, a changed image,
 and the session's controls used at awkward moments.
 
-Faults are injected from the outside through what a callback can reach (the trainer's components) or by
-monkeypatching a library function the engine calls, never through test hooks in core.
+Faults are injected from the outside through what a callback can reach (the trainer's components), by
+monkeypatching a library function the engine calls, or by the kernel itself (a folder made read-only),
+never through test hooks in core.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import assert_files_loadable, temp_files
+from fault_helpers import as_ordinary_user, assert_files_loadable, temp_files
 from PIL import Image
 from safetensors.torch import load_file
 from training_helpers import Recorder, demo_config, read_metrics
@@ -28,7 +29,7 @@ import core.session
 from core.config import ConfigError
 from core.events import StepRecord
 from core.preflight import preflight
-from core.session import TrainingSession
+from core.session import TrainingSession, explain_error
 from core.trainer import Trainer, TrainingError
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -172,14 +173,71 @@ def test_a_read_only_output_folder_is_refused_before_the_run(
     output = tmp_path / "read-only"
     output.mkdir()
     output.chmod(0o555)
+    config = demo_config(demo_model, demo_dataset, output / "runs")
     try:
-        if os.access(output, os.W_OK):
-            pytest.skip("running as root (or on a filesystem that ignores modes): a 0o555 folder is writable")
-        problems = preflight(demo_config(demo_model, demo_dataset, output / "runs"))[1]
+        problems = as_ordinary_user(lambda: preflight(config)[1])
+        with pytest.raises(ConfigError, match=r"run\.output_dir"):
+            as_ordinary_user(lambda: TrainingSession().start(config))
     finally:
         output.chmod(0o755)
     assert [p.field for p in problems] == ["run.output_dir"]
     assert f"cannot write to {output}" in problems[0].message
+    assert "choose another folder or make this one writable" in problems[0].message
+    assert not preflight(config)[1]  # writable again: the refusal was the folder's mode
+    assert not list(output.iterdir())  # and the write check left nothing behind
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_run(
+    demo_model: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    taken = tmp_path / "runs.txt"
+    taken.write_text("not a folder", encoding="utf-8")
+    problems = preflight(demo_config(demo_model, demo_dataset, taken / "runs"))[1]
+    assert [p.field for p in problems] == ["run.output_dir"]
+    assert problems[0].message == f"{taken} is a file — choose a folder"
+
+
+class ReadOnlyAfter(Recorder):
+    """Makes the run folder read-only (0o555) after training step `step`, as a share remounted read-only
+    mid-run would; remembers what the folder held at that moment."""
+
+    def __init__(self, run: Path, step: int) -> None:
+        super().__init__()
+        self.run, self.step = run, step
+        self.files_then: list[str] = []
+
+    def on_step(self, record: StepRecord) -> None:
+        super().on_step(record)
+        if record.step == self.step:
+            self.files_then = sorted(path.name for path in self.run.iterdir())
+            self.run.chmod(0o555)
+
+
+def test_an_output_folder_made_read_only_mid_run_stops_cleanly_and_keeps_the_saved_files(
+    demo_model: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    config = demo_config(
+        demo_model,
+        demo_dataset,
+        tmp_path,
+        "saving.every_n_epochs=1",
+        "saving.checkpoint_every_n_epochs=1",
+        "schedule.epochs=2",
+        *QUIET,
+    )
+    run = tmp_path / "demo"
+    recorder = ReadOnlyAfter(run, step=9)
+    try:
+        with pytest.raises(PermissionError) as failure:
+            as_ordinary_user(Trainer(config, recorder).run)
+    finally:
+        if run.exists():
+            run.chmod(0o755)
+    assert str(run) in explain_error(failure.value)  # the user is told which folder refused the write
+    assert sorted(path.name for path in run.iterdir()) == recorder.files_then
+    assert {"demo-e0001.safetensors", "demo-best.safetensors", "checkpoint.pt"} <= set(recorder.files_then)
+    assert assert_files_loadable(run)["progress"]["step"] == 7  # the epoch-1 checkpoint, intact
+    assert not temp_files(run)
 
 
 def test_damaged_cache_files_and_an_image_changed_mid_run_are_encoded_again(
