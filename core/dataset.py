@@ -20,11 +20,15 @@ from typing import Literal
 
 from core.buckets import assign_bucket
 from core.config import DatasetSection
-from core.images import IMAGE_EXTENSIONS, UnusableImage, is_image_file, read_image_size
+from core.images import IMAGE_EXTENSIONS, UnusableImage, check_image, is_image_file
 
 logger = logging.getLogger(__name__)
 
 _LISTED_PROBLEMS = 10
+
+ProblemKind = Literal["skipped", "warning", "converted"]
+"""What a file problem cost: the file (skipped), nothing but attention (warning), or the file's stored look
+(converted: the image trains, changed as the reason says)."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,16 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class FileProblem:
-    """A file the user should look at; `skipped` is False for warnings that did not cost an image."""
+    """A file the user should look at, and what it cost (see `ProblemKind`)."""
 
     path: Path
     reason: str
-    skipped: bool
+    kind: ProblemKind
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the file is left out of training."""
+        return self.kind == "skipped"
 
 
 @dataclass(frozen=True)
@@ -94,15 +103,15 @@ def load_dataset(section: DatasetSection, seed: int) -> Dataset:
     else:
         train, validation = _split(records, root, section.validation_size, seed)
     problems.sort(key=lambda problem: str(problem.path))
-    skipped = sum(problem.skipped for problem in problems)
-    counts = (len(train), len(validation), skipped, len(problems) - skipped)
-    logger.info("dataset %s: %d train, %d validation, %d skipped, %d warnings", root, *counts)
+    kinds = Counter(problem.kind for problem in problems)
+    counts = (len(train), len(validation), kinds["skipped"], kinds["warning"], kinds["converted"])
+    logger.info("dataset %s: %d train, %d validation, %d skipped, %d warnings, %d converted", root, *counts)
     return Dataset(root, train, validation, problems, validation_root)
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
-    """Plain numbers about a dataset for a UI panel; `problems` holds (relative path, reason, skipped)."""
+    """Plain numbers about a dataset for a UI panel; `problems` holds (relative path, reason, kind)."""
 
     images_found: int
     images_used: int
@@ -114,7 +123,7 @@ class DatasetSummary:
     captions_from_file: int
     captions_default: int
     captions_none: int
-    problems: list[tuple[str, str, bool]]
+    problems: list[tuple[str, str, ProblemKind]]
 
     def as_text(self) -> str:
         """A few lines a user can read at a glance; long problem lists are cut short."""
@@ -127,12 +136,14 @@ class DatasetSummary:
             f"Resolutions: {_counts(self.resolutions)}",
         ]
         if self.problems:
-            skipped = sum(skipped for _, _, skipped in self.problems)
-            lines.append(f"Problems: {skipped} skipped, {len(self.problems) - skipped} warnings")
-            lines += _listed(
-                [f"  {'skipped' if s else 'warning'}  {path}: {reason}" for path, reason, s in self.problems]
-            )
+            lines.append(f"Problems: {self.problem_counts()}")
+            lines += _listed([f"  {kind}  {path}: {reason}" for path, reason, kind in self.problems])
         return "\n".join(lines)
+
+    def problem_counts(self) -> str:
+        """'2 skipped, 3 warnings, 1 converted': one wording for the CLI, this text and the Dataset tab."""
+        kinds = Counter(kind for _, _, kind in self.problems)
+        return f"{kinds['skipped']} skipped, {kinds['warning']} warnings, {kinds['converted']} converted"
 
 
 def summarize(dataset: Dataset) -> DatasetSummary:
@@ -151,7 +162,7 @@ def summarize(dataset: Dataset) -> DatasetSummary:
         captions_from_file=sum(record.caption_source == "file" and bool(record.caption) for record in used),
         captions_default=sum(record.caption_source == "default" and bool(record.caption) for record in used),
         captions_none=sum(not record.caption for record in used),
-        problems=[(_display_path(p.path, roots), p.reason, p.skipped) for p in dataset.problems],
+        problems=[(_display_path(p.path, roots), p.reason, p.kind) for p in dataset.problems],
     )
 
 
@@ -194,18 +205,18 @@ def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Itera
         if real in ancestors:
             target = _relative(visited[real], root)
             reason = f"symbolic link loop back to '{root.name if target == '.' else target}': remove the link"
-            problems.append(FileProblem(folder, reason, skipped=True))
+            problems.append(FileProblem(folder, reason, kind="skipped"))
             return
         if real in visited:
             reason = f"same folder as '{_relative(visited[real], root)}', already loaded: remove the duplicate link"
-            problems.append(FileProblem(folder, reason, skipped=True))
+            problems.append(FileProblem(folder, reason, kind="skipped"))
             return
         visited[real] = folder
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as error:
             reason = f"folder cannot be read ({error.strerror}): check its permissions"
-            problems.append(FileProblem(folder, reason, skipped=True))
+            problems.append(FileProblem(folder, reason, kind="skipped"))
             return
         visible = [entry for entry in entries if not entry.name.startswith(".")]
         yield folder, [Path(entry.path) for entry in visible if _is_file(entry, problems)]
@@ -220,7 +231,7 @@ def _is_file(entry: os.DirEntry[str], problems: list[FileProblem]) -> bool:
     if entry.is_file():
         return True
     if entry.is_symlink() and not entry.is_dir() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-        problems.append(FileProblem(Path(entry.path), "broken symbolic link: fix or remove the link", skipped=True))
+        problems.append(FileProblem(Path(entry.path), "broken symbolic link: fix or remove the link", kind="skipped"))
     return False
 
 
@@ -240,14 +251,14 @@ def _load_folder(
     for stem, caption_path in captions.items():
         if stem not in images:
             reason = f"caption file without an image named '{stem}': add the image or remove the caption"
-            problems.append(FileProblem(caption_path, reason, skipped=False))
+            problems.append(FileProblem(caption_path, reason, kind="warning"))
     records = []
     for stem, paths in images.items():
         if len(paths) > 1:
             names = ", ".join(path.name for path in paths)
             for path in paths:
                 reason = f"{names} share the stem '{stem}' and would share one caption: rename one of them"
-                problems.append(FileProblem(path, reason, skipped=True))
+                problems.append(FileProblem(path, reason, kind="skipped"))
             continue
         record = _load_image(paths[0], captions.get(stem), section, extension, problems)
         if record:
@@ -259,14 +270,14 @@ def _load_image(
     path: Path, caption_path: Path | None, section: DatasetSection, extension: str, problems: list[FileProblem]
 ) -> ImageRecord | None:
     try:
-        width, height = read_image_size(path, min_side=section.min_image_side)
+        checked = check_image(path, min_side=section.min_image_side)
     except UnusableImage as error:
-        problems.append(FileProblem(path, error.reason, skipped=True))
+        problems.append(FileProblem(path, error.reason, kind="skipped"))
         return None
     if caption_path is None:
         caption = _caption(section.caption_prefix, section.default_caption)
         outcome = "using the default caption" if caption else "the image trains without a caption"
-        problems.append(FileProblem(path, f"no caption file '{path.stem}{extension}': {outcome}", skipped=False))
+        problems.append(FileProblem(path, f"no caption file '{path.stem}{extension}': {outcome}", kind="warning"))
         source: Literal["file", "default"] = "default"
     else:
         text = _read_caption(path, caption_path, problems)
@@ -274,8 +285,10 @@ def _load_image(
             return None
         caption = _caption(section.caption_prefix, text)
         source = "file"
-    bucket = assign_bucket(width, height, section.resolution, bucketing=section.bucketing)
-    return ImageRecord(path, caption_path, caption, source, width, height, bucket)
+    if checked.conversions:  # only for an image that trains: a skipped one would get two rows for one file
+        problems.append(FileProblem(path, "; ".join(checked.conversions), kind="converted"))
+    bucket = assign_bucket(checked.width, checked.height, section.resolution, bucketing=section.bucketing)
+    return ImageRecord(path, caption_path, caption, source, checked.width, checked.height, bucket)
 
 
 def _read_caption(image: Path, caption_path: Path, problems: list[FileProblem]) -> str | None:
@@ -285,15 +298,15 @@ def _read_caption(image: Path, caption_path: Path, problems: list[FileProblem]) 
     except UnicodeDecodeError as error:
         byte = error.object[error.start]
         reason = f"caption file '{caption_path.name}' is not UTF-8 (byte 0x{byte:02x} at offset {error.start})"
-        problems.append(FileProblem(image, f"{reason}: re-save it as UTF-8", skipped=True))
+        problems.append(FileProblem(image, f"{reason}: re-save it as UTF-8", kind="skipped"))
         return None
     except OSError as error:
         reason = f"caption file '{caption_path.name}' cannot be read ({error.strerror}): check that it is accessible"
-        problems.append(FileProblem(image, reason, skipped=True))
+        problems.append(FileProblem(image, reason, kind="skipped"))
         return None
     if not text.strip():
         reason = "empty caption file: write a caption, or delete the file to use the default caption"
-        problems.append(FileProblem(caption_path, reason, skipped=False))
+        problems.append(FileProblem(caption_path, reason, kind="warning"))
     return text
 
 

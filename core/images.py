@@ -3,7 +3,9 @@
 User folders hold whatever phones, scanners and editors produce: rotated JPEGs, CMYK exports, 16-bit
 PNGs, palettes with transparency, half-copied files. Training needs every image as upright RGB, and a
 bad file must be named and skipped up front rather than crash a run hours later, so every failure is
-turned into an `UnusableImage` whose reason tells the user what to do.
+turned into an `UnusableImage` whose reason tells the user what to do. A usable file that training
+will change (colour space, bit depth, transparency, rotation) is described up front by `check_image`, so
+the user is not surprised by what the model saw.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,29 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 # EXIF orientations that turn the picture by 90 degrees, so width and height trade places.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
+# What `ImageOps.exif_transpose` does to the stored pixels for each EXIF orientation other than 1.
+_ORIENTATION_TURNS = {
+    2: "mirrored left to right",
+    3: "rotated 180°",
+    4: "mirrored top to bottom",
+    5: "mirrored left to right and rotated 90° counter-clockwise",
+    6: "rotated 90° clockwise",
+    7: "mirrored left to right and rotated 90° clockwise",
+    8: "rotated 90° counter-clockwise",
+}
+
+# Single-channel modes deeper than 8 bits, with the depth as the user would name it.
+_DEEP_MODES = {
+    "I;16": "16-bit",
+    "I;16L": "16-bit",
+    "I;16B": "16-bit",
+    "I;16N": "16-bit",
+    "I": "32-bit",
+    "F": "32-bit floating-point",
+}
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
 _REMOVE = "re-export or remove the file"
 
 
@@ -50,17 +76,31 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_image_size(path: Path, *, min_side: int = 1, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """Upright (width, height) after checking that the whole file decodes.
+@dataclass(frozen=True)
+class ImageCheck:
+    """A usable image as the dataset scan sees it: its upright size, and each change `open_image` makes to it.
+
+    `conversions` are short phrases ("CMYK colours converted to RGB"); empty for plain RGB or grayscale.
+    """
+
+    width: int
+    height: int
+    conversions: tuple[str, ...] = ()
+
+
+def check_image(path: Path, *, min_side: int = 1, max_pixels: int = MAX_PIXELS) -> ImageCheck:
+    """Upright size and the conversions training will apply, after checking that the whole file decodes.
 
     The dataset loader calls this for every file, so JPEGs decode at 1/8 scale: the entropy-coded
-    data is still read to the end, which is what catches truncation, at a fraction of the cost.
+    data is still read to the end, which is what catches truncation, at a fraction of the cost. The
+    conversions come from the mode and EXIF in the header, and from the alpha of the decoded pixels.
     """
     image, (width, height) = _load(path, max_pixels=max_pixels, fast=True)
-    if _orientation(image) in _SWAPPING_ORIENTATIONS:
+    orientation = _orientation(image)
+    if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     _check_min_side(width, height, min_side)
-    return width, height
+    return ImageCheck(width, height, _conversions(image, orientation))
 
 
 def open_image(path: Path, *, min_side: int = 1, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -147,12 +187,45 @@ def _orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
+def _conversions(image: Image.Image, orientation: int) -> tuple[str, ...]:
+    """What `open_image` will change in the stored image, in the order it happens; see `_to_rgb`."""
+    changes = []
+    if orientation in _ORIENTATION_TURNS:
+        changes.append(f"turned upright from its EXIF orientation ({_ORIENTATION_TURNS[orientation]})")
+    if image.mode in _DEEP_MODES:
+        changes.append(f"{_DEEP_MODES[image.mode]} grayscale reduced to 8 bits")
+    elif image.mode == "CMYK":
+        changes.append("CMYK colours converted to RGB")
+    elif _has_transparent_pixels(image):
+        changes.append("transparent areas filled with white")
+    return tuple(changes)
+
+
+def _has_transparent_pixels(image: Image.Image) -> bool:
+    """Whether filling transparency with white changes any pixel.
+
+    Many editors save fully opaque alpha channels, or palettes with an unused transparent entry; those
+    lose nothing, and a notice on every such file would bury the ones that do.
+    """
+    if image.mode in _ALPHA_MODES:
+        return image.getchannel("A").getextrema()[0] < 255
+    transparency = image.info.get("transparency")
+    if image.mode != "P" or transparency is None:
+        return False
+    if isinstance(transparency, int):
+        clear = {transparency}
+    else:
+        clear = {index for index, alpha in enumerate(transparency) if alpha < 255}
+    counts = image.histogram()
+    return any(counts[index] for index in clear if index < len(counts))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if image.mode in _DEEP_MODES:
         return Image.fromarray(_to_8_bit(np.asarray(image))).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in _ALPHA_MODES:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

@@ -84,14 +84,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def report_file_problems(dataset: Dataset) -> None:
-    """List every dataset file that is skipped or odd, as the Dataset tab does, so a CLI run is not silently smaller."""
-    problems = summarize(dataset).problems
-    if not problems:
+    """List every dataset file that is skipped, odd or converted, as the Dataset tab does.
+
+    A CLI run should not be silently smaller, nor train on images that look different from the files.
+    """
+    summary = summarize(dataset)
+    if not summary.problems:
         return
-    skipped = sum(skipped for _, _, skipped in problems)
-    print(f"dataset: {skipped} files skipped, {len(problems) - skipped} warnings", file=sys.stderr)
-    for path, reason, is_skipped in problems:
-        print(f"  {'skipped' if is_skipped else 'warning'}  {path}: {reason}", file=sys.stderr)
+    print(f"dataset files: {summary.problem_counts()}", file=sys.stderr)
+    for path, reason, kind in summary.problems:
+        print(f"  {kind}  {path}: {reason}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,13 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-Reported = Literal["skipped", "warning"] | None
+from core.dataset import ProblemKind
+
+Reported = ProblemKind | None
 
 SIZE = (96, 64)
 """Stored (width, height) of the generated images: small, landscape, and at least the default 64 px side."""
@@ -29,7 +30,7 @@ class Case:
 
     `usable`: the images among `files` train, converted to RGB where needed, at upright `size`.
     `reported`: each of `files` is named in a problem of that kind whose reason contains `reason`;
-    None means the files pass without a word (good images, and hidden or unrelated files).
+    None means the files pass without a word (plain RGB or grayscale images, and hidden or unrelated files).
     """
 
     files: tuple[Path, ...]
@@ -49,9 +50,13 @@ def write_bad_files(folder: Path) -> dict[str, Case]:
     noise = _noise(SIZE)
     cases: dict[str, Case] = {}
 
-    def usable(case: str, name: str, image: Image.Image, caption: str = "a test image", **save: object) -> None:
+    def usable(
+        case: str, name: str, image: Image.Image, converted: str = "", caption: str = "a test image", **save: object
+    ) -> None:
+        """An image that trains; `converted` is the notice it gets for being changed on the way, if any."""
         path = _save(folder / name, image, caption, **save)
-        cases[case] = Case((path,), usable=True, size=image.size)
+        reported: Reported = "converted" if converted else None
+        cases[case] = Case((path,), usable=True, reported=reported, reason=converted, size=image.size)
 
     def skipped(case: str, name: str, data: bytes, reason: str) -> None:
         path = folder / name
@@ -66,15 +71,17 @@ def write_bad_files(folder: Path) -> dict[str, Case]:
     usable("bmp", "good_bmp.bmp", noise)
     usable("tiff", "good_tiff.tif", noise)
     usable("grayscale", "grayscale.png", noise.convert("L"))
-    usable("grayscale_alpha", "grayscale_alpha.png", _transparent_left(noise.convert("LA")))
-    usable("rgba", "rgba.png", _transparent_left(noise.convert("RGBA")))
-    usable("palette_transparent", "palette.png", _palette_with_transparency(SIZE), transparency=0)
-    usable("cmyk_jpeg", "cmyk.jpg", noise.convert("CMYK"))
-    usable("png_16bit", "sixteen_bit.png", _sixteen_bit_gradient(SIZE))
+    white = "transparent areas filled with white"
+    usable("grayscale_alpha", "grayscale_alpha.png", _transparent_left(noise.convert("LA")), white)
+    usable("rgba", "rgba.png", _transparent_left(noise.convert("RGBA")), white)
+    usable("palette_transparent", "palette.png", _palette_with_transparency(SIZE), white, transparency=0)
+    usable("cmyk_jpeg", "cmyk.jpg", noise.convert("CMYK"), "CMYK colours converted to RGB")
+    usable("png_16bit", "sixteen_bit.png", _sixteen_bit_gradient(SIZE), "16-bit grayscale reduced to 8 bits")
     usable("unicode_name", "façade été 01.png", noise, caption="façade, été, ünïcödé")
 
     rotated = _save(folder / "exif_rotated.jpg", noise, "a rotated image", exif=_orientation_exif(6))
-    cases["exif_rotated"] = Case((rotated,), usable=True, size=(SIZE[1], SIZE[0]))
+    turned = "turned upright from its EXIF orientation (rotated 90° clockwise)"
+    cases["exif_rotated"] = Case((rotated,), usable=True, reported="converted", reason=turned, size=(SIZE[1], SIZE[0]))
 
     uncaptioned = folder / "no_caption.png"
     noise.save(uncaptioned)

@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 from core.buckets import assign_bucket, bucket_resolutions
 from core.config import DatasetSection
 from core.dataset import Dataset, DatasetError, load_dataset, summarize
-from core.images import UnusableImage, fit_to_bucket, is_image_file, open_image, read_image_size
+from core.images import UnusableImage, check_image, fit_to_bucket, is_image_file, open_image
 from tests.bad_files import SIZE, Case, write_bad_files, write_image
 
 USABLE = [
@@ -70,7 +70,7 @@ def test_each_file_is_loaded_skipped_or_ignored_as_expected(corpus: Corpus, name
         if expected.reported is None:
             assert not problems
         else:
-            assert [problem.skipped for problem in problems] == [expected.reported == "skipped"]
+            assert [problem.kind for problem in problems] == [expected.reported]
             assert expected.reason in problems[0].reason
         if expected.usable:
             assert (trained[path].width, trained[path].height) == expected.size
@@ -135,13 +135,36 @@ def test_exif_rotation_swaps_width_and_height(corpus: Corpus) -> None:
     path = case(corpus, "exif_rotated").files[0]
     with Image.open(path) as stored:
         assert stored.size == SIZE
-    assert open_image(path).size == read_image_size(path) == (SIZE[1], SIZE[0])
+    checked = check_image(path)
+    assert open_image(path).size == (checked.width, checked.height) == (SIZE[1], SIZE[0])
 
 
 def test_sixteen_bit_is_scaled_not_clipped(corpus: Corpus) -> None:
     row = np.asarray(open_image(case(corpus, "png_16bit").files[0]))[0, :, 0]
     assert row[0] == 0 and row[-1] == 255
     assert 120 <= row[len(row) // 2] <= 135
+
+
+def test_transparency_that_changes_no_pixel_gets_no_notice(tmp_path: Path) -> None:
+    opaque = Image.new("RGBA", SIZE, (10, 20, 30, 255))
+    opaque.save(tmp_path / "opaque.png")
+    unused = Image.new("P", SIZE, 1)
+    unused.putpalette([255, 0, 0, 0, 0, 255])
+    unused.save(tmp_path / "unused_transparent_entry.png", transparency=0)
+    assert check_image(tmp_path / "opaque.png").conversions == ()
+    assert check_image(tmp_path / "unused_transparent_entry.png").conversions == ()
+
+
+def test_several_conversions_share_one_notice(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.new("CMYK", SIZE, (0, 50, 100, 0)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    write_image(tmp_path / "plain.png")
+    dataset = load_dataset(section(tmp_path, default_caption="a building"), seed=0)
+    notices = [(problem.path.name, problem.reason) for problem in dataset.problems if problem.kind == "converted"]
+    expected = "turned upright from its EXIF orientation (rotated 180°); CMYK colours converted to RGB"
+    assert notices == [("turned.jpg", expected)]
+    assert "  converted  turned.jpg: turned upright" in summarize(dataset).as_text()
 
 
 @pytest.mark.parametrize("name", ["palette_transparent", "rgba", "grayscale_alpha"])
@@ -162,7 +185,7 @@ def test_images_below_the_minimum_side_are_skipped(tmp_path: Path) -> None:
 
 def test_the_minimum_side_error_shows_the_upright_size(corpus: Corpus) -> None:
     with pytest.raises(UnusableImage, match=r"too small \(64×96;"):
-        read_image_size(case(corpus, "exif_rotated").files[0], min_side=80)
+        check_image(case(corpus, "exif_rotated").files[0], min_side=80)
 
 
 def test_the_pixel_limit_is_checked_before_decoding(corpus: Corpus) -> None:

@@ -47,12 +47,12 @@ def explain_error(error: DatasetError) -> tuple[str, list[list[str]]]:
     else:
         where = f"Could not load `{error.value}`" if str(error.value).strip() else "Could not load"
     root = Path(str(error.value)).expanduser().absolute()
-    rows = [[_shown(problem.path, root), _kind(problem.skipped), problem.reason] for problem in error.problems]
+    rows = [[_shown(problem.path, root), problem.kind, problem.reason] for problem in error.problems]
     return f"**{where}:** {error.message}", rows
 
 
 def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, list[list[str]]]:
-    """The loader's summary as Markdown, and every problem as a (file, skipped/warning, reason) row."""
+    """The loader's summary as Markdown, and every problem as a (file, skipped/warning/converted, reason) row."""
     summary = summarize(dataset)
     used = summary.images_used
     if dataset.validation_root:
@@ -74,9 +74,8 @@ def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, li
     ]
     if section.caption_prefix:
         lines.append(f"**Caption prefix:** `{section.caption_prefix}` is put before every caption")
-    skipped = sum(skipped for _, _, skipped in summary.problems)
-    lines.append(f"**Problems:** {skipped} skipped, {len(summary.problems) - skipped} warnings")
-    rows = [[path, _kind(skipped), reason] for path, reason, skipped in summary.problems]
+    lines.append(f"**Problems:** {summary.problem_counts()}")
+    rows = [[path, kind, reason] for path, reason, kind in summary.problems]
     return "\n\n".join(lines), rows
 
 
@@ -305,7 +304,3 @@ def _counts(counts: dict[str, int]) -> str:
 def _shown(path: Path, root: Path) -> str:
     """A file's name as the summary shows it: below the dataset folder when it is in it."""
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
-
-
-def _kind(skipped: bool) -> str:
-    return "skipped" if skipped else "warning"
