@@ -25,7 +25,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--demo", action="store_true", help="preload the tiny demo model and demo dataset (CPU-friendly)"
     )
     parser.add_argument(
-        "--output-dir", type=Path, default=Path("output"), help="where runs are written (default: output)"
+        "--output-dir",
+        type=Path,
+        default=Path("output"),
+        help="where runs, uploads, generated images and tool outputs are written (default: output)",
+    )
+    parser.add_argument(
+        "--datasets-dir",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="a folder the app may read datasets from and write captions into; repeat for more "
+        "(default: datasets). Paths typed into the app must lie inside these folders or --output-dir",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="a folder the app may read base models, VAEs, LoRAs and ControlNets from; repeat for more "
+        "(default: models). Hugging Face ids (org/name) are always allowed",
     )
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     return parser.parse_args(argv)
@@ -62,7 +81,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from ui.shell import AppContext, build_app
 
-    context = AppContext.create(output_dir=args.output_dir, demo=args.demo)
+    context = AppContext.create(
+        output_dir=args.output_dir,
+        demo=args.demo,
+        datasets=args.datasets_dir or [Path("datasets")],
+        models=args.models_dir or [Path("models")],
+    )
+    for kind in ("datasets", "models", "output"):
+        folders = ", ".join(str(folder) for folder in context.workspace.folders(kind))
+        log.info("The app may use these folders for %s: %s", kind, folders)
     app = build_app(context)
     app.queue().launch(
         server_name=args.host,

@@ -23,10 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_help_lists_the_flags() -> None:
     done = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    for flag in ("--host", "--port", "--share", "--auth", "--demo", "--output-dir", "--no-browser"):
+    flags = ("--host", "--port", "--share", "--auth", "--demo", "--output-dir", "--datasets-dir", "--models-dir")
+    for flag in (*flags, "--no-browser"):
         assert flag in done.stdout
     args = parse_args([])
     assert (args.host, args.port, args.share, args.no_browser) == ("127.0.0.1", 7860, False, False)
+    args = parse_args(["--datasets-dir", "a", "--datasets-dir", "b", "--models-dir", "m"])
+    assert (args.datasets_dir, args.models_dir) == ([Path("a"), Path("b")], [Path("m")])
 
 
 def test_public_serving_needs_a_password(caplog: pytest.LogCaptureFixture) -> None:

@@ -21,6 +21,7 @@ from core.config_files import build_config
 from core.inference import InferenceEngine
 from core.inference_params import generation_parameters, request_from_parameters
 from core.inference_types import ControlSpec, GenerationError, GenerationRequest, LoraSpec
+from core.workspace import Workspace
 from ui.config_store import ConfigStore
 from ui.inference_form import (
     MAX_LORAS,
@@ -205,7 +206,11 @@ def test_use_this_epoch_swaps_the_runs_epoch_or_fills_the_first_empty_row() -> N
 def test_the_use_lora_hook_fills_the_rows_of_a_built_tab(tmp_path: Path) -> None:
     config = build_config(["sd15"], overrides=[f"run.output_dir={tmp_path}"])
     context = SimpleNamespace(
-        output_dir=tmp_path, store=ConfigStore(tmp_path / "ui.toml", config), engine=InferenceEngine(), demo_model=None
+        output_dir=tmp_path,
+        store=ConfigStore(tmp_path / "ui.toml", config),
+        engine=InferenceEngine(),
+        workspace=Workspace.create(tmp_path),
+        demo_model=None,
     )
     with gr.Blocks() as app:
         chosen = gr.State(None)

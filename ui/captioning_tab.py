@@ -24,6 +24,7 @@ from core.caption_files import CaptioningError, list_backups, restore_backup
 from core.captioners import FLORENCE_TASKS, PRESETS
 from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
 from core.demo import default_cache_dir
+from core.workspace import PathNotAllowed, Workspace
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -164,8 +165,15 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
     def extension() -> str:
         return context.store.get().dataset.caption_extension
 
+    def dataset_folder(path: str) -> Path:
+        """The typed folder, when it lies in the folders the app may use for datasets (PathNotAllowed if not)."""
+        return context.workspace.path(path, "datasets", "Dataset folder")
+
     def backup_choices(path: str, chosen: str | None = None) -> gr.Dropdown:
-        found = list_backups(Path(path.strip()).expanduser()) if path.strip() else []
+        try:
+            found = list_backups(dataset_folder(path)) if path.strip() else []
+        except PathNotAllowed:
+            found = []  # the folder box's actions say why
         ids = [backup.id for backup in found]
         value = chosen if chosen in ids else (ids[0] if ids else None)
         return gr.Dropdown(choices=[(backup.label, backup.id) for backup in found], value=value)
@@ -176,15 +184,16 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
             yield busy, gr.skip(), gr.skip()
             return
         try:
-            options = _options(values, extension())
+            folder = dataset_folder(path)
+            options = _options(values, extension(), context.workspace)
             options.check()
-        except CaptioningError as error:
+        except (CaptioningError, PathNotAllowed) as error:
             yield f"**Not started — {error}**", gr.skip(), gr.skip()
             return
         except OSError as error:  # building the demo captioner
             yield f"**Not started — the demo captioner could not be built: {error}**", gr.skip(), gr.skip()
             return
-        job = jobs.start(Path(path.strip()).expanduser(), options)
+        job = jobs.start(folder, options)
         if job is None:
             yield busy, gr.skip(), gr.skip()
             return
@@ -212,8 +221,8 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
         if jobs.busy():
             return "**Wait for the captioning run to finish (or cancel it) before restoring.**", gr.skip()
         try:
-            report = restore_backup(Path(path.strip()).expanduser(), backup_id)
-        except CaptioningError as error:
+            report = restore_backup(dataset_folder(path), backup_id)
+        except (CaptioningError, PathNotAllowed) as error:
             return f"**Not restored — {error}**", backup_choices(path)
         text = f"Restored {len(report.restored)} captions from {backup_id}"
         text += f" and removed {len(report.removed)} it had created." if report.removed else "."
@@ -228,10 +237,10 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
     def on_preview(path: str, *values: Any) -> tuple[str, list[list[str]], Preview]:
         try:
             edit = _edit(*values)
-            found = plan_edits(Path(path.strip()).expanduser(), edit, extension())
-        except CaptioningError as error:
+            root = dataset_folder(path)
+            found = plan_edits(root, edit, extension())
+        except (CaptioningError, PathNotAllowed) as error:
             return f"**No preview — {error}**", [], Preview()
-        root = Path(path.strip()).expanduser().absolute()
         rows = [[_shown(change.path, root), change.old, change.new] for change in found]
         text = f"{len(found)} captions would change ({edit.describe()}). Apply writes exactly these."
         return (text if found else "No caption would change."), rows, Preview(path, edit.describe(), tuple(found))
@@ -247,8 +256,8 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
                 gr.skip(),
             )
         try:
-            report = apply_edits(Path(state.folder.strip()).expanduser(), list(state.changes), state.description)
-        except CaptioningError as error:
+            report = apply_edits(dataset_folder(state.folder), list(state.changes), state.description)
+        except (CaptioningError, PathNotAllowed) as error:
             return f"**Not applied — {error}**", gr.skip(), state, gr.skip()
         text = f"Applied to {len(report.applied)} captions"
         text += f" (the replaced ones are in backup {report.backup.id})." if report.backup else "."
@@ -273,12 +282,15 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
     apply.click(on_apply, inputs=previewed, outputs=[edit_status, changes, previewed, backups])
 
 
-def _options(values: tuple[Any, ...], extension: str) -> CaptionOptions:
-    """The form as CaptionOptions; the demo choice becomes the demo captioner's folder (built on first use)."""
+def _options(values: tuple[Any, ...], extension: str, workspace: Workspace) -> CaptionOptions:
+    """The form as CaptionOptions; the demo choice becomes the demo captioner's folder (built on first use),
+    a typed model folder must lie in the folders the app may use for models."""
     model, task, prompt, mode, prefix, suffix, max_length, batch_size, device = values
     model = str(model or "").strip()
     if model == DEMO_CAPTIONER:
         model = str(ensure_demo_captioner(default_cache_dir()))
+    elif model:
+        model = workspace.model(model, "Captioning model")
     return CaptionOptions(
         model=model,
         task=task or FLORENCE_TASKS[0],

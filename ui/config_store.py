@@ -2,23 +2,28 @@
 
 A local app has one user, so the form's state lives on the server: every tab reads and writes this
 store, a page reload (or a second tab) shows the same values, and the Monitor tab starts training
-with exactly what the Training tab shows.
+with exactly what the Training tab shows. A `check` (the workspace's folder rules) refuses settings
+the schema accepts but the app must not use, with the same field-level errors.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.config import TrainConfig, parse_config
+from core.config import ConfigError, Problem, TrainConfig, parse_config
 from core.config_files import config_to_toml, load_config, merge, parse_override
 from core.fsutil import atomic_write_text
 
 
 class ConfigStore:
-    def __init__(self, path: Path, initial: TrainConfig) -> None:
+    def __init__(
+        self, path: Path, initial: TrainConfig, check: Callable[[TrainConfig], list[Problem]] = lambda config: []
+    ) -> None:
         self.path = Path(path)
+        self.check = check
         self._lock = threading.Lock()
         self._config = load_config(self.path) if self.path.is_file() else initial
         if not self.path.is_file():
@@ -31,7 +36,17 @@ class ConfigStore:
         with self._lock:
             return self._config
 
+    def parse(self, data: dict[str, Any]) -> TrainConfig:
+        """Settings as a config, or ConfigError naming each field the schema or the `check` refuses."""
+        config = parse_config(data)
+        if problems := self.check(config):
+            raise ConfigError(problems)
+        return config
+
     def set(self, config: TrainConfig) -> None:
+        """Replace every setting; raises ConfigError (and keeps the old ones) when the `check` refuses some."""
+        if problems := self.check(config):
+            raise ConfigError(problems)
         with self._lock:
             self._config = config
             self._write(config)
@@ -43,7 +58,7 @@ class ConfigStore:
             for path, value in values.items():
                 section, _, name = path.partition(".")
                 data = merge(data, {section: {name: value}})
-            config = parse_config(data)
+            config = self.parse(data)
             self._config = config
             self._write(config)
             return config

@@ -19,6 +19,7 @@ from core.config import DatasetSection
 from core.dataset import Dataset, DatasetError, load_dataset, summarize
 from core.dataset_import import import_images
 from core.images import UnusableImage, is_image_file
+from core.workspace import PathNotAllowed
 
 THUMBNAIL = 256
 SELECTED_PREVIEW = 512
@@ -160,6 +161,10 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
         When only the validation size does not fit (a small new dataset), the images are still shown,
         without a split, so they can be captioned while the message points at the setting.
         """
+        try:
+            context.workspace.path(path, "datasets", "Dataset folder")
+        except PathNotAllowed as error:
+            return f"**{error}**", "", [], [], Loaded(path)
         settings = context.store.get()
         chosen = settings.dataset.model_copy(update={"path": path})
         message = ""
@@ -183,12 +188,21 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
     def on_load(path: str) -> tuple[Any, ...]:
         return *show(path.strip()), None, None, "", ""
 
+    def confined(image: Path) -> None:
+        """Refuse a caption file that is a link leading out of the dataset folders: its text would be shown
+        here, and a save would copy it into a backup. (Linked images are fine: they are only decoded.)"""
+        path = caption_path(image, caption_extension())
+        context.workspace.path(path, "datasets", f"Caption file {path.name}")
+
     def on_select(state: Loaded, event: gr.SelectData) -> tuple[Any, ...]:
         image = state.images[event.index]
         path = caption_path(image, caption_extension())
         try:
+            confined(image)
             picture = preview(image, SELECTED_PREVIEW)
             text = read_caption(image, caption_extension())
+        except PathNotAllowed as error:
+            return None, None, "", f"**{error}**"
         except (CaptionError, UnusableImage, OSError) as error:
             return str(image), None, "", f"**{image.name}: {error}** — load the folder again."
         status = "" if path.exists() else f"`{image.name}` has no `{path.name}` yet: Save creates it."
@@ -198,6 +212,10 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
         if image is None:
             return *_skip(len(view)), edit, "Click an image in the gallery first."
         extension = caption_extension()
+        try:
+            confined(Path(image))
+        except PathNotAllowed as error:
+            return *_skip(len(view)), edit, f"**Not saved — {error}**"
         try:  # the browser turns CRLF into LF, which alone is no reason to rewrite a file
             unchanged = text == read_caption(Path(image), extension).replace("\r\n", "\n")
         except CaptionError:

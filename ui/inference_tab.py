@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,12 +24,13 @@ from PIL import Image
 
 from core.inference import GenerationResult
 from core.inference_params import request_from_parameters
-from core.inference_types import GenerationCancelled, GenerationError, GenerationRequest
+from core.inference_types import ControlSpec, GenerationCancelled, GenerationError, GenerationRequest, LoraSpec
 from core.inpaint import plan_region
 from core.models import ModelLoadError
 from core.png_info import read_png_parameters
 from core.preprocessors import make_control_image
 from core.sweep import SweepResult
+from core.workspace import PathNotAllowed
 from ui.inference_form import (
     SCALARS,
     default_models,
@@ -105,7 +106,7 @@ def attempt(job: Callable[[], T]) -> T | str:
         return job()
     except GenerationCancelled as error:
         return f"**Cancelled:** {error}. Nothing of the unfinished image was saved."
-    except (GenerationError, ModelLoadError) as error:
+    except (GenerationError, ModelLoadError, PathNotAllowed) as error:
         return f"**Cannot generate:** {error}"
     except RuntimeError as error:  # CUDA's OutOfMemoryError is one; anything else is a bug to show in full
         if "out of memory" not in str(error).lower():
@@ -124,6 +125,15 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
 
     def output_dir() -> Path:
         return Path(store.get().run.output_dir)
+
+    def confine(loras: Sequence[LoraSpec], units: Sequence[ControlSpec] = ()) -> None:
+        """Every file the render would read must lie in the folders the app may use for models."""
+        for lora in loras:
+            context.workspace.path(lora.path, "models", f"LoRA {lora.path}")
+        for unit in units:
+            for model in (unit.model, unit.config):
+                if model:
+                    context.workspace.model(model, f"ControlNet {unit.kind} model")
 
     sampling = store.get().sampling
     defaults = Defaults(
@@ -152,7 +162,10 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         """Build and check the request, then load the base model (the store's unless the tab names one)."""
         cancelled.clear()
         request = request_from_form(widgets.form_values(data))
+        confine(request.loras, request.controls)
         override = (data[widgets.base_model] or "").strip()
+        if override:
+            override = context.workspace.model(override, "Base model")
         config = store.get().model
         progress(0, desc=f"Loading {override or config.base}")
         if not override and (trained := context.session.take_loaded_model(config.base)) is not None:
@@ -163,7 +176,8 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         return request
 
     def folder() -> Path:
-        return output_dir() / IMAGES_FOLDER / datetime.date.today().isoformat()
+        output = context.workspace.path(output_dir(), "output", "run.output_dir (Training tab)")
+        return output / IMAGES_FOLDER / datetime.date.today().isoformat()
 
     def generate(data: dict[Component, Any], progress: gr.Progress = PROGRESS) -> list[Any]:
         def render() -> GenerationResult:
@@ -185,6 +199,8 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
                 data[widgets.sweep_weight],
                 widgets.form_values(data).loras,
             )
+            for variant in variants:
+                confine(variant.loras)
             request = start(data, progress)
             return engine.sweep(request, variants, folder(), lambda f: progress(f, desc="Rendering the sweep"))
 

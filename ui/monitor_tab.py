@@ -277,7 +277,7 @@ def build_monitor_tab(context: AppContext, app: gr.Blocks) -> MonitorTab:
 
     def start_run(chosen: str | None) -> list[Any]:
         try:
-            session.start(context.store.get())
+            session.start(context.workspace.check_config(context.store.get()))
             message = ""
         except (ConfigError, SessionBusy) as error:
             message = start_message(error)

@@ -7,6 +7,7 @@ issues add (Captioning, Inference, Tools) plug in here the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from core.config_files import build_config
 from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
 from core.inference import InferenceEngine
 from core.session import TrainingSession
+from core.workspace import Workspace
 from ui.captioning_tab import build_captioning_tab
 from ui.config_store import ConfigStore
 from ui.dataset_tab import build_dataset_tab
@@ -30,12 +32,14 @@ SETTINGS_FILE = "atelier-ui.toml"
 
 @dataclass(frozen=True)
 class AppContext:
-    """What every tab may use: where runs go, the demo assets, the one training session, the shared config."""
+    """What every tab may use: where runs go, the folders it may touch, the demo assets, the one training
+    session, the shared config."""
 
     output_dir: Path
     session: TrainingSession
     store: ConfigStore
     engine: InferenceEngine
+    workspace: Workspace
     demo_model: Path | None = None
     demo_dataset: Path | None = None
 
@@ -59,7 +63,10 @@ class AppContext:
         return build_config(presets, overrides=keep)
 
     @classmethod
-    def create(cls, output_dir: Path, demo: bool) -> AppContext:
+    def create(
+        cls, output_dir: Path, demo: bool, datasets: Sequence[Path] = (), models: Sequence[Path] = ()
+    ) -> AppContext:
+        """The app's state; typed paths must lie in `output_dir`, `datasets` or `models` (and the demo's)."""
         output_dir = Path(output_dir)
         demo_model = demo_dataset = None
         overrides = [f"run.output_dir={output_dir}"]
@@ -69,8 +76,12 @@ class AppContext:
             demo_model, demo_dataset = ensure_demo_model(cache), ensure_demo_dataset(cache / "demo-dataset")
             overrides += [f"model.base={demo_model}", f"dataset.path={demo_dataset}"]
             presets.append("demo")
-        store = ConfigStore(output_dir / SETTINGS_FILE, build_config(presets, overrides=overrides))
-        return cls(output_dir, TrainingSession(), store, InferenceEngine(), demo_model, demo_dataset)
+            datasets, models = [*datasets, demo_dataset], [*models, cache]  # the demo model, ControlNets, captioner
+        workspace = Workspace.create(output_dir, datasets, models)
+        store = ConfigStore(
+            output_dir / SETTINGS_FILE, build_config(presets, overrides=overrides), workspace.config_problems
+        )
+        return cls(output_dir, TrainingSession(), store, InferenceEngine(), workspace, demo_model, demo_dataset)
 
 
 def build_app(context: AppContext) -> gr.Blocks:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import gradio as gr
 
 from core.lora_tools import parse_weighted, run
 from core.models import ModelLoadError
+from core.workspace import Workspace
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -35,27 +37,35 @@ def run_tool(command: str, options: Callable[[], dict[str, object]]) -> str:
     return f"```\n{report}\n```"
 
 
-def _path(value: str, what: str) -> Path:
+def _file(workspace: Workspace, value: str, what: str) -> Path:
+    """A file to read: it must lie in the folders the app may use for models (trained LoRAs included)."""
     if not value.strip():
         raise ValueError(f"choose {what}")
-    return Path(value.strip()).expanduser()
+    return workspace.path(value, "models", what[0].upper() + what[1:])
 
 
-def _model(value: str, what: str) -> str:
+def _output(workspace: Workspace, value: str, what: str) -> Path:
+    """A file to write: only inside the output folder."""
     if not value.strip():
         raise ValueError(f"choose {what}")
-    return value.strip()
+    return workspace.path(value, "output", what[0].upper() + what[1:])
+
+
+def _model(workspace: Workspace, value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"choose {what}")
+    return workspace.model(value, what[0].upper() + what[1:])
 
 
 def _precision(value: str) -> str | None:
     return None if value == "keep" else value
 
 
-def _weighted(lines: str) -> list[tuple[Path, float]]:
+def _weighted(workspace: Workspace, lines: str) -> list[tuple[Path, float]]:
     entries = [parse_weighted(line.strip()) for line in lines.splitlines() if line.strip()]
     if not entries:
         raise ValueError("list at least one LoRA file, one per line, as PATH or PATH:WEIGHT")
-    return entries
+    return [(workspace.path(path, "models", f"LoRA file {path}"), weight) for path, weight in entries]
 
 
 def _rank_or_energy(mode: str, rank: float | None, energy: float | None) -> dict[str, object]:
@@ -64,73 +74,82 @@ def _rank_or_energy(mode: str, rank: float | None, energy: float | None) -> dict
     return {"rank": None, "energy": float(energy or 0)}
 
 
-def inspect_action(file: str) -> str:
-    return run_tool("inspect", lambda: {"file": _path(file, "a LoRA file")})
+def inspect_action(workspace: Workspace, file: str) -> str:
+    return run_tool("inspect", lambda: {"file": _file(workspace, file, "a LoRA file")})
 
 
-def convert_action(file: str, to: str, precision: str, output: str) -> str:
+def convert_action(workspace: Workspace, file: str, to: str, precision: str, output: str) -> str:
     return run_tool(
         "convert",
         lambda: {
-            "file": _path(file, "a LoRA file"),
+            "file": _file(workspace, file, "a LoRA file"),
             "to": to,
             "precision": _precision(precision),
-            "output": _path(output, "an output file"),
+            "output": _output(workspace, output, "an output file"),
         },
     )
 
 
-def resize_action(file: str, mode: str, rank: float | None, energy: float | None, precision: str, output: str) -> str:
+def resize_action(
+    workspace: Workspace, file: str, mode: str, rank: float | None, energy: float | None, precision: str, output: str
+) -> str:
     return run_tool(
         "resize",
         lambda: {
-            "file": _path(file, "a LoRA file"),
+            "file": _file(workspace, file, "a LoRA file"),
             **_rank_or_energy(mode, rank, energy),
             "precision": _precision(precision),
-            "output": _path(output, "an output file"),
+            "output": _output(workspace, output, "an output file"),
         },
     )
 
 
-def combine_action(lines: str, rank: float | None, fmt: str, precision: str, output: str) -> str:
+def combine_action(workspace: Workspace, lines: str, rank: float | None, fmt: str, precision: str, output: str) -> str:
     return run_tool(
         "combine",
         lambda: {
-            "files": _weighted(lines),
+            "files": _weighted(workspace, lines),
             "rank": int(rank) if rank else None,
             "format": fmt,
             "precision": _precision(precision),
-            "output": _path(output, "an output file"),
+            "output": _output(workspace, output, "an output file"),
         },
     )
 
 
-def merge_action(model: str, lines: str, precision: str, output: str) -> str:
+def merge_action(workspace: Workspace, model: str, lines: str, precision: str, output: str) -> str:
     return run_tool(
         "merge",
         lambda: {
-            "model": _model(model, "the base model the LoRAs were trained on"),
-            "lora": _weighted(lines),
+            "model": _model(workspace, model, "the base model the LoRAs were trained on"),
+            "lora": _weighted(workspace, lines),
             "precision": _precision(precision),
             "config_dir": None,
-            "output": _path(output, "an output .safetensors file or folder"),
+            "output": _output(workspace, output, "an output .safetensors file or folder"),
         },
     )
 
 
 def extract_action(
-    base: str, tuned: str, mode: str, rank: float | None, energy: float | None, min_diff: float, output: str
+    workspace: Workspace,
+    base: str,
+    tuned: str,
+    mode: str,
+    rank: float | None,
+    energy: float | None,
+    min_diff: float,
+    output: str,
 ) -> str:
     return run_tool(
         "extract",
         lambda: {
-            "base": _model(base, "the base model"),
-            "tuned": _model(tuned, "the fine-tuned model"),
+            "base": _model(workspace, base, "the base model"),
+            "tuned": _model(workspace, tuned, "the fine-tuned model"),
             **_rank_or_energy(mode, rank, energy),
             "min_diff": float(min_diff),
             "precision": None,
             "config_dir": None,
-            "output": _path(output, "an output file"),
+            "output": _output(workspace, output, "an output file"),
         },
     )
 
@@ -138,12 +157,13 @@ def extract_action(
 def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
     gr.Markdown("Work on LoRA files: ours and any kohya/A1111 or diffusers LoRA. Outputs never replace an input.")
     tools_dir = context.output_dir / "tools"
+    workspace = context.workspace
 
     with gr.Accordion("Inspect", open=True):
         inspect_file = gr.Textbox(label="LoRA file", elem_id="tools-inspect-file")
         inspect_button = gr.Button("Inspect", elem_id="tools-inspect-run")
         inspect_report = gr.Markdown(elem_id="tools-inspect-report")
-    inspect_button.click(inspect_action, inputs=inspect_file, outputs=inspect_report)
+    inspect_button.click(partial(inspect_action, workspace), inputs=inspect_file, outputs=inspect_report)
 
     with gr.Accordion("Convert (kohya ⇄ diffusers, precision)", open=False):
         with gr.Row():
@@ -154,7 +174,7 @@ def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
         convert_button = gr.Button("Convert")
         convert_report = gr.Markdown()
     convert_button.click(
-        convert_action,
+        partial(convert_action, workspace),
         inputs=[convert_file, convert_to, convert_precision, convert_output],
         outputs=convert_report,
     )
@@ -172,7 +192,7 @@ def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
         resize_button = gr.Button("Resize", elem_id="tools-resize-run")
         resize_report = gr.Markdown(elem_id="tools-resize-report")
     resize_button.click(
-        resize_action,
+        partial(resize_action, workspace),
         inputs=[resize_file, resize_mode, resize_rank, resize_energy, resize_precision, resize_output],
         outputs=resize_report,
     )
@@ -187,7 +207,7 @@ def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
         combine_button = gr.Button("Combine")
         combine_report = gr.Markdown()
     combine_button.click(
-        combine_action,
+        partial(combine_action, workspace),
         inputs=[combine_files, combine_rank, combine_format, combine_precision, combine_output],
         outputs=combine_report,
     )
@@ -204,7 +224,9 @@ def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
         merge_button = gr.Button("Merge")
         merge_report = gr.Markdown()
     merge_button.click(
-        merge_action, inputs=[merge_model, merge_files, merge_precision, merge_output], outputs=merge_report
+        partial(merge_action, workspace),
+        inputs=[merge_model, merge_files, merge_precision, merge_output],
+        outputs=merge_report,
     )
 
     with gr.Accordion("Extract a LoRA from a fine-tuned model", open=False):
@@ -220,7 +242,7 @@ def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
         extract_button = gr.Button("Extract")
         extract_report = gr.Markdown()
     extract_button.click(
-        extract_action,
+        partial(extract_action, workspace),
         inputs=[
             extract_base,
             extract_tuned,

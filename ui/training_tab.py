@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from core.config import ConfigError, Problem, TrainConfig, config_fields, parse_config
+from core.config import ConfigError, Problem, TrainConfig, config_fields
 from core.config_files import PresetInfo, list_presets, load_config, save_config
 from core.dataset import Dataset
 from core.estimates import latest_measured_its, memory_estimate, time_per_epoch
 from core.preflight import RunPlan, plan_run, preflight
+from core.workspace import PathNotAllowed
+from ui.config_store import ConfigStore
 from ui.form import ConfigForm, FormField, build_form, field_path, from_widget, range_text
 
 if TYPE_CHECKING:
@@ -125,10 +127,10 @@ def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem]) 
     return "\n".join(lines)
 
 
-def refused_fields(form: ConfigForm, payloads: tuple[Any, ...]) -> list[Problem]:
-    """The fields whose shown value the schema rejects (and which the store therefore does not hold)."""
+def refused_fields(form: ConfigForm, payloads: tuple[Any, ...], store: ConfigStore) -> list[Problem]:
+    """The fields whose shown value the store refuses (schema or allowed folders), so it does not hold them."""
     try:
-        parse_config(form.data(payloads))
+        store.parse(form.data(payloads))
     except ConfigError as error:
         return [field_problem(form, problem) for problem in error.problems]
     return []
@@ -187,29 +189,41 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             return [NO_PRESET, *unchanged, ""]
         try:
             config = context.preset_config(name)
+            context.store.set(config)
         except ConfigError as error:
             return [describe_preset(name), *unchanged, f"⚠ Preset not applied — {error}"]
-        context.store.set(config)
         return [describe_preset(name), *filled(config), f"Filled the form from preset `{name}`."]
 
-    def on_load_file(path: str | None) -> list[Any]:
-        if not path or not str(path).strip():
-            return [*unchanged, "⚠ Config file path: enter the .toml file to load, e.g. output/my-style.toml."]
-        target = Path(str(path).strip()).expanduser()
+    def load_file(target: Path) -> list[Any]:
         try:
             config = load_config(target)
+            context.store.set(config)
         except ConfigError as error:
             return [*unchanged, f"⚠ Not loaded — {error}"]
-        context.store.set(config)
         return [*filled(config), f"Loaded `{target.absolute()}`."]
 
+    def on_load_typed(path: str) -> list[Any]:
+        if not path.strip():
+            return [*unchanged, "⚠ Config file path: enter the .toml file to load, e.g. output/my-style.toml."]
+        try:
+            return load_file(context.workspace.path(path, "output", "Config file path"))
+        except PathNotAllowed as error:
+            return [*unchanged, f"⚠ {error}"]
+
+    def on_upload(path: str | None) -> list[Any]:
+        """A file the browser uploaded: the user picked it on their own machine, so it may come from anywhere."""
+        return load_file(Path(path)) if path else [*unchanged, gr.skip()]
+
     def on_save(path: str, *payloads: Any) -> str:
-        refused = refused_fields(form, payloads)
+        refused = refused_fields(form, payloads, context.store)
         if refused:
             return "⚠ Not saved. " + _summary(form, refused, [])
-        target = Path(path.strip()).expanduser()
-        if not path.strip() or target.suffix != ".toml":
+        if not path.strip() or not path.strip().endswith(".toml"):
             return "⚠ Config file path: enter a file name ending in .toml, e.g. output/my-style.toml."
+        try:
+            target = context.workspace.path(path, "output", "Config file path")
+        except PathNotAllowed as error:
+            return f"⚠ Not saved. {error}"
         try:
             save_config(context.store.get(), target)
         except OSError as error:
@@ -218,9 +232,10 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
 
     def on_check(*payloads: Any) -> list[Any]:
         """Preflight the stored config (what training would use) and show it; refused values stay shown."""
-        refused = refused_fields(form, payloads)
+        refused = refused_fields(form, payloads, context.store)
         config = context.store.get()
         dataset, problems = preflight(config)
+        problems = context.workspace.config_problems(config) + problems
         estimator.remember(config, dataset)
         refused_paths = {field_path(problem) for problem in refused}
         widgets = [
@@ -249,8 +264,8 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
     everything = [*form.inputs, *form.problems, estimate, summary]
     app.load(on_page_load, outputs=[*everything, config_path], **lane)
     preset.input(on_preset, inputs=preset, outputs=[preset_description, *everything, file_status], **lane)
-    load.click(on_load_file, inputs=config_path, outputs=[*everything, file_status], **lane)
-    upload.upload(on_load_file, inputs=upload, outputs=[*everything, file_status], **lane)
+    load.click(on_load_typed, inputs=config_path, outputs=[*everything, file_status], **lane)
+    upload.upload(on_upload, inputs=upload, outputs=[*everything, file_status], **lane)
     save.click(on_save, inputs=[config_path, *form.inputs], outputs=file_status, preprocess=False, **lane)
     check.click(on_check, inputs=form.inputs, outputs=everything, preprocess=False, **lane)
     for entry in form.fields:

@@ -60,6 +60,8 @@ def app_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     port = _free_port()
     env = {**os.environ, "ATELIER_CACHE": str(cache), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "0"}
     command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(output)]
+    tests_folder = str(tmp_path_factory.getbasetemp())  # where the tests put the datasets and LoRAs they type in
+    command += ["--datasets-dir", tests_folder, "--models-dir", tests_folder]
     log = open(output / "server.log", "w")  # noqa: SIM115 - closed when the server stops
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
