@@ -34,6 +34,16 @@ class Progress:
     best_val_loss: float | None = None
     validations_without_improvement: int = 0
 
+    def record_validation(self, val_loss: float) -> bool:
+        """Note a validation loss; True when it is the lowest so far, which restarts the early-stop count."""
+        is_best = self.best_val_loss is None or val_loss < self.best_val_loss
+        if is_best:
+            self.best_epoch, self.best_val_loss = self.epoch, val_loss
+            self.validations_without_improvement = 0
+        else:
+            self.validations_without_improvement += 1
+        return is_best
+
 
 def new_run_dir(output_dir: Path, name: str) -> Path:
     """`output/<name>`, or `<name>-2`, `-3`… so an earlier run is never overwritten."""

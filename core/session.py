@@ -78,57 +78,97 @@ def explain_error(error: BaseException) -> str:
     return f"Training stopped on an unexpected error: {type(error).__name__}: {error}"
 
 
+class _Recording:
+    """What the session has seen of the current (or last) run; used only under the session's lock.
+
+    Rebuilding the curves as tuples on every step made long runs quadratic, so they grow in place (O(1)
+    an event) and are copied into a `Snapshot`'s tuples only when one is asked for. That snapshot is
+    handed out again until the next event: a snapshot never changes once taken, and polling between
+    events costs nothing.
+    """
+
+    def __init__(self, status: str) -> None:
+        self.fields = Snapshot(status=status)  # everything but the curves and the log, which stay empty here
+        self.losses: list[tuple[int, float]] = []
+        self.lrs: list[tuple[int, float]] = []
+        self.epochs: list[EpochRecord] = []
+        self.validations: list[ValidationRecord] = []
+        self.log: deque[str] = deque(maxlen=500)
+        self._snapshot: Snapshot | None = None
+
+    def update(self, **fields: object) -> None:
+        """Set `fields`; also what to call after appending to a curve or the log, so the next snapshot shows it."""
+        if fields:
+            self.fields = replace(self.fields, **fields)
+        self._snapshot = None
+
+    def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            self._snapshot = replace(
+                self.fields,
+                loss_history=tuple(self.losses),
+                lr_history=tuple(self.lrs),
+                epoch_history=tuple(self.epochs),
+                val_history=tuple(self.validations),
+                log=tuple(self.log),
+            )
+        return self._snapshot
+
+
 class _Recorder(TrainingCallbacks):
-    """Folds trainer events into the session's snapshot under its lock."""
+    """Folds trainer events into the session's recording under its lock."""
 
     def __init__(self, session: TrainingSession) -> None:
         self.session = session
 
     def _update(self, **changes: object) -> None:
         with self.session._lock:
-            self.session._snapshot = replace(self.session._snapshot, **changes)
+            self.session._recording.update(**changes)
 
     def on_status(self, status: str) -> None:
         self._update(status=status)
 
     def on_log(self, message: str) -> None:
         with self.session._lock:
-            self.session._log.append(message)
-            self.session._snapshot = replace(self.session._snapshot, log=tuple(self.session._log))
+            self.session._recording.log.append(message)
+            self.session._recording.update()
 
     def on_step(self, record: StepRecord) -> None:
-        snap = self.session._snapshot
         remaining = record.total_steps - record.step
-        self._update(
-            step=record.step,
-            total_steps=record.total_steps,
-            epoch=record.epoch,
-            total_epochs=record.total_epochs,
-            its=record.its,
-            eta_seconds=remaining / record.its if record.its else None,
-            loss_history=(*snap.loss_history, (record.step, record.loss)),
-            lr_history=(*snap.lr_history, (record.step, record.lr)),
-        )
+        with self.session._lock:
+            recording = self.session._recording
+            recording.losses.append((record.step, record.loss))
+            recording.lrs.append((record.step, record.lr))
+            recording.update(
+                step=record.step,
+                total_steps=record.total_steps,
+                epoch=record.epoch,
+                total_epochs=record.total_epochs,
+                its=record.its,
+                eta_seconds=remaining / record.its if record.its else None,
+            )
 
     def on_epoch(self, record: EpochRecord) -> None:
-        snap = self.session._snapshot
-        self._update(
-            epoch_history=(*snap.epoch_history, record),
-            best_epoch=record.best_epoch,
-            best_val_loss=record.best_val_loss,
-        )
+        with self.session._lock:
+            recording = self.session._recording
+            recording.epochs.append(record)
+            recording.update(best_epoch=record.best_epoch, best_val_loss=record.best_val_loss)
 
     def on_validation(self, record: ValidationRecord) -> None:
-        self._update(val_history=(*self.session._snapshot.val_history, record))
+        with self.session._lock:
+            self.session._recording.validations.append(record)
+            self.session._recording.update()
 
     def on_sample(self, epoch: int, paths: list[Path]) -> None:
-        snap = self.session._snapshot
         label = paths[0].parent.name if paths else f"epoch-{epoch:04d}"
-        self._update(samples={**snap.samples, label: tuple(str(p) for p in paths)})
+        with self.session._lock:
+            samples = self.session._recording.fields.samples
+            self.session._recording.update(samples={**samples, label: tuple(str(p) for p in paths)})
 
     def on_saved(self, path: Path, kind: str) -> None:
-        snap = self.session._snapshot
-        self._update(run_dir=str(path.parent), files=tuple(dict.fromkeys((*snap.files, str(path)))))
+        with self.session._lock:
+            files = tuple(dict.fromkeys((*self.session._recording.fields.files, str(path))))
+            self.session._recording.update(run_dir=str(path.parent), files=files)
         self.on_log(f"saved {kind}: {path.name}")
 
 
@@ -137,22 +177,20 @@ class TrainingSession:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._commands = TrainingCommands()
-        self._snapshot = Snapshot()
-        self._log: deque[str] = deque(maxlen=500)
+        self._recording = _Recording("idle")
         self._finished: Trainer | None = None  # the last run, whose loaded model inference may take over
 
     def start(self, config: TrainConfig, resume_dir: Path | None = None) -> None:
         """Check the config against the data (raising ConfigError at once), then train in the background."""
         with self._lock:
-            if self._snapshot.running:
+            if self._recording.fields.running:
                 raise SessionBusy("A training run is already running: stop it before starting another.")
             _, problems = preflight(config)
             if problems:
                 raise ConfigError(problems)
             self._commands = TrainingCommands()
             self._finished = None
-            self._log.clear()
-            self._snapshot = Snapshot(status="starting")
+            self._recording = _Recording("starting")
             trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)
             self._thread = threading.Thread(target=self._run, args=(trainer,), name="atelier-training", daemon=True)
             self._thread.start()
@@ -177,8 +215,9 @@ class TrainingSession:
         """
         with self._lock:
             trainer, self._finished = self._finished, None
-            if self._snapshot.running or trainer is None or trainer.components.source != source:
-                self._finished = None if self._snapshot.running else trainer
+            running = self._recording.fields.running
+            if running or trainer is None or trainer.components.source != source:
+                self._finished = None if running else trainer
                 return None
             return trainer.components
 
@@ -198,8 +237,9 @@ class TrainingSession:
         self._commands.save_now()
 
     def snapshot(self) -> Snapshot:
+        """The run as of now; it stays as it is while training goes on, so other threads may read it freely."""
         with self._lock:
-            return self._snapshot
+            return self._recording.snapshot()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run ends (for the CLI and tests); True when it has."""

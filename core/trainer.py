@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,17 +24,17 @@ from core.checkpoint import load_checkpoint, restore_training_state, save_checkp
 from core.config import ConfigError, Problem, TrainConfig
 from core.config_files import save_config
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
-from core.feature_cache import FeatureCache, encode_captions
-from core.lora import add_training_loras
-from core.lora_files import save_diffusers_lora, save_lora, training_metadata
+from core.feature_cache import FeatureCache, encode_captions, tokenize
+from core.lora_saver import LoraSaver
 from core.losses import diffusion_loss, training_target
-from core.models import SD15Components, load_sd15
+from core.models import SD15Components
 from core.optim import make_lr_scheduler, make_optimizer
 from core.preflight import RunPlan, plan_run, preflight
 from core.run_log import RunLog, replay
 from core.run_state import Progress, RunResult, model_fingerprint, new_run_dir
 from core.sampling import render_samples
-from core.training_data import FeatureOptions, TrainingSet, encode_features
+from core.training_data import BatchOrder, FeatureOptions, TrainingSet, encode_features
+from core.training_model import load_for_training
 from core.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ class Trainer:
         self.callbacks = callbacks or TrainingCallbacks()
         self.commands = commands or TrainingCommands()
         self.resume_dir = Path(resume_dir) if resume_dir else None
-        self.files: list[Path] = []
 
     # ----- setup ---------------------------------------------------------------------------------
 
@@ -74,38 +74,17 @@ class Trainer:
         self.dataset = dataset
         return plan_run(self.config, dataset, self.accelerator.num_processes)
 
-    def _load_model(self) -> SD15Components:
-        self.callbacks.on_status("loading")
-        components = load_sd15(self.config.model.base, vae=self.config.model.vae, dtype=self.weight_dtype)
-        components.noise_scheduler.register_to_config(prediction_type=self.config.model.prediction_type)
-        device = self.accelerator.device
-        for module in (components.unet, components.vae, components.text_encoder):
-            module.to(device)
-        components.vae.eval()
-        components.unet.train()
-        if self.config.performance.channels_last and device.type == "cuda":  # on CPUs it slows convolutions
-            components.unet.to(memory_format=torch.channels_last)
-        torch.manual_seed(self.config.run.seed)
-        self.unet_params, self.text_params = add_training_loras(
-            components.unet, components.text_encoder, self.config.lora
-        )
-        if self.config.performance.gradient_checkpointing:
-            components.unet.enable_gradient_checkpointing()
-            if self.text_params:
-                components.text_encoder.gradient_checkpointing_enable()
-        return components
-
     def _cache_features(self, components: SD15Components) -> tuple[TrainingSet, ValidationSet | None]:
         self.callbacks.on_status("caching")
         cfg = self.config
-        self.cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
+        cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
         missing = [r.path for r in (*self.dataset.train, *self.dataset.validation) if not r.path.is_file()]
         if missing:
             raise TrainingError(f"{missing[0]} disappeared after the dataset was read; restore it or reload")
         features = encode_features(
             self.dataset,
             components,
-            self.cache,
+            cache,
             FeatureOptions(
                 device=self.accelerator.device,
                 dtype=self.weight_dtype,
@@ -116,7 +95,7 @@ class Trainer:
                 validation_seed=cfg.validation.seed,
             ),
         )
-        stats = self.cache.stats
+        stats = cache.stats
         self._say(f"features: {stats.reused} reused from the cache, {stats.encoded} encoded")
         return features
 
@@ -143,21 +122,31 @@ class Trainer:
             f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in {plan.epochs} epochs"
         )
 
-        components = self._load_model()
+        self.callbacks.on_status("loading")
+        device = self.accelerator.device
+        components, self.unet_params, self.text_params = load_for_training(cfg, device, self.weight_dtype)
         train_set, validation = self._cache_features(components)
         optimizer = make_optimizer(cfg.optimizer, self.unet_params, self.text_params)
         lr_scheduler = make_lr_scheduler(cfg.schedule, optimizer, plan.total_steps)
         unet, optimizer = self.accelerator.prepare(components.unet, optimizer)
         text_encoder = self.accelerator.prepare(components.text_encoder) if self.text_params else None
+        # The unwrapped modules whose adapters train: what LoRA files, checkpoints and validation read.
+        self.lora_unet = self.accelerator.unwrap_model(components.unet)
+        self.lora_text_encoder = components.text_encoder if self.text_params else None
         self.components, self.plan, self.validation = components, plan, validation
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
 
-        rank = self.accelerator.process_index
-        self.order = torch.Generator().manual_seed(cfg.run.seed + rank)  # batch order and flips, on the CPU
-        self.noise = torch.Generator(self.accelerator.device).manual_seed(cfg.run.seed + 10_000 + rank)
-        self.epoch_order_state = self.order.get_state()
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.order = BatchOrder(cfg.run.seed + rank)
+        self.noise = torch.Generator(device).manual_seed(cfg.run.seed + 10_000 + rank)
         progress, history = self._restore(state) if state is not None else (Progress(), [])
-        self.run_log = RunLog(self.run_dir, history) if self.accelerator.is_main_process else None
+        main = self.accelerator.is_main_process
+        self.run_log = RunLog(self.run_dir, history) if main else None
+        self.loras = (
+            LoraSaver(cfg, self.run_dir, plan.train_images, self.lora_unet, self.lora_text_encoder, self.callbacks)
+            if main
+            else None
+        )
         replay(history, self.callbacks)
 
         self.callbacks.on_status("training")
@@ -165,7 +154,9 @@ class Trainer:
         step_times: list[float] = []
         try:
             while progress.epoch <= plan.epochs and progress.step < plan.total_steps:
-                batches = self._epoch_batches(train_set, progress)
+                if progress.next_batch == 0:
+                    progress.epoch_losses = []
+                batches = self.order.epoch_batches(train_set, world, rank, mid_epoch=progress.next_batch > 0)
                 while progress.next_batch < len(batches) and progress.step < plan.total_steps:
                     if self._obey_commands(progress):
                         status = "stopped"
@@ -215,25 +206,8 @@ class Trainer:
             min(progress.epoch, plan.epochs),
             progress.best_epoch,
             progress.best_val_loss,
-            self.files,
+            self.loras.files if self.loras else [],
         )
-
-    def _epoch_batches(self, train_set: TrainingSet, progress: Progress) -> list[list[int]]:
-        """This process's batches for the epoch.
-
-        The order is drawn from the order generator's state at the start of the epoch, which a checkpoint
-        keeps; so a run resumed mid-epoch draws the same order and continues exactly where it stopped.
-        """
-        if progress.next_batch == 0:
-            self.epoch_order_state = self.order.get_state()
-            progress.epoch_losses = []
-        current = self.order.get_state()
-        self.order.set_state(self.epoch_order_state)
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        batches = train_set.epoch_batches(self.order, world)[rank::world]
-        if progress.next_batch:
-            self.order.set_state(current)
-        return batches
 
     def _optimizer_step(
         self,
@@ -251,7 +225,7 @@ class Trainer:
         scheduler = self.components.noise_scheduler
         total = torch.zeros((), device=device)
         for index, indices in enumerate(group):
-            batch = train_set.batch(indices, self.order, self.noise, cfg.dataset.flip)
+            batch = train_set.batch(indices, self.order.generator, self.noise, cfg.dataset.flip)
             latents = batch.latents
             noise = torch.randn(latents.shape, generator=self.noise, device=device)
             if cfg.loss.noise_offset:
@@ -264,14 +238,7 @@ class Trainer:
             if batch.embeddings is not None:
                 hidden = batch.embeddings
             else:
-                ids = self.components.tokenizer(
-                    batch.captions,
-                    padding="max_length",
-                    max_length=self.components.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(device)
-                hidden = text_encoder(ids)[0]
+                hidden = text_encoder(tokenize(batch.captions, self.components.tokenizer).to(device))[0]
             last = index == len(group) - 1
             sync = self.accelerator.no_sync(unet) if not last else contextlib.nullcontext()
             with sync, self.accelerator.autocast():
@@ -316,7 +283,8 @@ class Trainer:
         if self.commands.take_sample_request() and not self.commands.stop_requested:  # a stop wins over samples
             self._sample(self.run_dir / "samples" / f"step-{progress.step:06d}", progress.epoch)
         if self.commands.take_save_request():
-            self._save_lora(f"{self.config.run.name}-step{progress.step:06d}", progress, "manual")
+            if self.loras:
+                self.loras.save(f"{self.config.run.name}-step{progress.step:06d}", progress, "manual")
             self._checkpoint(progress)
         return self.commands.stop_requested
 
@@ -339,27 +307,29 @@ class Trainer:
         if self.run_log:
             self.run_log.epoch(record)
         self.callbacks.on_epoch(record)
-        if cfg.saving.every_n_epochs and epoch % cfg.saving.every_n_epochs == 0:
-            self._save_lora(f"{cfg.run.name}-e{epoch:04d}", progress, "epoch")
+        if self.loras and cfg.saving.every_n_epochs and epoch % cfg.saving.every_n_epochs == 0:
+            self.loras.save(f"{cfg.run.name}-e{epoch:04d}", progress, "epoch")
         if cfg.sampling.every_n_epochs and epoch % cfg.sampling.every_n_epochs == 0:
             self._sample(self.run_dir / "samples" / f"epoch-{epoch:04d}", epoch)
         next_position = Progress(**{**progress.__dict__, "epoch": epoch + 1, "next_batch": 0, "epoch_losses": []})
         if cfg.saving.checkpoint_every_n_epochs and epoch % cfg.saving.checkpoint_every_n_epochs == 0:
-            self._checkpoint(next_position, self.order.get_state())
+            self._checkpoint(next_position, next_epoch=True)
         self.callbacks.on_status("training")
         return self._patience_exhausted(progress)
 
     def _validate_and_track(self, progress: Progress) -> float:
         """One validation: record it, and keep the LoRA as `<name>-best` when it is the lowest so far."""
         self.callbacks.on_status("validating")
-        val_loss = self._validate()
-        is_best = progress.best_val_loss is None or val_loss < progress.best_val_loss
-        if is_best:
-            progress.best_epoch, progress.best_val_loss = progress.epoch, val_loss
-            progress.validations_without_improvement = 0
-            self._save_lora(f"{self.config.run.name}-best", progress, "best")
-        else:
-            progress.validations_without_improvement += 1
+        components, device, dtype = self.components, self.accelerator.device, self.weight_dtype
+        # Captions have cached embeddings unless the text encoder trains; then they are encoded as it is now.
+        encode = partial(encode_captions, tokenizer=components.tokenizer, text_encoder=components.text_encoder)
+        with self.accelerator.autocast():
+            val_loss = validation_loss(
+                self.lora_unet, components.noise_scheduler, self.validation, encode, device, dtype
+            )
+        is_best = progress.record_validation(val_loss)
+        if is_best and self.loras:
+            self.loras.save(f"{self.config.run.name}-best", progress, "best")
         record = ValidationRecord(progress.step, progress.epoch, val_loss, is_best)
         if self.run_log:
             self.run_log.validation(record)
@@ -374,35 +344,6 @@ class Trainer:
             return True
         return False
 
-    def _validate(self) -> float:
-        unet = self.accelerator.unwrap_model(self.components.unet)
-        text_encoder = self.components.text_encoder
-        cached: dict[str, torch.Tensor] = {}
-
-        def encode(captions: list[str]) -> torch.Tensor:
-            if self.text_params:
-                return encode_captions(captions, self.components.tokenizer, text_encoder)
-            if captions[0] not in cached:
-                cached[captions[0]] = self.cache.caption_embedding(
-                    captions[0], self.components.tokenizer, text_encoder
-                )[None]
-            return cached[captions[0]]
-
-        was_training = unet.training
-        unet.eval()
-        try:
-            with self.accelerator.autocast():
-                return validation_loss(
-                    unet,
-                    self.components.noise_scheduler,
-                    self.validation,
-                    encode,
-                    self.accelerator.device,
-                    self.weight_dtype,
-                )
-        finally:
-            unet.train(was_training)
-
     def _sample(self, folder: Path, epoch: int) -> None:
         if not self.accelerator.is_main_process or not self.config.sampling.prompts:
             return
@@ -411,61 +352,32 @@ class Trainer:
         self.callbacks.on_sample(epoch, paths)
         self.callbacks.on_status("training")
 
-    def _save_lora(self, stem: str, progress: Progress, kind: str) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        self.callbacks.on_status("saving")
-        metadata = training_metadata(
-            self.config, train_images=self.plan.train_images, epoch=progress.epoch, step=progress.step
-        )
-        path = save_lora(
-            self.run_dir / f"{stem}.safetensors",
-            self.accelerator.unwrap_model(self.components.unet),
-            self.components.text_encoder if self.text_params else None,
-            precision=self.config.saving.precision,
-            metadata=metadata,
-        )
-        if path not in self.files:
-            self.files.append(path)
-        self.callbacks.on_saved(path, kind)
-        if self.config.saving.diffusers_format:
-            folder = save_diffusers_lora(
-                self.run_dir / f"{stem}-diffusers",
-                self.accelerator.unwrap_model(self.components.unet),
-                self.components.text_encoder if self.text_params else None,
-                precision=self.config.saving.precision,
-            )
-            self.callbacks.on_saved(folder, f"{kind} (diffusers)")
-
-    def _checkpoint(self, progress: Progress, epoch_order_state: torch.Tensor | None = None) -> None:
+    def _checkpoint(self, progress: Progress, next_epoch: bool = False) -> None:
         if not self.accelerator.is_main_process:
             return
         state = training_state(
-            self.accelerator.unwrap_model(self.components.unet),
-            self.components.text_encoder if self.text_params else None,
+            self.lora_unet,
+            self.lora_text_encoder,
             self.optimizer,
             self.lr_scheduler,
             progress=dict(progress.__dict__),
-            epoch_order_state=self.epoch_order_state if epoch_order_state is None else epoch_order_state,
-            order_state=self.order.get_state(),
+            **self.order.state(next_epoch),
             noise_state=self.noise.get_state(),
             history=self.run_log.history if self.run_log else [],
         )
         self.callbacks.on_saved(save_checkpoint(self.run_dir, state), "checkpoint")
 
     def _restore(self, state: dict) -> tuple[Progress, list[dict]]:
-        unet = self.accelerator.unwrap_model(self.components.unet)
-        text_encoder = self.components.text_encoder if self.text_params else None
-        restore_training_state(state, unet, text_encoder, self.optimizer, self.lr_scheduler)
-        self.order.set_state(state["order_state"])
+        restore_training_state(state, self.lora_unet, self.lora_text_encoder, self.optimizer, self.lr_scheduler)
+        self.order.restore(state)
         self.noise.set_state(state["noise_state"])
-        self.epoch_order_state = state["epoch_order_state"]
         progress = Progress(**state["progress"])
         self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
         return progress, list(state["history"])
 
     def _finish(self, progress: Progress, status: str) -> None:
-        self._save_lora(self.config.run.name, progress, "final")
+        if self.loras:
+            self.loras.save(self.config.run.name, progress, "final")
         self._checkpoint(progress)
         self.accelerator.wait_for_everyone()
         best = (

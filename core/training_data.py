@@ -71,6 +71,39 @@ class TrainingSet:
         return Batch(latents, [item.caption for item in items], embeddings)
 
 
+class BatchOrder:
+    """The CPU generator behind each epoch's batch order and flips, kept so a resume continues it exactly.
+
+    An epoch's order is drawn from the generator's state at the start of the epoch. A checkpoint keeps
+    that state beside the current one, so a run resumed mid-epoch draws the same order again and then
+    goes on from where the generator was.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start = self.generator.get_state()
+
+    def epoch_batches(self, train_set: TrainingSet, world: int, rank: int, mid_epoch: bool) -> list[list[int]]:
+        """Process `rank`'s share of the epoch's batches; `mid_epoch` when a resumed run is partway through it."""
+        if not mid_epoch:
+            self.epoch_start = self.generator.get_state()
+        current = self.generator.get_state()
+        self.generator.set_state(self.epoch_start)
+        batches = train_set.epoch_batches(self.generator, world)[rank::world]
+        if mid_epoch:
+            self.generator.set_state(current)
+        return batches
+
+    def state(self, next_epoch: bool = False) -> dict[str, torch.Tensor]:
+        """The states a checkpoint keeps; `next_epoch` when the run resumes at the start of the next epoch."""
+        current = self.generator.get_state()
+        return {"epoch_order_state": current if next_epoch else self.epoch_start, "order_state": current}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["order_state"])
+        self.epoch_start = state["epoch_order_state"]
+
+
 @dataclass(frozen=True)
 class FeatureOptions:
     device: torch.device
@@ -85,10 +118,13 @@ class FeatureOptions:
 def encode_features(
     dataset: Dataset, components: SD15Components, cache: FeatureCache, options: FeatureOptions
 ) -> tuple[TrainingSet, ValidationSet | None]:
-    """Encode every image and caption once (through the on-disk cache) and keep the results on the device."""
+    """Encode every image and caption once (through the on-disk cache) and keep the results on the device.
+
+    Training and validation images share one embedding per distinct caption.
+    """
     embeddings: dict[str, torch.Tensor] = {}
     if options.cache_captions:
-        for caption in sorted({record.caption for record in dataset.train}):
+        for caption in sorted({record.caption for record in (*dataset.train, *dataset.validation)}):
             embedding = cache.caption_embedding(caption, components.tokenizer, components.text_encoder)
             embeddings[caption] = embedding.to(options.device, options.dtype)
     items = []
@@ -111,5 +147,6 @@ def encode_features(
             options.validation_timesteps,
             options.validation_seed,
             components.noise_scheduler.config.num_train_timesteps,
+            embeddings,
         )
     return TrainingSet(items, options.batch_size), validation

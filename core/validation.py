@@ -3,11 +3,13 @@
 Each held-out image gets fixed noise at a fixed set of timesteps spread over the schedule, drawn
 once from the validation seed, and its latent is the posterior mean rather than a sample. The same
 weights therefore give the same number bit for bit, so a rise in the curve is overfitting, not luck.
+Captions are encoded with the features while the text encoder is frozen, so a validation only runs
+the UNet; while it trains, they are encoded with its current weights at each validation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ class ValidationItem:
     latent: torch.Tensor  # (4, h, w), posterior mean, scaled
     caption: str
     noise: torch.Tensor  # (K, 4, h, w)
+    embedding: torch.Tensor | None  # the caption's CLIP hidden states, None while the text encoder trains
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,20 @@ def spread_timesteps(count: int, train_timesteps: int) -> torch.Tensor:
 
 
 def build_validation_set(
-    latents: list[torch.Tensor], captions: list[str], count: int, seed: int, train_timesteps: int
+    latents: list[torch.Tensor],
+    captions: list[str],
+    count: int,
+    seed: int,
+    train_timesteps: int,
+    embeddings: Mapping[str, torch.Tensor] | None = None,
 ) -> ValidationSet:
+    """`embeddings` maps captions to their cached hidden states; captions it lacks are encoded when measured."""
     generator = torch.Generator().manual_seed(seed)
+    embeddings = embeddings or {}
     items = [
-        ValidationItem(latent, caption, torch.randn((count, *latent.shape), generator=generator))
+        ValidationItem(
+            latent, caption, torch.randn((count, *latent.shape), generator=generator), embeddings.get(caption)
+        )
         for latent, caption in zip(latents, captions, strict=True)
     ]
     return ValidationSet(items, spread_timesteps(count, train_timesteps))
@@ -56,16 +68,26 @@ def validation_loss(
     device: torch.device,
     dtype: torch.dtype,
 ) -> float:
-    """Mean MSE over every held-out image and fixed timestep (unweighted, in fp32)."""
-    timesteps = validation.timesteps.to(device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for item in validation.items:
-        count = len(timesteps)
-        latents = item.latent.to(device)[None].expand(count, -1, -1, -1)
-        noise = item.noise.to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden = encode_text([item.caption]).to(device, dtype).expand(count, -1, -1)
-        prediction = unet(noisy.to(dtype), timesteps, hidden).sample
-        target = training_target(scheduler, latents, noise, timesteps)
-        total += torch.nn.functional.mse_loss(prediction.float(), target.float()).double()
-    return float(total / max(1, len(validation.items)))
+    """Mean MSE over every held-out image and fixed timestep (unweighted, in fp32).
+
+    The UNet runs in eval mode (LoRA dropout off, so only the weights move the number) and is put back
+    as it was; `encode_text` encodes the captions that have no cached embedding.
+    """
+    was_training = unet.training
+    unet.eval()
+    try:
+        timesteps = validation.timesteps.to(device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for item in validation.items:
+            count = len(timesteps)
+            latents = item.latent.to(device)[None].expand(count, -1, -1, -1)
+            noise = item.noise.to(device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            hidden = item.embedding[None] if item.embedding is not None else encode_text([item.caption])
+            hidden = hidden.to(device, dtype).expand(count, -1, -1)
+            prediction = unet(noisy.to(dtype), timesteps, hidden).sample
+            target = training_target(scheduler, latents, noise, timesteps)
+            total += torch.nn.functional.mse_loss(prediction.float(), target.float()).double()
+        return float(total / max(1, len(validation.items)))
+    finally:
+        unet.train(was_training)

@@ -1,0 +1,31 @@
+"""The training session's snapshots, fed trainer events directly (no training)."""
+
+from __future__ import annotations
+
+from core.events import StepRecord, ValidationRecord
+from core.session import TrainingSession, _Recorder
+
+
+def test_a_snapshot_stays_as_it_was_taken_while_the_run_goes_on() -> None:
+    session = TrainingSession()
+    recorder = _Recorder(session)
+
+    def step(number: int) -> None:
+        recorder.on_step(StepRecord(number, 10, 1, 2, 1.0 / number, 1e-4 * number, 2.0, 0.5 * number))
+
+    for number in (1, 2, 3):
+        step(number)
+    recorder.on_log("three steps")
+    earlier = session.snapshot()
+    step(4)
+    recorder.on_validation(ValidationRecord(4, 1, 0.25, True))
+    recorder.on_log("four steps")
+    later = session.snapshot()
+
+    assert earlier.step == 3 and earlier.eta_seconds == 3.5
+    assert earlier.loss_history == ((1, 1.0), (2, 0.5), (3, 1.0 / 3))
+    assert [step for step, _ in earlier.lr_history] == [1, 2, 3]
+    assert earlier.val_history == () and earlier.log == ("three steps",)
+    assert later.step == 4 and [step for step, _ in later.loss_history] == [1, 2, 3, 4]
+    assert [step for step, _ in later.lr_history] == [1, 2, 3, 4]
+    assert later.val_history == (ValidationRecord(4, 1, 0.25, True),) and later.log == ("three steps", "four steps")
