@@ -134,7 +134,7 @@ def test_config_problems_name_each_field(workspace: Workspace, folders: dict[str
         "run.output_dir",
     ]
     assert all("outside the folders this app may use" in problem.message for problem in problems)
-    with pytest.raises(ConfigError, match="dataset.path"):
+    with pytest.raises(ConfigError, match=r"dataset\.path"):
         workspace.check_config(build_config(["sd15"], overrides=outside))
 
 
@@ -145,7 +145,7 @@ def test_the_shared_config_store_refuses_paths_outside(workspace: Workspace, fol
     with pytest.raises(ConfigError) as refused:
         store.update({"dataset.path": str(folders["elsewhere"])})
     assert [problem.field for problem in refused.value.problems] == ["dataset.path"]
-    with pytest.raises(ConfigError, match="run.output_dir"):
+    with pytest.raises(ConfigError, match=r"run\.output_dir"):
         store.set(initial.model_copy(update={"run": initial.run.model_copy(update={"output_dir": "/tmp"})}))
     assert store.get().dataset.path == inside and store.get().run.output_dir == str(folders["output"])
     assert str(folders["elsewhere"]) not in (folders["output"] / "ui.toml").read_text(encoding="utf-8")
