@@ -71,6 +71,13 @@ def explain_error(error: BaseException) -> str:
             "The disk is full: free some space or choose another run.output_dir, then resume the run. "
             "The last saved LoRA and checkpoint are kept."
         )
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = f" ({error.filename})" if error.filename else ""
+        return (
+            f"The output folder can no longer be written{where}: make it writable again (or free the read-only "
+            "disk), then resume the run, or choose another run.output_dir. The last saved LoRA and checkpoint are "
+            "kept."
+        )
     if isinstance(error, FileNotFoundError):
         return (
             f"A file disappeared during training: {error.filename}. Restore it, or reload the dataset and start again."

@@ -233,7 +233,8 @@ def test_an_output_folder_made_read_only_mid_run_stops_cleanly_and_keeps_the_sav
     finally:
         if run.exists():
             run.chmod(0o755)
-    assert str(run) in explain_error(failure.value)  # the user is told which folder refused the write
+    message = explain_error(failure.value)  # the user is told which folder refused the write, and the fix
+    assert str(run) in message and "make it writable again" in message and "then resume the run" in message
     assert sorted(path.name for path in run.iterdir()) == recorder.files_then
     assert {"demo-e0001.safetensors", "demo-best.safetensors", "checkpoint.pt"} <= set(recorder.files_then)
     assert assert_files_loadable(run)["progress"]["step"] == 7  # the epoch-1 checkpoint, intact
