@@ -197,6 +197,15 @@ class PerformanceSection(Section):
     cache_latents: bool = setting(True, "Encode images and captions once and keep them on disk", advanced=True)
     channels_last: bool = setting(True, "channels_last memory format for convolutions (GPU only)", advanced=True)
     compile: bool = setting(False, "torch.compile the UNet (slow first step, faster after)", advanced=True)
+    loss_readback_seconds: float = setting(
+        0.5,
+        "Read step losses back from the GPU this often, not after every step, so the GPU never waits for the "
+        "CPU; 0 reads every step",
+        unit="s",
+        ge=0,
+        le=60,
+        advanced=True,
+    )
 
 
 class TrainConfig(BaseModel):

@@ -98,6 +98,11 @@ class TrainingCommands:
     def paused(self) -> bool:
         return not self._running.is_set()
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything asks for the trainer's attention at the next step boundary."""
+        return self.paused or self.stop_requested or self._sample.is_set() or self._save.is_set()
+
     def wait_while_paused(self, poll_seconds: float = 0.2) -> None:
         while not self._running.wait(poll_seconds):
             pass

@@ -26,6 +26,7 @@ from core.config_files import save_config
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.feature_cache import FeatureCache, encode_captions, tokenize
 from core.lora_saver import LoraSaver
+from core.loss_readback import LossReadback
 from core.losses import diffusion_loss, training_target
 from core.models import SD15Components
 from core.optim import make_lr_scheduler, make_optimizer
@@ -152,6 +153,7 @@ class Trainer:
         self.callbacks.on_status("training")
         started, status = time.perf_counter(), "finished"
         step_times: list[float] = []
+        self.losses = LossReadback(cfg.performance.loss_readback_seconds)
         try:
             while progress.epoch <= plan.epochs and progress.step < plan.total_steps:
                 if progress.next_batch == 0:
@@ -167,26 +169,17 @@ class Trainer:
                     progress.next_batch += len(group)
                     progress.step += 1
                     step_times = [*step_times[-19:], time.perf_counter() - tick]
-                    if not math.isfinite(loss):
-                        if cfg.loss.on_nan == "stop":
-                            raise TrainingError(
-                                f"the loss became {loss} at step {progress.step}: lower optimizer.learning_rate "
-                                f"(now {cfg.optimizer.learning_rate:g}), keep optimizer.max_grad_norm above 0, or "
-                                "use bf16 instead of fp16 (or set loss.on_nan = skip). The LoRA files saved so far "
-                                "are kept."
-                            )
-                        # The step keeps its number and its batch is used up, so the run's length, epoch ends
-                        # and resume positions stay as planned; it only leaves a gap in the loss curve.
-                        self._say(f"skipped step {progress.step}: loss was {loss}")
-                        continue
-                    progress.epoch_losses.append(loss)
-                    self._report_step(progress, loss, step_times, started)
+                    self.losses.add(self._step_record(progress, step_times, started), loss)
                     every = cfg.validation.every_n_steps
-                    if self.validation and every and progress.step % every == 0:
+                    validate = self.validation is not None and every > 0 and progress.step % every == 0
+                    if validate or self.losses.due():
+                        self._read_losses(progress)
+                    if validate:
                         self._validate_and_track(progress)
                         if self._patience_exhausted(progress):
                             status = "early_stopped"
                             break
+                self._read_losses(progress)  # the epoch end, a stop and the final save need every loss
                 if status != "finished":
                     break
                 progress.next_batch = 0
@@ -215,11 +208,14 @@ class Trainer:
         text_encoder: torch.nn.Module | None,
         train_set: TrainingSet,
         group: list[list[int]],
-    ) -> float:
-        """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step.
+    ) -> torch.Tensor:
+        """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step;
+        returns the loss, averaged over processes, still on the device.
 
-        The step is left out when the loss is not finite; every process sees the same reduced loss, so all
-        of them leave it out together.
+        A step whose loss is not finite has non-finite gradients, and stepping would poison the LoRA, so it is
+        left out: by the fused optimizer on the device where it can (no waiting for the GPU), else after
+        reading the loss back. Every process sees the same reduced loss, so all leave it out together. The
+        learning-rate schedule advances either way: it follows the step number, which a skipped step keeps.
         """
         cfg, device = self.config, self.accelerator.device
         scheduler = self.components.noise_scheduler
@@ -247,35 +243,60 @@ class Trainer:
                 loss = diffusion_loss(prediction, target, scheduler, timesteps, cfg.loss.min_snr_gamma) / len(group)
                 self.accelerator.backward(loss)
             total += loss.detach()
-        loss = float(self.accelerator.reduce(total, reduction="mean"))
-        if math.isfinite(loss):  # a non-finite loss has non-finite gradients: stepping would poison the LoRA
+        loss = self.accelerator.reduce(total, reduction="mean")
+        inner = self.optimizer.optimizer
+        if inner.defaults.get("fused"):  # torch's fused optimizers take a device-side "leave this step out" flag
+            if self.accelerator.scaler is None:  # fp16's gradient scaler sets that flag itself
+                inner.found_inf = (~torch.isfinite(loss)).float()
+            step = True
+        else:
+            step = bool(torch.isfinite(loss))
+        if step:
             if cfg.optimizer.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.unet_params + self.text_params, cfg.optimizer.max_grad_norm)
             self.optimizer.step()
-            self.lr_scheduler.step()
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
     # ----- reporting, commands, epoch ends ------------------------------------------------------
 
-    def _report_step(self, progress: Progress, loss: float, step_times: list[float], started: float) -> None:
-        its = len(step_times) / sum(step_times) if step_times else 0.0
-        record = StepRecord(
+    def _step_record(self, progress: Progress, step_times: list[float], started: float) -> StepRecord:
+        """The step just taken, its loss still to be read back (NaN until then)."""
+        return StepRecord(
             step=progress.step,
             total_steps=self.plan.total_steps,
             epoch=progress.epoch,
             total_epochs=self.plan.epochs,
-            loss=loss,
+            loss=math.nan,
             lr=self.lr_scheduler.get_last_lr()[0],
-            its=its,
+            its=len(step_times) / sum(step_times),
             elapsed=time.perf_counter() - started,
         )
-        if self.run_log:
-            self.run_log.step(record)
-        self.callbacks.on_step(record)
+
+    def _read_losses(self, progress: Progress) -> None:
+        """Report the steps whose loss was still on the device; stop, or log the skip, at a non-finite one."""
+        for record in self.losses.take():
+            if not math.isfinite(record.loss):
+                if self.config.loss.on_nan == "stop":
+                    raise TrainingError(
+                        f"the loss became {record.loss} at step {record.step}: lower optimizer.learning_rate "
+                        f"(now {self.config.optimizer.learning_rate:g}), keep optimizer.max_grad_norm above 0, or "
+                        "use bf16 instead of fp16 (or set loss.on_nan = skip). The LoRA files saved so far are kept."
+                    )
+                # The step keeps its number and its batch is used up, so the run's length, epoch ends and
+                # resume positions stay as planned; it only leaves a gap in the loss curve.
+                self._say(f"skipped step {record.step}: loss was {record.loss}")
+                continue
+            progress.epoch_losses.append(record.loss)
+            if self.run_log:
+                self.run_log.step(record)
+            self.callbacks.on_step(record)
 
     def _obey_commands(self, progress: Progress) -> bool:
         """Act on pause, sample-now and save-now; True when a stop was asked for."""
+        if self.commands.pending:
+            self._read_losses(progress)  # what the user sees, and a checkpoint, include every step so far
         if self.commands.paused:
             self.callbacks.on_status("paused")
             self.commands.wait_while_paused()

@@ -19,6 +19,7 @@ def demo_config(model: Path, dataset: Path, output: Path, *overrides: str) -> Tr
             f"run.output_dir={output}",
             "run.name=demo",
             'sampling.prompts=["bauhaus style building", "neoclassical style building"]',
+            "performance.loss_readback_seconds=0",  # every step's event at once: tests act at exact steps
             *overrides,
         ],
     )
