@@ -67,7 +67,10 @@ class Workspace:
         text = str(typed).strip()
         if not text:
             raise PathNotAllowed(f"{what}: type a path")
-        resolved = Path(text).expanduser().resolve()
+        try:
+            resolved = Path(text).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as error:  # a NUL byte, a symbolic link loop, no home
+            raise PathNotAllowed(f"{what}: {text!r} is not a usable path ({error}); type another") from error
         if any(resolved.is_relative_to(folder) for folder in self.folders(kind)):
             return resolved
         linked = f" (it leads to {resolved})" if resolved != Path(text).expanduser().absolute() else ""

@@ -76,6 +76,14 @@ def test_a_symbolic_link_cannot_lead_out_of_a_folder(workspace: Workspace, folde
     assert workspace.path(inner, "datasets", "Dataset folder") == (folders["datasets"] / "bauhaus").resolve()
 
 
+def test_unusable_paths_are_refused_not_crashed_on(workspace: Workspace, folders: dict[str, Path]) -> None:
+    loop = folders["datasets"] / "loop"
+    loop.symlink_to(loop)
+    for typed in (f"{folders['datasets']}/bad\0name", str(loop / "x")):
+        with pytest.raises(PathNotAllowed, match="Dataset folder: "):
+            workspace.path(typed, "datasets", "Dataset folder")
+
+
 def test_a_chosen_folder_may_itself_be_a_link(folders: dict[str, Path], tmp_path: Path) -> None:
     linked_root = tmp_path / "datasets-link"
     linked_root.symlink_to(folders["datasets"], target_is_directory=True)
