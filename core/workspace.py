@@ -59,6 +59,11 @@ class Workspace:
             return (self.output,)
         return (*(self.datasets if kind == "datasets" else self.models), self.output)
 
+    def allowed(self, kind: Kind) -> str:
+        """Where paths of this kind may lie, in words for a form's help text."""
+        folders = ", ".join(str(folder) for folder in self.folders(kind))
+        return f"Allowed: inside {folders} (add folders with {FLAGS[kind]})."
+
     def path(self, typed: str | Path, kind: Kind, what: str) -> Path:
         """`typed` resolved, when it lies inside a `kind` folder; otherwise PathNotAllowed saying what to do.
 

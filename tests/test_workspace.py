@@ -92,6 +92,13 @@ def test_a_chosen_folder_may_itself_be_a_link(folders: dict[str, Path], tmp_path
     assert workspace.path(folders["datasets"] / "bauhaus", "datasets", "Dataset folder")
 
 
+def test_the_allowed_folders_are_described_for_forms(workspace: Workspace, folders: dict[str, Path]) -> None:
+    text = workspace.allowed("models")
+    assert text == (
+        f"Allowed: inside {folders['models'].resolve()}, {folders['output'].resolve()} (add folders with --models-dir)."
+    )
+
+
 def test_only_the_output_folder_is_written(workspace: Workspace, folders: dict[str, Path]) -> None:
     for folder in ("datasets", "models"):
         with pytest.raises(PathNotAllowed, match="--output-dir"):

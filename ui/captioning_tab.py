@@ -84,7 +84,11 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
     )
     with gr.Row():
         folder = gr.Textbox(
-            label="Dataset folder", value=context.store.get().dataset.path, elem_id="caption-folder", scale=4
+            label="Dataset folder",
+            value=context.store.get().dataset.path,
+            info=context.workspace.allowed("datasets"),
+            elem_id="caption-folder",
+            scale=4,
         )
         choices = model_choices(context.demo)
         model = gr.Dropdown(

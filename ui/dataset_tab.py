@@ -91,7 +91,8 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
             label="Dataset folder",
             value=context.store.get().dataset.path,
             placeholder="/path/to/images (with same-name .txt captions)",
-            info="Loading uses the Training tab's dataset settings, and makes this the folder training uses.",
+            info="Loading uses the Training tab's dataset settings, and makes this the folder training uses. "
+            + context.workspace.allowed("datasets"),
             interactive=False,  # until the page load puts in the current folder, which would replace typing
             elem_id="dataset-folder",
             scale=5,

@@ -155,9 +155,13 @@ def extract_action(
 
 
 def build_tools_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
-    gr.Markdown("Work on LoRA files: ours and any kohya/A1111 or diffusers LoRA. Outputs never replace an input.")
-    tools_dir = context.output_dir / "tools"
     workspace = context.workspace
+    gr.Markdown(
+        "Work on LoRA files: ours and any kohya/A1111 or diffusers LoRA. Outputs never replace an input.\n\n"
+        f"LoRA and model files are read from the model folders. {workspace.allowed('models')} Outputs are written "
+        f"only into {workspace.output} (set with --output-dir)."
+    )
+    tools_dir = context.output_dir / "tools"
 
     with gr.Accordion("Inspect", open=True):
         inspect_file = gr.Textbox(label="LoRA file", elem_id="tools-inspect-file")

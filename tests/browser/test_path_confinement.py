@@ -55,6 +55,7 @@ def test_the_dataset_tab_refuses_folders_outside(
         "dot-dot": str(app_server.output_dir / ".." / ".." / ".." / elsewhere.relative_to("/tmp")),
         "link": str(link),
     }
+    expect(page.locator("#dataset-folder")).to_contain_text(f"Allowed: inside {app_server.output_dir.parent}")
     for how, typed in escapes.items():
         _textbox(page, "dataset-folder").fill(typed)
         page.locator("#dataset-load").click()
