@@ -95,17 +95,17 @@ def check_image(path: Path, *, min_side: int = 1, max_pixels: int = MAX_PIXELS) 
     data is still read to the end, which is what catches truncation, at a fraction of the cost. The
     conversions come from the mode and EXIF in the header, and from the alpha of the decoded pixels.
     """
-    image, (width, height) = _load(path, max_pixels=max_pixels, fast=True)
+    image, (width, height), raw_mode = _load(path, max_pixels=max_pixels, fast=True)
     orientation = _orientation(image)
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     _check_min_side(width, height, min_side)
-    return ImageCheck(width, height, _conversions(image, orientation))
+    return ImageCheck(width, height, _conversions(image, orientation, raw_mode))
 
 
 def open_image(path: Path, *, min_side: int = 1, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The file as an upright 8-bit RGB image, with transparency composited on white."""
-    image, _ = _load(path, max_pixels=max_pixels, fast=False)
+    image, _, _ = _load(path, max_pixels=max_pixels, fast=False)
     try:
         upright = ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as error:
@@ -127,8 +127,9 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     return scaled.crop((left, top, left + width, top + height))
 
 
-def _load(path: Path, *, max_pixels: int, fast: bool) -> tuple[Image.Image, tuple[int, int]]:
-    """The decoded image and its stored size, checked against `max_pixels` before any pixel is decoded.
+def _load(path: Path, *, max_pixels: int, fast: bool) -> tuple[Image.Image, tuple[int, int], str]:
+    """The decoded image, its stored size (checked against `max_pixels` before any pixel is decoded), and
+    the pixel layout in the file ("RGB;16B"), which decoding forgets: Pillow reads 16-bit colour as 8-bit.
 
     Pillow decodes lazily, so a truncated file would pass `open` and fail mid-training; `load` forces
     the full decode now. Pillow's own bomb warning becomes an error because a warning lets the decode run.
@@ -141,10 +142,12 @@ def _load(path: Path, *, max_pixels: int, fast: bool) -> tuple[Image.Image, tupl
             with Image.open(path, formats=_FORMATS) as image:
                 stored_size = image.size
                 _check_pixels(*stored_size, max_pixels)
+                args = image.tile[0].args if image.tile else ""
+                raw_mode = args if isinstance(args, str) else next((a for a in args if isinstance(a, str)), "")
                 if fast:
                     image.draft(None, (1, 1))
                 image.load()
-                return image, stored_size
+                return image, stored_size, raw_mode
     except UnidentifiedImageError:
         raise UnusableImage(
             "not a readable image (wrong extension or unsupported format): re-export as PNG or JPEG, or remove it"
@@ -187,14 +190,16 @@ def _orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _conversions(image: Image.Image, orientation: int) -> tuple[str, ...]:
+def _conversions(image: Image.Image, orientation: int, raw_mode: str) -> tuple[str, ...]:
     """What `open_image` will change in the stored image, in the order it happens; see `_to_rgb`."""
     changes = []
     if orientation in _ORIENTATION_TURNS:
         changes.append(f"turned upright from its EXIF orientation ({_ORIENTATION_TURNS[orientation]})")
     if image.mode in _DEEP_MODES:
         changes.append(f"{_DEEP_MODES[image.mode]} grayscale reduced to 8 bits")
-    elif image.mode == "CMYK":
+    elif ";16" in raw_mode:
+        changes.append("16-bit colour reduced to 8 bits per channel")
+    if image.mode == "CMYK":
         changes.append("CMYK colours converted to RGB")
     elif _has_transparent_pixels(image):
         changes.append("transparent areas filled with white")

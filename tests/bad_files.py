@@ -79,6 +79,13 @@ def write_bad_files(folder: Path) -> dict[str, Case]:
     usable("png_16bit", "sixteen_bit.png", _sixteen_bit_gradient(SIZE), "16-bit grayscale reduced to 8 bits")
     usable("unicode_name", "façade été 01.png", noise, caption="façade, été, ünïcödé")
 
+    colour16 = folder / "sixteen_bit_rgb.png"
+    colour16.write_bytes(_png_16bit_rgb(SIZE))
+    colour16.with_suffix(".txt").write_text("a 16-bit colour image", encoding="utf-8")
+    cases["png_16bit_rgb"] = Case(
+        (colour16,), usable=True, reported="converted", reason="16-bit colour reduced to 8 bits", size=SIZE
+    )
+
     rotated = _save(folder / "exif_rotated.jpg", noise, "a rotated image", exif=_orientation_exif(6))
     turned = "turned upright from its EXIF orientation (rotated 90° clockwise)"
     cases["exif_rotated"] = Case((rotated,), usable=True, reported="converted", reason=turned, size=(SIZE[1], SIZE[0]))
@@ -184,6 +191,15 @@ def _sixteen_bit_gradient(size: tuple[int, int]) -> Image.Image:
     """0 to 65535 left to right: clipping to 8 bits instead of scaling would turn almost all of it white."""
     row = np.linspace(0, 65535, size[0]).round().astype(np.uint16)
     return Image.fromarray(np.tile(row, (size[1], 1)))
+
+
+def _png_16bit_rgb(size: tuple[int, int]) -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow reads these but cannot write them): a colour gradient."""
+    width, height = size
+    row = np.linspace(0, 65535, width * 3).round().astype(">u2").tobytes()
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    data = zlib.compress(b"".join(b"\0" + row for _ in range(height)))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def _orientation_exif(orientation: int) -> bytes:

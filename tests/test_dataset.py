@@ -18,7 +18,8 @@ from tests.bad_files import SIZE, Case, write_bad_files, write_image
 
 USABLE = [
     *("png", "jpeg", "upper_case_extension", "webp", "bmp", "tiff", "unicode_name", "nested", "no_caption"),
-    *("grayscale", "grayscale_alpha", "rgba", "palette_transparent", "cmyk_jpeg", "png_16bit", "exif_rotated"),
+    *("grayscale", "grayscale_alpha", "rgba", "palette_transparent", "cmyk_jpeg", "png_16bit", "png_16bit_rgb"),
+    "exif_rotated",
 ]
 UNUSABLE = [
     *("zero_bytes", "text_as_png", "corrupt_bytes", "truncated_png", "truncated_jpeg", "tiny"),
