@@ -208,7 +208,7 @@ def test_dropping_a_png_restores_its_settings(page: Page, tmp_path: Path, styles
 def test_cancel_stops_a_render_after_the_current_step(page: Page, app_server: AppServer) -> None:
     open_inference(page)
     page.locator("#inference-mode input[value=txt2img]").check()
-    for name, value in (("width", 128), ("height", 128), ("steps", 150), ("seed", 555)):  # long enough to catch
+    for name, value in (("width", 256), ("height", 256), ("steps", 150), ("seed", 555)):  # long enough to catch
         set_number(page, name, value)
     page.locator("#inference-generate").click()
     expect(page.locator("#inference-gallery")).to_contain_text("Rendering", timeout=RENDER_TIMEOUT_MS)
