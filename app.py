@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         models=args.models_dir or [Path("models")],
     )
     for kind in ("datasets", "models", "output"):
-        folders = ", ".join(str(folder) for folder in context.workspace.folders(kind))
-        log.info("The app may use these folders for %s: %s", kind, folders)
+        log.info("Folders for %s: %s", kind, context.workspace.allowed(kind))
     app = build_app(context)
     app.queue().launch(
         server_name=args.host,

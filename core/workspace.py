@@ -13,7 +13,7 @@ already has the shell.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,10 +59,12 @@ class Workspace:
             return (self.output,)
         return (*(self.datasets if kind == "datasets" else self.models), self.output)
 
+    def _listed(self, kind: Kind) -> str:
+        return ", ".join(str(folder) for folder in self.folders(kind))
+
     def allowed(self, kind: Kind) -> str:
         """Where paths of this kind may lie, in words for a form's help text."""
-        folders = ", ".join(str(folder) for folder in self.folders(kind))
-        return f"Allowed: inside {folders} (add folders with {FLAGS[kind]})."
+        return f"Allowed: inside {self._listed(kind)} (add folders with {FLAGS[kind]})."
 
     def path(self, typed: str | Path, kind: Kind, what: str) -> Path:
         """`typed` resolved, when it lies inside a `kind` folder; otherwise PathNotAllowed saying what to do.
@@ -79,9 +81,9 @@ class Workspace:
         if any(resolved.is_relative_to(folder) for folder in self.folders(kind)):
             return resolved
         linked = f" (it leads to {resolved})" if resolved != Path(text).expanduser().absolute() else ""
-        allowed = ", ".join(str(folder) for folder in self.folders(kind))
         raise PathNotAllowed(
-            f"{what}: {text}{linked} is outside the folders this app may use for {kind} ({allowed}). Choose a path "
+            f"{what}: {text}{linked} is outside the folders this app may use for {kind} ({self._listed(kind)}). "
+            "Choose a path "
             f"inside one of them, or restart the app with {FLAGS[kind]} naming the folder that holds it."
         )
 
@@ -94,17 +96,17 @@ class Workspace:
 
     def config_problems(self, config: TrainConfig) -> list[Problem]:
         """A field-level problem for each folder or model in `config` that lies outside the allowed folders."""
-        checks: dict[str, Callable[[str, str], object]] = {field: self.model for field in CONFIG_MODELS}
-        for field, kind in CONFIG_PATHS.items():
-            checks[field] = lambda value, what, kind=kind: self.path(value, kind, what)
         problems = []
-        for field, check in checks.items():
+        for field in (*CONFIG_PATHS, *CONFIG_MODELS):
             section, _, name = field.partition(".")
             value = str(getattr(getattr(config, section), name))
             if not value:  # empty means "none" (validation folder, VAE), or is the preflight's to explain
                 continue
             try:
-                check(value, field)
+                if field in CONFIG_PATHS:
+                    self.path(value, CONFIG_PATHS[field], field)
+                else:
+                    self.model(value, field)
             except PathNotAllowed as error:
                 problems.append(Problem(field, value, str(error).removeprefix(f"{field}: ")))
         return problems

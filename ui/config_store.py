@@ -36,17 +36,18 @@ class ConfigStore:
         with self._lock:
             return self._config
 
-    def parse(self, data: dict[str, Any]) -> TrainConfig:
-        """Settings as a config, or ConfigError naming each field the schema or the `check` refuses."""
-        config = parse_config(data)
+    def _checked(self, config: TrainConfig) -> TrainConfig:
         if problems := self.check(config):
             raise ConfigError(problems)
         return config
 
+    def parse(self, data: dict[str, Any]) -> TrainConfig:
+        """Settings as a config, or ConfigError naming each field the schema or the `check` refuses."""
+        return self._checked(parse_config(data))
+
     def set(self, config: TrainConfig) -> None:
         """Replace every setting; raises ConfigError (and keeps the old ones) when the `check` refuses some."""
-        if problems := self.check(config):
-            raise ConfigError(problems)
+        self._checked(config)
         with self._lock:
             self._config = config
             self._write(config)

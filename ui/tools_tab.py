@@ -37,24 +37,25 @@ def run_tool(command: str, options: Callable[[], dict[str, object]]) -> str:
     return f"```\n{report}\n```"
 
 
-def _file(workspace: Workspace, value: str, what: str) -> Path:
-    """A file to read: it must lie in the folders the app may use for models (trained LoRAs included)."""
+def _required(value: str, what: str) -> str:
+    """`what` as the label of a refusal message, once `value` is known to be filled in."""
     if not value.strip():
         raise ValueError(f"choose {what}")
-    return workspace.path(value, "models", what[0].upper() + what[1:])
+    return what[0].upper() + what[1:]
+
+
+def _file(workspace: Workspace, value: str, what: str) -> Path:
+    """A file to read: it must lie in the folders the app may use for models (trained LoRAs included)."""
+    return workspace.path(value, "models", _required(value, what))
 
 
 def _output(workspace: Workspace, value: str, what: str) -> Path:
     """A file to write: only inside the output folder."""
-    if not value.strip():
-        raise ValueError(f"choose {what}")
-    return workspace.path(value, "output", what[0].upper() + what[1:])
+    return workspace.path(value, "output", _required(value, what))
 
 
 def _model(workspace: Workspace, value: str, what: str) -> str:
-    if not value.strip():
-        raise ValueError(f"choose {what}")
-    return workspace.model(value, what[0].upper() + what[1:])
+    return workspace.model(value, _required(value, what))
 
 
 def _precision(value: str) -> str | None:
