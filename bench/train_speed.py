@@ -153,7 +153,7 @@ def run_reference(args: argparse.Namespace, model: str, dataset: Path) -> Measur
     """One step = what the diffusers example does: encode images and captions, UNet forward/backward, AdamW."""
     import numpy as np
     import torch
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from PIL import Image
 
     from core.models import load_sd15
@@ -165,8 +165,8 @@ def run_reference(args: argparse.Namespace, model: str, dataset: Path) -> Measur
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.requires_grad_(False)
         module.to(device)
-    parts.unet.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    inject_adapter_in_model(
+        LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["to_k", "to_q", "to_v", "to_out.0"]), parts.unet
     )
     params = [p for p in parts.unet.parameters() if p.requires_grad]
     for param in params:

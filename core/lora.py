@@ -1,5 +1,9 @@
 """LoRA adapters on the UNet and the CLIP text encoder, through peft.
 
+Adapters are injected with peft's own `inject_adapter_in_model`, not through the diffusers or
+transformers integrations (`add_adapter`): those check the peft version against their own minimum,
+and transformers 5.24 refuses every peft release published at the time. peft alone decides here.
+
 The three target sets follow what kohya users know: attention only, attention + feed-forward
 (the default), and every Linear and Conv layer of the UNet blocks (LoCon-style). LoRA weights are
 kept in fp32 even when the frozen base runs in fp16/bf16, so small updates are not rounded away.
@@ -8,7 +12,7 @@ kept in fp32 even when the frozen base runs in fp16/bf16, so small updates are n
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from core.config import LoraSection, LoraTargets
@@ -48,7 +52,7 @@ def add_lora(model: nn.Module, target_modules: list[str], section: LoraSection) 
         init_lora_weights=True,
         target_modules=target_modules,
     )
-    model.add_adapter(config)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     params = [p for p in model.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.to(torch.float32)

@@ -1,8 +1,8 @@
 """Sample images during training, identical from epoch to epoch and invisible to the training run.
 
 The same prompts, seed, sampler, steps and size every time make epochs comparable side by side.
-The global RNG state is forked and the UNet is put back in training mode afterwards, so taking a
-sample never changes what the run learns.
+The global RNG state is forked and the UNet and text encoder are put back in their training modes
+afterwards, so taking a sample never changes what the run learns.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from core.fsutil import atomic_path
 from core.models import SD15Components, build_pipeline
 from core.png_info import format_parameters
 from core.samplers import SAMPLER_LABELS, make_sampler
+from core.training_model import eval_mode
 
 
 def generation_parameters(prompt: str, section: SamplingSection, model: str) -> str:
@@ -46,8 +47,6 @@ def render_samples(
     """One image per prompt into `folder`; returns their paths."""
     pipeline = build_pipeline(components, make_sampler(section.sampler, components.scheduler_config))
     pipeline.set_progress_bar_config(disable=True)
-    modules = [components.unet, components.text_encoder]
-    was_training = [module.training for module in modules]
     paths = []
     fork_devices = [device] if device.type == "cuda" else []
     autocast = (
@@ -55,25 +54,24 @@ def render_samples(
         if components.unet.dtype != torch.float32
         else contextlib.nullcontext()
     )
-    try:
-        for module in modules:
-            module.eval()
-        with torch.random.fork_rng(devices=fork_devices), torch.no_grad(), autocast:
-            for index, prompt in enumerate(section.prompts):
-                generator = torch.Generator(device).manual_seed(section.seed)
-                image = pipeline(
-                    prompt,
-                    negative_prompt=section.negative_prompt or None,
-                    num_inference_steps=section.steps,
-                    guidance_scale=section.cfg_scale,
-                    width=section.width,
-                    height=section.height,
-                    generator=generator,
-                ).images[0]
-                path = folder / f"{index:02d}.png"
-                save_png(image, path, generation_parameters(prompt, section, components.source))
-                paths.append(path)
-    finally:
-        for module, training in zip(modules, was_training, strict=True):
-            module.train(training)
+    with (
+        eval_mode(components.unet, components.text_encoder),
+        torch.random.fork_rng(devices=fork_devices),
+        torch.no_grad(),
+        autocast,
+    ):
+        for index, prompt in enumerate(section.prompts):
+            generator = torch.Generator(device).manual_seed(section.seed)
+            image = pipeline(
+                prompt,
+                negative_prompt=section.negative_prompt or None,
+                num_inference_steps=section.steps,
+                guidance_scale=section.cfg_scale,
+                width=section.width,
+                height=section.height,
+                generator=generator,
+            ).images[0]
+            path = folder / f"{index:02d}.png"
+            save_png(image, path, generation_parameters(prompt, section, components.source))
+            paths.append(path)
     return paths

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import math
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from core.checkpoint import load_checkpoint, restore_training_state, save_checkp
 from core.config import ConfigError, Problem, TrainConfig
 from core.config_files import save_config
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
-from core.feature_cache import FeatureCache, encode_captions, tokenize
+from core.feature_cache import FeatureCache, tokenize
 from core.lora_saver import LoraSaver
 from core.loss_readback import LossReadback
 from core.losses import diffusion_loss, training_target
@@ -341,12 +340,15 @@ class Trainer:
     def _validate_and_track(self, progress: Progress) -> float:
         """One validation: record it, and keep the LoRA as `<name>-best` when it is the lowest so far."""
         self.callbacks.on_status("validating")
-        components, device, dtype = self.components, self.accelerator.device, self.weight_dtype
-        # Captions have cached embeddings unless the text encoder trains; then they are encoded as it is now.
-        encode = partial(encode_captions, tokenizer=components.tokenizer, text_encoder=components.text_encoder)
+        components = self.components
         with self.accelerator.autocast():
             val_loss = validation_loss(
-                self.lora_unet, components.noise_scheduler, self.validation, encode, device, dtype
+                self.lora_unet,
+                components.text_encoder,
+                components.tokenizer,
+                components.noise_scheduler,
+                self.validation,
+                self.weight_dtype,
             )
         is_best = progress.record_validation(val_loss)
         if is_best and self.loras:

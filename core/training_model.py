@@ -6,6 +6,9 @@ with the run's seed just before the adapters are attached, so the same seed star
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -28,8 +31,23 @@ def load_for_training(
         components.unet.to(memory_format=torch.channels_last)
     torch.manual_seed(config.run.seed)
     unet_params, text_params = add_training_loras(components.unet, components.text_encoder, config.lora)
+    # A trained text encoder must be in training mode: LoRA dropout and transformers' checkpointing act only then.
+    components.text_encoder.train(bool(text_params))
     if config.performance.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if text_params:
-            components.text_encoder.gradient_checkpointing_enable()
+            components.text_encoder.activation_checkpointing_enable()
     return components, unet_params, text_params
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Hold `modules` in eval mode (dropout off) for a measurement or a sample, then restore each one's mode."""
+    was_training = [module.training for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for module, training in zip(modules, was_training, strict=True):
+            module.train(training)

@@ -9,15 +9,16 @@ the UNet; while it trains, they are encoded with its current weights at each val
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
+from torch import nn
 
+from core.feature_cache import encode_captions
 from core.losses import training_target
-
-TextEncoding = Callable[[list[str]], torch.Tensor]
+from core.training_model import eval_mode
 
 
 @dataclass(frozen=True)
@@ -61,21 +62,21 @@ def build_validation_set(
 
 @torch.no_grad()
 def validation_loss(
-    unet: torch.nn.Module,
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
     scheduler: DDPMScheduler,
     validation: ValidationSet,
-    encode_text: TextEncoding,
-    device: torch.device,
     dtype: torch.dtype,
 ) -> float:
     """Mean MSE over every held-out image and fixed timestep (unweighted, in fp32).
 
-    The UNet runs in eval mode (LoRA dropout off, so only the weights move the number) and is put back
-    as it was; `encode_text` encodes the captions that have no cached embedding.
+    The UNet and the text encoder run in eval mode (LoRA dropout off, so only the weights move the
+    number) and are put back as they were; captions without a cached embedding are encoded as the text
+    encoder is now.
     """
-    was_training = unet.training
-    unet.eval()
-    try:
+    device = next(unet.parameters()).device
+    with eval_mode(unet, text_encoder):
         timesteps = validation.timesteps.to(device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for item in validation.items:
@@ -83,11 +84,12 @@ def validation_loss(
             latents = item.latent.to(device)[None].expand(count, -1, -1, -1)
             noise = item.noise.to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            hidden = item.embedding[None] if item.embedding is not None else encode_text([item.caption])
+            if item.embedding is not None:
+                hidden = item.embedding[None]
+            else:
+                hidden = encode_captions([item.caption], tokenizer, text_encoder)
             hidden = hidden.to(device, dtype).expand(count, -1, -1)
             prediction = unet(noisy.to(dtype), timesteps, hidden).sample
             target = training_target(scheduler, latents, noise, timesteps)
             total += torch.nn.functional.mse_loss(prediction.float(), target.float()).double()
         return float(total / max(1, len(validation.items)))
-    finally:
-        unet.train(was_training)

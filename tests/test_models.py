@@ -16,7 +16,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -127,7 +127,7 @@ def test_a_lora_file_is_not_a_base_model(tmp_path: Path) -> None:
 
 def test_ldm_export_refuses_an_unmerged_lora(demo_model: Path, tmp_path: Path) -> None:
     c = load_sd15(str(demo_model))
-    c.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), c.unet)
     with pytest.raises(ValueError, match="merge and unload"):
         save_ldm_checkpoint(tmp_path / "merged.safetensors", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder)
     assert not list(tmp_path.iterdir())

@@ -15,7 +15,6 @@ from training_helpers import Recorder, demo_config, read_metrics
 
 from core.config import ConfigError, TrainConfig
 from core.events import EpochRecord, TrainingCommands
-from core.feature_cache import FeatureCache
 from core.lora import add_training_loras
 from core.models import load_sd15
 from core.session import SessionBusy, TrainingSession, explain_error
@@ -78,25 +77,34 @@ def test_same_seed_same_curve_and_samples_do_not_change_it(
     assert (result.run_dir / "samples" / "step-000000" / "00.png").is_file()
 
 
-def test_validation_loss_of_the_same_weights_is_bit_for_bit_reproducible(demo_model: Path, tmp_path: Path) -> None:
+def test_validation_loss_of_the_same_weights_is_bit_for_bit_reproducible(demo_model: Path) -> None:
+    """With LoRA dropout on both models and both in training mode, validation still measures only the weights."""
     components = load_sd15(str(demo_model))
-    config = TrainConfig()
+    config = TrainConfig(lora={"dropout": 0.5, "train_text_encoder": True})
     add_training_loras(components.unet, components.text_encoder, config.lora)
+    with torch.no_grad():  # a trained LoRA, so dropout on its path would change the output
+        for name, param in [*components.unet.named_parameters(), *components.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(0))
+    components.unet.train()
+    components.text_encoder.train()
     latents = [torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     validation = build_validation_set(latents, ["a", "b", "c"], 8, seed=1234, train_timesteps=1000)
-    cache = FeatureCache(tmp_path, "demo")
-
-    def encode(captions: list[str]) -> torch.Tensor:
-        return cache.caption_embedding(captions[0], components.tokenizer, components.text_encoder)[None]
 
     def measure() -> float:
         return validation_loss(
-            components.unet, components.noise_scheduler, validation, encode, torch.device("cpu"), torch.float32
+            components.unet,
+            components.text_encoder,
+            components.tokenizer,
+            components.noise_scheduler,
+            validation,
+            torch.float32,
         )
 
     first = measure()
     torch.randn(1000)  # the global RNG moves on; the validation loss must not
     assert measure() == first
+    assert components.unet.training and components.text_encoder.training  # modes are restored
     with torch.no_grad():
         next(p for n, p in components.unet.named_parameters() if "lora_B" in n).add_(0.5)
     assert measure() != first
