@@ -155,6 +155,51 @@ def test_loss_targets_and_min_snr_weights() -> None:
     assert torch.allclose(velocity, scheduler.get_velocity(latents, noise, timesteps))
 
 
+ONE_STEP = ("schedule.max_steps=1", "schedule.warmup_steps=0", "validation.every_n_epochs=0")
+
+
+def test_trainer_weights_the_loss_with_the_configured_min_snr_gamma(
+    demo_model: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    """One image, same seed: the first step's noise and timestep are the same with and without Min-SNR, so
+    the weighted loss is the plain one times that timestep's weight, which is below 1 for v-prediction."""
+    options = (*ONE_STEP, "schedule.batch_size=1", "model.prediction_type=v_prediction")
+    _, plain = run(demo_model, demo_dataset, tmp_path, *options, "loss.min_snr_gamma=0")
+    trainer, weighted = run(demo_model, demo_dataset, tmp_path, *options, "loss.min_snr_gamma=5")
+    ratio = weighted.steps[0].loss / plain.steps[0].loss
+    every_weight = min_snr_weights(trainer.components.noise_scheduler, torch.arange(1000), 5.0)
+    assert ratio < 1 and torch.isclose(every_weight, torch.tensor(ratio), rtol=1e-4).any()
+
+
+def test_noise_offset_shifts_each_image_and_channel_by_a_constant(
+    demo_model: Path, demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The diffusers/kohya formula: noise + offset · N(0, 1) drawn per image and channel, constant over the pixels.
+
+    The noise the trainer adds is read where diffusers' scheduler receives it. With the same seed the first
+    step draws the same pixel noise with and without the offset, so their difference is the offset alone.
+    """
+    noises: list[torch.Tensor] = []
+    add_noise = DDPMScheduler.add_noise
+
+    def recording(
+        self: DDPMScheduler, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        noises.append(noise.clone())
+        return add_noise(self, original, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    _, plain = run(demo_model, demo_dataset, tmp_path, *ONE_STEP, "loss.noise_offset=0")
+    _, offset = run(demo_model, demo_dataset, tmp_path, *ONE_STEP, "loss.noise_offset=0.1")
+    assert len(noises) == 2  # one training step each, nothing else adds noise
+    shift = noises[1] - noises[0]
+    per_channel = shift.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)
+    draws = per_channel.flatten() / 0.1  # the standard-normal draws behind the offset
+    assert draws.numel() == 8 and draws.abs().min() > 0 and draws.abs().max() < 5
+    assert offset.steps[0].loss != plain.steps[0].loss
+
+
 def test_bf16_base_keeps_fp32_lora_weights(demo_model: Path, demo_dataset: Path, tmp_path: Path) -> None:
     trainer, recorder = run(demo_model, demo_dataset, tmp_path, "performance.mixed_precision=bf16", "schedule.epochs=1")
     unet = trainer.components.unet

@@ -1,0 +1,80 @@
+"""Atomic writes: until a write has fully succeeded, the target keeps its old content, whole."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.fsutil import atomic_path, atomic_write_bytes
+
+OLD, NEW = b"old settings\n" * 10, b"new settings\n" * 1000
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Path:
+    """A file the user has restricted to 0o640, holding the old content."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(OLD)
+    path.chmod(0o640)
+    return path
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[None]:
+    """Writes past 4 KiB fail with EFBIG, as on a full disk, for the length of the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_the_target_keeps_its_old_content_until_the_block_succeeds(target: Path) -> None:
+    with atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent  # beside it, so the rename stays on one filesystem
+        tmp.write_bytes(NEW)
+        assert target.read_bytes() == OLD
+    assert target.read_bytes() == NEW
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert os.listdir(target.parent) == [target.name]
+
+
+def test_a_failed_block_keeps_the_old_file_and_leaves_no_temporary(target: Path) -> None:
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(NEW[:100])
+        raise RuntimeError("the writer failed halfway")
+    assert target.read_bytes() == OLD
+    assert os.listdir(target.parent) == [target.name]
+
+
+def test_a_reader_of_the_old_file_sees_it_whole_after_a_write(target: Path) -> None:
+    """The new content arrives by rename: a file opened before the write is never rewritten under its reader."""
+    with target.open("rb") as reader:
+        atomic_write_bytes(target, NEW)
+        assert reader.read() == OLD
+    assert target.read_bytes() == NEW
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_write_cut_off_by_a_full_disk_keeps_the_old_file(target: Path, file_size_limit: None) -> None:
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, NEW)
+    assert target.read_bytes() == OLD
+    assert os.listdir(target.parent) == [target.name]
+
+
+def test_a_new_file_gets_the_usual_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "folder" / "new.bin"
+    atomic_write_bytes(path, NEW)
+    assert path.read_bytes() == NEW
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0o600
