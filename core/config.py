@@ -194,9 +194,16 @@ class SavingSection(Section):
 class PerformanceSection(Section):
     mixed_precision: MixedPrecision = setting("bf16", "Precision of the frozen base model; LoRA weights stay fp32")
     gradient_checkpointing: bool = setting(False, "Recompute activations: much less memory, ~20–30% slower")
-    cache_latents: bool = setting(True, "Encode images and captions once and keep them on disk", advanced=True)
+    cache_latents: bool = setting(
+        True,
+        "Encode each image once with the VAE and keep its latents on disk for later runs; off VAE-encodes every "
+        "batch at every step (slower, more memory, nothing cached)",
+        advanced=True,
+    )
     channels_last: bool = setting(True, "channels_last memory format for convolutions (GPU only)", advanced=True)
-    compile: bool = setting(False, "torch.compile the UNet (slow first step, faster after)", advanced=True)
+    compile: bool = setting(
+        False, "torch.compile the UNet's training step (minutes on the first step, faster after)", advanced=True
+    )
     loss_readback_seconds: float = setting(
         0.5,
         "Read step losses back from the GPU this often, not after every step, so the GPU never waits for the "

@@ -4,7 +4,8 @@ Encoding an image with the VAE costs more than a UNet step, so each image is enc
 (content, bucket, model) and its latent distribution (mean and std) is stored; each training step
 then draws a fresh latent sample from it, as if the VAE ran every step. A flipped copy is encoded
 too when flipping is on. Keys hash the file's bytes, so editing an image or a caption re-encodes
-only that item, and a truncated cache file is treated as missing and rebuilt.
+only that item, and a truncated cache file is treated as missing and rebuilt. With
+`performance.cache_latents` off, `bucket_pixels` and `encode_images` serve the training step instead.
 """
 
 from __future__ import annotations
@@ -95,10 +96,9 @@ class FeatureCache:
         )
 
         def encode() -> dict[str, torch.Tensor]:
-            image = fit_to_bucket(open_image(record.path), record.bucket)
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-            batch = torch.stack([pixels, pixels.flip(-1)]) if flip else pixels[None]
-            return _encode_images(vae, batch)
+            pixels = bucket_pixels(record)
+            posterior = encode_images(vae, torch.stack([pixels, pixels.flip(-1)]) if flip else pixels[None])
+            return {"mean": posterior.mean, "std": posterior.std}
 
         tensors = self._load_or_make("latents", key, encode)
         plain = LatentDistribution(tensors["mean"][0], tensors["std"][0])
@@ -112,11 +112,18 @@ class FeatureCache:
         ][0]
 
 
+def bucket_pixels(record: ImageRecord) -> torch.Tensor:
+    """The image cropped to its bucket as a (3, h, w) float tensor in [-1, 1], what the VAE encodes."""
+    image = fit_to_bucket(open_image(record.path), record.bucket)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
 @torch.no_grad()
-def _encode_images(vae: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+def encode_images(vae: torch.nn.Module, pixels: torch.Tensor) -> LatentDistribution:
+    """The VAE posteriors of a (n, 3, h, w) batch, scaled to what the UNet sees, in fp32."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     scale = vae.config.scaling_factor
-    return {"mean": posterior.mean.float() * scale, "std": posterior.std.float() * scale}
+    return LatentDistribution(posterior.mean.float() * scale, posterior.std.float() * scale)
 
 
 def tokenize(captions: list[str], tokenizer) -> torch.Tensor:

@@ -89,6 +89,7 @@ class Trainer:
                 device=self.accelerator.device,
                 dtype=self.weight_dtype,
                 flip=cfg.dataset.flip,
+                cache_latents=cfg.performance.cache_latents,
                 cache_captions=not self.text_params,
                 batch_size=cfg.schedule.batch_size,
                 validation_timesteps=cfg.validation.timesteps,
@@ -97,6 +98,8 @@ class Trainer:
         )
         stats = cache.stats
         self._say(f"features: {stats.reused} reused from the cache, {stats.encoded} encoded")
+        if not cfg.performance.cache_latents:
+            self._say("latents are not cached (performance.cache_latents = false): images are encoded at every step")
         return features
 
     # ----- the run -------------------------------------------------------------------------------
@@ -129,6 +132,8 @@ class Trainer:
         optimizer = make_optimizer(cfg.optimizer, self.unet_params, self.text_params)
         lr_scheduler = make_lr_scheduler(cfg.schedule, optimizer, plan.total_steps)
         unet, optimizer = self.accelerator.prepare(components.unet, optimizer)
+        if cfg.performance.compile:  # the training forward only: validation and samples run the plain module
+            unet = torch.compile(unet)
         text_encoder = self.accelerator.prepare(components.text_encoder) if self.text_params else None
         # The unwrapped modules whose adapters train: what LoRA files, checkpoints and validation read.
         self.lora_unet = self.accelerator.unwrap_model(components.unet)

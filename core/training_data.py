@@ -3,6 +3,8 @@
 After caching, a whole style dataset (64 latents and captions) is a few MB, so it lives on the
 device and a batch is a tensor stack: no data loader, no workers, no host-to-device copies per step.
 Batches never mix buckets; their order comes from the run's generator, so it is reproducible.
+With `performance.cache_latents` off the set holds the bucket-sized pixels instead, and each batch is
+mirrored and VAE-encoded when it is drawn.
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from core.dataset import Dataset
-from core.feature_cache import FeatureCache, LatentDistribution
+from core.dataset import Dataset, ImageRecord
+from core.feature_cache import FeatureCache, LatentDistribution, bucket_pixels, encode_images
 from core.models import SD15Components
 from core.validation import ValidationSet, build_validation_set
 
 
 @dataclass(frozen=True)
 class TrainingItem:
-    latent: LatentDistribution
-    flipped: LatentDistribution | None
+    image: LatentDistribution | torch.Tensor  # the cached posterior, or (3, h, w) pixels encoded every step
+    flipped: LatentDistribution | None  # the mirror image's cached posterior, when flipping is on
     caption: str
     embedding: torch.Tensor | None  # cached CLIP hidden states, None while the text encoder trains
     bucket: tuple[int, int]
@@ -34,9 +36,11 @@ class Batch:
 
 
 class TrainingSet:
-    def __init__(self, items: list[TrainingItem], batch_size: int) -> None:
+    def __init__(self, items: list[TrainingItem], batch_size: int, vae: torch.nn.Module | None = None) -> None:
+        """`vae` encodes the items that hold pixels (latents not cached)."""
         self.items = items
         self.batch_size = batch_size
+        self.vae = vae
 
     def epoch_batches(self, generator: torch.Generator, world_size: int = 1) -> list[list[int]]:
         """Shuffle within each bucket, cut into batches, shuffle the batches; pad so each process gets as many."""
@@ -55,16 +59,20 @@ class TrainingSet:
         return batches
 
     def batch(self, indices: list[int], order: torch.Generator, noise: torch.Generator, flip: bool) -> Batch:
-        """Stack one batch, drawing each latent from its cached distribution (mirrored half the time).
+        """Stack one batch, drawing each latent from its distribution (mirrored half the time).
 
         `order` (CPU) decides the mirroring, `noise` (on the latents' device) draws the samples.
         """
         items = [self.items[i] for i in indices]
         mirror = torch.rand(len(items), generator=order).lt(0.5).tolist() if flip else [False] * len(items)
-        chosen = [
-            item.flipped if use and item.flipped else item.latent for item, use in zip(items, mirror, strict=True)
-        ]
-        latents = torch.stack([distribution.sample(noise) for distribution in chosen])
+        if isinstance(items[0].image, torch.Tensor):
+            pixels = [item.image.flip(-1) if use else item.image for item, use in zip(items, mirror, strict=True)]
+            latents = encode_images(self.vae, torch.stack(pixels)).sample(noise)
+        else:
+            chosen = [
+                item.flipped if use and item.flipped else item.image for item, use in zip(items, mirror, strict=True)
+            ]
+            latents = torch.stack([distribution.sample(noise) for distribution in chosen])
         embeddings = None
         if items[0].embedding is not None:
             embeddings = torch.stack([item.embedding for item in items])
@@ -109,6 +117,7 @@ class FeatureOptions:
     device: torch.device
     dtype: torch.dtype
     flip: bool
+    cache_latents: bool  # False: training images are kept as pixels and VAE-encoded at every step
     cache_captions: bool  # False while the text encoder trains: captions are encoded every step
     batch_size: int
     validation_timesteps: int
@@ -129,24 +138,30 @@ def encode_features(
             embeddings[caption] = embedding.to(options.device, options.dtype)
     items = []
     for record in dataset.train:
-        plain, mirrored = cache.latents(record, components.vae, flip=options.flip)
-        items.append(
-            TrainingItem(
-                plain.to(options.device),
-                mirrored.to(options.device) if mirrored else None,
-                record.caption,
-                embeddings.get(record.caption),
-                record.bucket,
-            )
-        )
+        if options.cache_latents:
+            plain, mirrored = cache.latents(record, components.vae, flip=options.flip)
+            image, flipped = plain.to(options.device), mirrored.to(options.device) if mirrored else None
+        else:
+            image, flipped = bucket_pixels(record).to(options.device, options.dtype), None
+        items.append(TrainingItem(image, flipped, record.caption, embeddings.get(record.caption), record.bucket))
     validation = None
     if dataset.validation:
         validation = build_validation_set(
-            [cache.latents(record, components.vae, flip=False)[0].mean for record in dataset.validation],
+            [_validation_latent(record, components.vae, cache, options) for record in dataset.validation],
             [record.caption for record in dataset.validation],
             options.validation_timesteps,
             options.validation_seed,
             components.noise_scheduler.config.num_train_timesteps,
             embeddings,
         )
-    return TrainingSet(items, options.batch_size), validation
+    vae = None if options.cache_latents else components.vae
+    return TrainingSet(items, options.batch_size, vae), validation
+
+
+def _validation_latent(
+    record: ImageRecord, vae: torch.nn.Module, cache: FeatureCache, options: FeatureOptions
+) -> torch.Tensor:
+    """The posterior mean of a held-out image: from the cache, or encoded once in memory when it is off."""
+    if options.cache_latents:
+        return cache.latents(record, vae, flip=False)[0].mean
+    return encode_images(vae, bucket_pixels(record)[None]).mean[0]
