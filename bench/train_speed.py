@@ -1,14 +1,16 @@
 """Training speed of Atelier's engine against a reference loop, in one command.
 
     python -m bench.train_speed [--model demo|sd15-random|PATH] [--resolution 512] [--batch 4] [--rank 16]
-                                [--precision bf16] [--steps N] [--json OUT]
+                                [--precision bf16] [--steps N] [--pairs 3] [--json OUT]
 
 The reference does per step what diffusers' `train_text_to_image_lora.py` does: VAE-encode the
 images, CLIP-encode the captions, UNet forward and backward, torch AdamW, fp32 LoRA weights (peft,
 attention targets) on a half-precision base. Each variant runs in a fresh subprocess, so peak memory
-and allocator state are its own, and both run in the same invocation so their ratio holds on a noisy
-machine. `sd15-random` is the real SD 1.5 architecture with random weights (speed does not depend on
-the weights), built once into the cache folder.
+and allocator state are its own. The two run in alternating pairs (the order flipped each pair), and
+the ratio ours / reference is taken within each pair, then reported as the median with its min–max
+over the pairs: on a noisy machine one run proves little. `sd15-random` is the real SD 1.5
+architecture with random weights (speed does not depend on the weights), built once into the cache
+folder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger("bench.train_speed")
 WARMUP_STEPS = 3
+VARIANTS = ("reference", "ours")
 
 
 @dataclass
@@ -223,10 +227,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up steps")
     parser.add_argument("--images", type=int, default=16, help="synthetic training images")
+    parser.add_argument("--pairs", type=int, default=3, help="runs of both variants, order flipped each pair")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="engine setting")
     parser.add_argument("--only", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     if args.resolution is None:
         args.resolution = 128 if args.model == "demo" else 512
     if args.precision is None:
@@ -254,43 +261,80 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(result)))
 
 
+def run_variant(variant: str, forwarded: list[str]) -> Measurement:
+    """One variant in a fresh process, so its peak memory and allocator state are its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.train_speed", *forwarded, "--only", variant],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
+    return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def run_pairs(pairs: int, forwarded: list[str]) -> list[dict[str, Measurement]]:
+    """Both variants `pairs` times, the order flipped each pair, so a machine that slows down or warms up
+    over the invocation does not favour whichever variant always runs first."""
+    results = []
+    for pair in range(pairs):
+        order = VARIANTS if pair % 2 == 0 else VARIANTS[::-1]
+        measured = {}
+        for variant in order:
+            measured[variant] = run_variant(variant, forwarded)
+            log.info("pair %d/%d: %s %.2f images/s", pair + 1, pairs, variant, measured[variant].images_per_second)
+        results.append(measured)
+    return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(args: argparse.Namespace, results: list[dict[str, Measurement]]) -> tuple[list[str], dict]:
+    """The table (medians per variant) and the ratios ours / reference, taken within each pair."""
+    lines = [
+        f"model {args.model}, {args.resolution} px, batch {args.batch}, rank {args.rank}, {args.precision}, "
+        f"targets {args.targets}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        f"{len(results)} pairs (order flipped each pair), medians",
+        f"{'variant':<10} {'it/s':>8} {'images/s':>9} {'min–max':>13} {'first step s':>13} {'peak GB':>8}",
+    ]
+    for variant in VARIANTS:
+        runs = [pair[variant] for pair in results]
+        speed = spread([r.images_per_second for r in runs])
+        lines.append(
+            f"{variant:<10} {statistics.median(r.its for r in runs):>8.2f} {speed['median']:>9.2f} "
+            f"{speed['min']:>6.2f}–{speed['max']:<6.2f} {statistics.median(r.first_step_seconds for r in runs):>13.1f} "
+            f"{statistics.median(r.peak_memory_gb for r in runs):>8.2f}"
+        )
+    speed = spread([p["ours"].images_per_second / p["reference"].images_per_second for p in results])
+    memory = spread([p["ours"].peak_memory_gb / p["reference"].peak_memory_gb for p in results])
+    lines.append(
+        f"ours / reference over {len(results)} pairs: {speed['median']:.2f}× images/s "
+        f"(min–max {speed['min']:.2f}–{speed['max']:.2f}), {memory['median']:.2f}× peak memory "
+        f"({results[0]['ours'].memory_kind}; min–max {memory['min']:.2f}–{memory['max']:.2f})"
+    )
+    return lines, {"pairs": len(results), "images_per_second": speed, "peak_memory": memory}
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
+    log.setLevel(logging.INFO)
     args = parse_args(argv)
     if args.only:
         child(args)
         return
-    forwarded = list(argv if argv is not None else sys.argv[1:])
-    results = []
-    for variant in ("reference", "ours"):
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.train_speed", *forwarded, "--only", variant],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode:
-            raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
-        results.append(Measurement(**json.loads(done.stdout.strip().splitlines()[-1])))
-    reference, ours = results
-    header = f"{'variant':<10} {'it/s':>8} {'images/s':>9} {'first step s':>13} {'peak GB':>8}"
-    lines = [
-        f"model {args.model}, {args.resolution} px, batch {args.batch}, rank {args.rank}, {args.precision}, "
-        f"targets {args.targets}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
-        header,
-    ]
-    for result in results:
-        lines.append(
-            f"{result.variant:<10} {result.its:>8.2f} {result.images_per_second:>9.2f} "
-            f"{result.first_step_seconds:>13.1f} {result.peak_memory_gb:>8.2f}"
-        )
-    lines.append(
-        f"ours / reference: {ours.images_per_second / reference.images_per_second:.2f}× images/s, "
-        f"{ours.peak_memory_gb / reference.peak_memory_gb:.2f}× peak memory ({ours.memory_kind})"
-    )
+    results = run_pairs(args.pairs, list(argv if argv is not None else sys.argv[1:]))
+    lines, ratio = summarise(args, results)
     print("\n".join(lines))
     if args.json:
-        report = {"settings": vars(args), "table": lines, "results": [asdict(r) for r in results]}
+        report = {
+            "settings": vars(args),
+            "table": lines,
+            "ratio_ours_over_reference": ratio,
+            "pairs": [{variant: asdict(m) for variant, m in pair.items()} for pair in results],
+        }
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
 
