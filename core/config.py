@@ -18,7 +18,7 @@ LrScheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts"]
 Sampler = Literal["ddim", "euler_a", "dpmpp_2m_karras", "unipc"]
 Precision = Literal["fp16", "bf16", "fp32"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
-LoraTargets = Literal["attention", "attention_ff", "all"]
+LoraTargets = Literal["attention", "attention_ff", "all", "whole_unet"]
 PredictionType = Literal["epsilon", "v_prediction"]
 NanPolicy = Literal["stop", "skip"]
 
@@ -119,7 +119,10 @@ class LoraSection(Section):
     alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / rank", gt=0)
     dropout: float = setting(0.0, "Dropout on the LoRA path", ge=0, lt=1, advanced=True)
     targets: LoraTargets = setting(
-        "attention_ff", "Layers that get LoRA: attention, attention + feed-forward, or every Linear and Conv (LoCon)"
+        "attention_ff",
+        "Layers that get LoRA: attention, attention + feed-forward, every Linear and Conv in the UNet blocks "
+        "(all: kohya's LoCon), or whole_unet: every Linear and Conv of the UNet, conv_in, conv_out and the time "
+        "embedding too (OneTrainer's default)",
     )
     train_text_encoder: bool = setting(False, "Also train a LoRA on the CLIP text encoder")
 

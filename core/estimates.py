@@ -33,8 +33,10 @@ UNET_PARAMETERS = 859_520_964
 VAE_PARAMETERS = 83_653_863
 TEXT_ENCODER_PARAMETERS = 123_060_480
 
-# SD 1.5's UNet layout (assets/sd15/unet/config.json): channels per level, resnets per down level,
-# which levels have cross-attention transformers, and the widths of the text and timestep embeddings.
+# SD 1.5's UNet layout (assets/sd15/unet/config.json): latent channels in and out, channels per level,
+# resnets per down level, which levels have cross-attention transformers, and the widths of the text and
+# timestep embeddings.
+LATENT_CHANNELS = 4
 BLOCK_CHANNELS = (320, 640, 1280, 1280)
 LAYERS_PER_BLOCK = 2
 DOWN_ATTENTION = (True, True, True, False)
@@ -62,7 +64,7 @@ OVERHEAD_GB = 0.6  # CUDA context, cuDNN/cuBLAS workspaces and allocator fragmen
 class Layer:
     """One Linear or Conv2d that LoRA could wrap: what it belongs to and its shape."""
 
-    kind: str  # "attention", "feed_forward" or "other" (resnets, projections, resamplers)
+    kind: str  # "attention", "feed_forward", "other" (resnets, projections, resamplers) or "outside_blocks"
     inputs: int
     outputs: int
     kernel: int = 1
@@ -109,7 +111,12 @@ def _resnet(inputs: int, outputs: int) -> Iterator[Layer]:
 
 
 def unet_layers() -> Iterator[Layer]:
-    """Every Linear and Conv2d in SD 1.5's down, mid and up blocks, following diffusers' construction."""
+    """Every Linear and Conv2d of SD 1.5's UNet, following diffusers' construction: the down, mid and up
+    blocks, and the four layers outside them (conv_in, the time embedding's two Linears, conv_out)."""
+    yield Layer("outside_blocks", LATENT_CHANNELS, BLOCK_CHANNELS[0], kernel=3)  # conv_in
+    yield Layer("outside_blocks", BLOCK_CHANNELS[0], TIME_EMBEDDING_DIM)  # time_embedding.linear_1
+    yield Layer("outside_blocks", TIME_EMBEDDING_DIM, TIME_EMBEDDING_DIM)  # time_embedding.linear_2
+    yield Layer("outside_blocks", BLOCK_CHANNELS[0], LATENT_CHANNELS, kernel=3)  # conv_out
     skips = [BLOCK_CHANNELS[0]]  # conv_in's output is the first skip connection
     previous = BLOCK_CHANNELS[0]
     for level, channels in enumerate(BLOCK_CHANNELS):
@@ -145,15 +152,18 @@ def text_encoder_layers() -> Iterator[Layer]:
 
 
 def _wrapped(layer: Layer, targets: LoraTargets) -> bool:
-    """The same target sets as core/lora.py: attention, attention + feed-forward, or every layer."""
-    return targets == "all" or layer.kind == "attention" or (targets == "attention_ff" and layer.kind == "feed_forward")
+    """The same target sets as core/lora.py: attention, attention + feed-forward, every layer in the
+    blocks (all), or every layer (whole_unet)."""
+    if targets in ("all", "whole_unet"):
+        return targets == "whole_unet" or layer.kind != "outside_blocks"
+    return layer.kind == "attention" or (targets == "attention_ff" and layer.kind == "feed_forward")
 
 
 def lora_parameters(rank: int, targets: LoraTargets, text_encoder: bool) -> int:
     """Trainable parameters of the adapters: the UNet's, plus the text encoder's when it trains too."""
     count = sum(layer.lora_parameters(rank) for layer in unet_layers() if _wrapped(layer, targets))
     if text_encoder:
-        # The text encoder has no "all" set: core/lora.py wraps attention, or attention + MLP otherwise.
+        # The text encoder has no "all" set: core/lora.py wraps attention, or attention + MLP (every Linear).
         text_targets: LoraTargets = "attention" if targets == "attention" else "attention_ff"
         count += sum(layer.lora_parameters(rank) for layer in text_encoder_layers() if _wrapped(layer, text_targets))
     return count

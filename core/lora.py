@@ -4,9 +4,13 @@ Adapters are injected with peft's own `inject_adapter_in_model`, not through the
 transformers integrations (`add_adapter`): those check the peft version against their own minimum,
 and transformers 5.24 refuses every peft release published at the time. peft alone decides here.
 
-The three target sets follow what kohya users know: attention only, attention + feed-forward
-(the default), and every Linear and Conv layer of the UNet blocks (LoCon-style). LoRA weights are
-kept in fp32 even when the frozen base runs in fp16/bf16, so small updates are not rounded away.
+The target sets follow what kohya and OneTrainer users know: attention only, attention + feed-forward
+(the default), every Linear and Conv layer of the UNet blocks (`all`, kohya's LoCon), and every Linear
+and Conv layer of the whole UNet (`whole_unet`: also conv_in, conv_out and the time embedding, what
+OneTrainer wraps without a layer filter; A1111 and ComfyUI apply those four modules' kohya keys, while
+kohya sd-scripts' own networks/lora.py has no module for them and skips them when it merges or resumes).
+LoRA weights are kept in fp32 even when the frozen base runs in fp16/bf16, so small updates are not
+rounded away.
 """
 
 from __future__ import annotations
@@ -26,16 +30,14 @@ UNET_BLOCK_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.")
 
 
 def unet_target_modules(unet: nn.Module, targets: LoraTargets) -> list[str]:
-    """Module names peft should wrap; "all" lists every Linear/Conv2d inside the down, mid and up blocks."""
+    """Module names peft should wrap: "all" lists every Linear/Conv2d inside the down, mid and up blocks,
+    "whole_unet" every Linear/Conv2d of the UNet (the blocks plus conv_in, time_embedding and conv_out)."""
     if targets == "attention":
         return list(UNET_ATTENTION)
     if targets == "attention_ff":
         return [*UNET_ATTENTION, *UNET_FEED_FORWARD]
-    return [
-        name
-        for name, module in unet.named_modules()
-        if name.startswith(UNET_BLOCK_PREFIXES) and isinstance(module, (nn.Linear, nn.Conv2d))
-    ]
+    layers = [name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    return layers if targets == "whole_unet" else [name for name in layers if name.startswith(UNET_BLOCK_PREFIXES)]
 
 
 def text_encoder_target_modules(targets: LoraTargets) -> list[str]:

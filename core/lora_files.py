@@ -121,11 +121,15 @@ def training_metadata(
     resolution = resolution or config.dataset.resolution
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     trigger = (config.dataset.caption_prefix if trigger_phrase is None else trigger_phrase).strip(" ,")
-    network_args = {"conv_dim": str(lora.rank), "conv_alpha": str(lora.alpha)} if lora.targets == "all" else {}
+    convs = lora.targets in ("all", "whole_unet")  # 3×3 convs get LoRA too: kohya's conv_dim / conv_alpha
+    network_args = {"conv_dim": str(lora.rank), "conv_alpha": str(lora.alpha)} if convs else {}
     betas = "" if opt.name == "adafactor" else f",betas=({opt.beta1}, {opt.beta2})"
-    unet_targets = {"attention": UNET_ATTENTION, "attention_ff": UNET_ATTENTION + UNET_FEED_FORWARD}.get(
-        lora.targets, "every Linear and Conv2d in down_blocks, mid_block, up_blocks"
-    )
+    unet_targets = {
+        "attention": UNET_ATTENTION,
+        "attention_ff": UNET_ATTENTION + UNET_FEED_FORWARD,
+        "all": "every Linear and Conv2d in down_blocks, mid_block, up_blocks",
+        "whole_unet": "every Linear and Conv2d of the UNet: conv_in, time_embedding, all blocks, conv_out",
+    }[lora.targets]
     text_targets = text_encoder_target_modules(lora.targets) if lora.train_text_encoder else []
     targets = {"targets": lora.targets, "unet": unet_targets, "text_encoder": text_targets}
     values: dict[str, object] = {

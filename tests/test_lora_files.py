@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
+from training_helpers import Recorder, demo_config
 
 from core.config import LoraSection, TrainConfig
 from core.lora import add_training_loras
@@ -26,6 +27,8 @@ from core.lora_files import (
     save_lora,
     training_metadata,
 )
+from core.lora_formats import read_lora
+from core.trainer import Trainer
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank, so a file that stores the wrong alpha changes the outputs
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -135,6 +138,49 @@ def test_diffusers_loads_kohya_file_and_reproduces_outputs(
         te_out = _te_out(fresh.text_encoder)
         assert not torch.allclose(te_out, base_te, atol=1e-3)
         torch.testing.assert_close(te_out, _te_out(trained.text_encoder), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_whole_unet_run_loads_in_diffusers_and_in_our_reader(
+    model_dir: Path, demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OneTrainer's target set: conv_in, the time embedding and conv_out train too, and their kohya keys
+    (lora_unet_conv_in, …; the names A1111 and ComfyUI map to input_blocks.0.0, time_embed.0/2, out.2)
+    load with the rest, reproducing the trained model."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = ("lora.targets=whole_unet", "lora.train_text_encoder=true", "saving.precision=fp32")
+    overrides += ("schedule.epochs=1", "sampling.every_n_epochs=0")
+    config = demo_config(model_dir, demo_dataset, tmp_path, *overrides)
+    trainer = Trainer(config, Recorder())
+    path = trainer.run().run_dir / "demo.safetensors"
+    trained_unet, trained_te = trainer.lora_unet.eval(), trainer.lora_text_encoder.eval()
+
+    tensors = load_file(path)
+    outside = ["lora_unet_conv_in", "lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2"]
+    outside.append("lora_unet_conv_out")
+    assert all(tensors[f"{name}.lora_up.weight"].abs().sum() > 0 for name in outside)  # they trained
+    assert tensors["lora_unet_conv_in.lora_down.weight"].shape == (config.lora.rank, 4, 3, 3)
+    assert tensors["lora_unet_conv_out.lora_up.weight"].shape == (4, config.lora.rank, 1, 1)
+
+    fresh = _pipeline(model_dir)
+    base_unet = _unet_out(fresh.unet)
+    fresh.load_lora_weights(str(path), adapter_name="trained")
+    for loaded, trained in ((fresh.unet, trained_unet), (fresh.text_encoder, trained_te)):
+        got, expected = get_peft_model_state_dict(loaded, adapter_name="trained"), get_peft_model_state_dict(trained)
+        assert got.keys() == expected.keys()  # every module of the file arrived, and nothing else
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    out = _unet_out(fresh.unet)
+    assert not torch.allclose(out, base_unet, atol=1e-4)
+    torch.testing.assert_close(out, _unet_out(trained_unet), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_te_out(fresh.text_encoder), _te_out(trained_te), atol=1e-5, rtol=1e-5)
+
+    header = read_lora_metadata(path)
+    assert json.loads(header["ss_network_args"])["conv_dim"] == str(config.lora.rank)  # kohya's LoCon 3×3 rank
+    assert "conv_in" in json.loads(header["atelier_targets"])["unet"]
+    lora = read_lora(path)
+    assert lora.format == "kohya" and set(lora.modules) == _modules(tensors, "lora_")
+    conv_in = lora.modules["lora_unet_conv_in"]
+    assert torch.equal(conv_in.up, tensors["lora_unet_conv_in.lora_up.weight"]) and conv_in.alpha == config.lora.alpha
 
 
 @pytest.mark.parametrize(
