@@ -7,10 +7,12 @@ Only the folder itself being missing, or nothing in it being usable, stops a run
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
 import os
+import stat
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -20,11 +22,23 @@ from typing import Literal
 
 from core.buckets import assign_bucket
 from core.config import DatasetSection
-from core.images import IMAGE_EXTENSIONS, UnusableImage, check_image, is_image_file
+from core.images import (
+    GONE,
+    IMAGE_EXTENSIONS,
+    NotAFile,
+    UnusableImage,
+    check_image,
+    is_image_file,
+    not_a_file_reason,
+    open_file,
+)
 
 logger = logging.getLogger(__name__)
 
 _LISTED_PROBLEMS = 10
+
+_FILE, _FOLDER = "file", "folder"
+"""The two kinds of folder entry the loader can use; `_entry_kind` names any other by what is wrong with it."""
 
 ProblemKind = Literal["skipped", "warning", "converted"]
 """What a file problem cost: the file (skipped), nothing but attention (warning), or the file's stored look
@@ -46,7 +60,10 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class FileProblem:
-    """A file the user should look at, and what it cost (see `ProblemKind`)."""
+    """A file the user should look at, and what it cost (see `ProblemKind`).
+
+    `path` is always valid text: for a name that is not UTF-8 it spells each bad byte as \\xNN (see `_entries`).
+    """
 
     path: Path
     reason: str
@@ -88,8 +105,8 @@ def load_dataset(section: DatasetSection, seed: int) -> Dataset:
     """Load and check every image, then split off validation images deterministically for `seed`."""
     root = _folder(section.path, "dataset.path")
     validation_root = _folder(section.validation_path, "dataset.validation_path") if section.validation_path else None
-    excluded = {validation_root.resolve()} if validation_root else set()
-    if root.resolve() in excluded:
+    excluded = {_real(validation_root)} if validation_root else set()
+    if _real(root) in excluded:
         raise DatasetError(
             "dataset.validation_path",
             section.validation_path,
@@ -169,10 +186,17 @@ def summarize(dataset: Dataset) -> DatasetSummary:
 def _folder(value: str, field: str) -> Path:
     if not value.strip():
         raise DatasetError(field, value, "no folder chosen — choose the folder that holds the images")
+    if not _is_text(value):
+        raise DatasetError(field, value, "the path is not valid UTF-8 — rename the folder")
     folder = Path(value).expanduser().absolute()
-    if not folder.exists():
-        raise DatasetError(field, value, "folder not found — check the path")
-    if not folder.is_dir():
+    try:
+        mode = os.stat(folder).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetError(field, value, "folder not found — check the path") from None
+    except OSError as error:
+        reason = f"folder cannot be opened ({error.strerror}) — check its permissions"
+        raise DatasetError(field, value, reason) from None
+    if not stat.S_ISDIR(mode):
         raise DatasetError(field, value, "this is a file, not a folder — choose the folder it is in")
     return folder
 
@@ -183,8 +207,8 @@ def _load_tree(
     """Records sorted by relative path, or DatasetError when the folder yields none."""
     records: list[ImageRecord] = []
     problems: list[FileProblem] = []
-    for folder, files in _walk(root, excluded, problems):
-        records += _load_folder(folder, files, section, problems)
+    for folder, entries in _walk(root, excluded, problems):
+        records += _load_folder(folder, entries, section, problems)
     if not records:
         value = section.validation_path if field == "dataset.validation_path" else section.path
         raise DatasetError(field, value, _nothing_usable(root, problems), tuple(problems))
@@ -192,16 +216,17 @@ def _load_tree(
     return records, problems
 
 
-def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Iterator[tuple[Path, list[Path]]]:
-    """Each folder with its visible files, in sorted order, following folder links at most once.
+def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Iterator[tuple[Path, dict[Path, str]]]:
+    """Each folder with its visible entries and their kinds (see `_entry_kind`), in sorted order, following
+    folder links at most once.
 
     A link back to a folder above it would recurse forever, and a second link to a loaded folder would
     train its images twice, so both are reported and not entered.
     """
     visited: dict[Path, Path] = {}
 
-    def visit(folder: Path, ancestors: frozenset[Path]) -> Iterator[tuple[Path, list[Path]]]:
-        real = folder.resolve()
+    def visit(folder: Path, ancestors: frozenset[Path]) -> Iterator[tuple[Path, dict[Path, str]]]:
+        real = _real(folder)
         if real in ancestors:
             target = _relative(visited[real], root)
             reason = f"symbolic link loop back to '{root.name if target == '.' else target}': remove the link"
@@ -213,43 +238,80 @@ def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Itera
             return
         visited[real] = folder
         try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            with os.scandir(folder) as listing:
+                names = sorted(entry.name for entry in listing)
         except OSError as error:
             reason = f"folder cannot be read ({error.strerror}): check its permissions"
             problems.append(FileProblem(folder, reason, kind="skipped"))
             return
-        visible = [entry for entry in entries if not entry.name.startswith(".")]
-        yield folder, [Path(entry.path) for entry in visible if _is_file(entry, problems)]
-        for entry in visible:
-            if entry.is_dir() and Path(entry.path).resolve() not in excluded:
-                yield from visit(Path(entry.path), ancestors | {real})
+        entries = _entries(folder, names, problems)
+        yield folder, entries
+        for path, kind in entries.items():
+            if kind == _FOLDER and _real(path) not in excluded:
+                yield from visit(path, ancestors | {real})
 
     yield from visit(root, frozenset())
 
 
-def _is_file(entry: os.DirEntry[str], problems: list[FileProblem]) -> bool:
-    if entry.is_file():
-        return True
-    if entry.is_symlink() and not entry.is_dir() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-        problems.append(FileProblem(Path(entry.path), "broken symbolic link: fix or remove the link", kind="skipped"))
-    return False
+def _entries(folder: Path, names: list[str], problems: list[FileProblem]) -> dict[Path, str]:
+    """The visible entries of `folder` with their kinds; an image or folder whose name is not text is reported.
+
+    Such a name (bytes that are not UTF-8, which Python carries as lone surrogates) cannot be shown in
+    the UI, written to JSON or hashed for the validation split, so it is left out here, under a path
+    that spells each bad byte as \\xNN so that the problem itself can be shown.
+    """
+    entries: dict[Path, str] = {}
+    for name in names:
+        if name.startswith("."):
+            continue
+        path = folder / name
+        kind = _entry_kind(path)
+        if _is_text(name):
+            entries[path] = kind
+        elif kind == _FOLDER or is_image_file(path):
+            what = "folder name" if kind == _FOLDER else "file name"
+            reason = f"{what} is not valid UTF-8 (shown with \\xNN for each bad byte): rename the {what[:-5]}"
+            problems.append(FileProblem(folder / _printable(name), reason, kind="skipped"))
+    return entries
+
+
+def _entry_kind(path: Path) -> str:
+    """`_FILE`, `_FOLDER`, or why the entry can be neither read nor entered, with the fix.
+
+    Only `stat` is used: opening a named pipe waits for a writer forever, and opening a device can act
+    on it, so nothing is opened before it is known to be a regular file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken symbolic link: fix or remove the link" if os.path.islink(path) else GONE
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself): remove the link"
+        return f"cannot be read ({error.strerror}): check that it is accessible"
+    if stat.S_ISREG(mode):
+        return _FILE
+    return _FOLDER if stat.S_ISDIR(mode) else not_a_file_reason(mode)
 
 
 def _load_folder(
-    folder: Path, files: list[Path], section: DatasetSection, problems: list[FileProblem]
+    folder: Path, entries: dict[Path, str], section: DatasetSection, problems: list[FileProblem]
 ) -> list[ImageRecord]:
     """Pair images with same-stem captions in one folder; a caption is shared by stem, so stems must be unique."""
     extension = section.caption_extension.lower()
     extension = extension if extension.startswith(".") else f".{extension}"
     images: defaultdict[str, list[Path]] = defaultdict(list)
     captions: dict[str, Path] = {}
-    for path in files:
-        if is_image_file(path):
+    for path, kind in entries.items():
+        if is_image_file(path) and kind == _FILE:
             images[path.stem].append(path)
+        elif is_image_file(path):
+            problems.append(_not_an_image(path, kind))
         elif path.suffix.lower() == extension:
             captions[path.stem] = path
+    image_stems = {path.stem for path in entries if is_image_file(path)}  # usable or not: that image is reported
     for stem, caption_path in captions.items():
-        if stem not in images:
+        if stem not in image_stems and entries[caption_path] == _FILE:
             reason = f"caption file without an image named '{stem}': add the image or remove the caption"
             problems.append(FileProblem(caption_path, reason, kind="warning"))
     records = []
@@ -260,10 +322,29 @@ def _load_folder(
                 reason = f"{names} share the stem '{stem}' and would share one caption: rename one of them"
                 problems.append(FileProblem(path, reason, kind="skipped"))
             continue
-        record = _load_image(paths[0], captions.get(stem), section, extension, problems)
+        caption_path = captions.get(stem)
+        if caption_path and entries[caption_path] != _FILE:
+            reason = _caption_not_a_file(caption_path, entries[caption_path])
+            problems.append(FileProblem(paths[0], reason, kind="skipped"))
+            continue
+        record = _load_image(paths[0], caption_path, section, extension, problems)
         if record:
             records.append(record)
     return records
+
+
+def _not_an_image(path: Path, kind: str) -> FileProblem:
+    """A folder under an image name is entered like any other (a warning); anything else is skipped."""
+    if kind == _FOLDER:
+        reason = "a folder named like an image: the images in it load like a subfolder's; drop the extension"
+        return FileProblem(path, reason, kind="warning")
+    return FileProblem(path, kind, kind="skipped")
+
+
+def _caption_not_a_file(caption_path: Path, kind: str) -> str:
+    """Why the image is skipped: its caption exists but cannot be read, and the default would mislabel it."""
+    why = not_a_file_reason(stat.S_IFDIR) if kind == _FOLDER else kind
+    return f"caption file '{caption_path.name}': {why}"
 
 
 def _load_image(
@@ -294,11 +375,15 @@ def _load_image(
 def _read_caption(image: Path, caption_path: Path, problems: list[FileProblem]) -> str | None:
     """The caption text, or None with a skipping problem on the image, which cannot train without it."""
     try:
-        text = caption_path.read_bytes().decode("utf-8-sig")
+        with open_file(caption_path) as file:
+            text = file.read().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         byte = error.object[error.start]
         reason = f"caption file '{caption_path.name}' is not UTF-8 (byte 0x{byte:02x} at offset {error.start})"
         problems.append(FileProblem(image, f"{reason}: re-save it as UTF-8", kind="skipped"))
+        return None
+    except NotAFile as error:
+        problems.append(FileProblem(image, _caption_not_a_file(caption_path, error.reason), kind="skipped"))
         return None
     except OSError as error:
         reason = f"caption file '{caption_path.name}' cannot be read ({error.strerror}): check that it is accessible"
@@ -357,6 +442,25 @@ def _nothing_usable(root: Path, problems: list[FileProblem]) -> str:
         return f"no images found ({kinds}; subfolders included) — check the path or add images"
     lines = _listed([f"  - {_relative(problem.path, root)}: {problem.reason}" for problem in skipped])
     return "no usable images; every file was skipped:\n" + "\n".join(lines)
+
+
+def _real(path: Path) -> Path:
+    """The path with links resolved; unlike `Path.resolve`, never raises on a link loop or a vanished entry."""
+    return Path(os.path.realpath(path))
+
+
+def _is_text(name: str) -> bool:
+    """Whether `name` is valid Unicode; undecodable bytes arrive as lone surrogates, which cannot be encoded."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """`name` with each byte that is not UTF-8 written as \\xNN, so it can be shown and encoded anywhere."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _relative(path: Path, root: Path) -> str:

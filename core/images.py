@@ -11,11 +11,14 @@ the user is not surprised by what the model saw.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -62,6 +65,21 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 _REMOVE = "re-export or remove the file"
 
+GONE = "no longer there (deleted or moved while the dataset was read): put it back, or load the folder again"
+
+# What a folder entry is when it is not a regular file, as the user would name it.
+_SPECIAL_FILES = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+# Opening a named pipe for reading waits for a writer; without this flag a pipe swapped in after the
+# `stat` would hang the load. It changes nothing for regular files. Windows has no such pipes by path.
+_NO_WAIT = getattr(os, "O_NONBLOCK", 0)
+
 
 class UnusableImage(Exception):
     """A file that cannot train, with a reason the user can act on."""
@@ -69,6 +87,47 @@ class UnusableImage(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class NotAFile(OSError):
+    """A folder, pipe, socket or device where a file was expected; `reason` says which and what to do."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def not_a_file_reason(mode: int) -> str:
+    """Why an entry with this `stat` mode cannot be read as a file, and what to do about it."""
+    what = next((name for is_kind, name in _SPECIAL_FILES if is_kind(mode)), "a special file")
+    return f"{what}, not a file: replace it with the file itself, or remove it"
+
+
+def open_file(path: Path) -> BinaryIO:
+    """`path` opened for binary reading, or `NotAFile` if it is not a regular file.
+
+    User folders can hold pipes, sockets and links to devices under image names. Opening a pipe waits
+    forever for a writer, reading /dev/zero never ends, and opening some devices acts on them, so
+    `stat` refuses them before anything is opened; the open itself does not wait and is checked again
+    in case the entry was replaced after the `stat`.
+    """
+    _require_regular(os.stat(path).st_mode)
+    file = open(path, "rb", opener=_open_without_waiting)  # noqa: SIM115 - returned open to the caller
+    try:
+        _require_regular(os.fstat(file.fileno()).st_mode)
+    except OSError:
+        file.close()
+        raise
+    return file
+
+
+def _open_without_waiting(path: str, flags: int) -> int:
+    return os.open(path, flags | _NO_WAIT)
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotAFile(not_a_file_reason(mode))
 
 
 def is_image_file(path: Path) -> bool:
@@ -135,11 +194,11 @@ def _load(path: Path, *, max_pixels: int, fast: bool) -> tuple[Image.Image, tupl
     the full decode now. Pillow's own bomb warning becomes an error because a warning lets the decode run.
     """
     try:
-        if path.stat().st_size == 0:
-            raise UnusableImage(f"empty file (0 bytes): {_REMOVE}")
-        with warnings.catch_warnings():
+        with open_file(path) as file, warnings.catch_warnings():
+            if os.fstat(file.fileno()).st_size == 0:
+                raise UnusableImage(f"empty file (0 bytes): {_REMOVE}")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=_FORMATS) as image:
+            with Image.open(file, formats=_FORMATS) as image:
                 stored_size = image.size
                 _check_pixels(*stored_size, max_pixels)
                 args = image.tile[0].args if image.tile else ""
@@ -154,6 +213,10 @@ def _load(path: Path, *, max_pixels: int, fast: bool) -> tuple[Image.Image, tupl
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnusableImage(_too_large(max_pixels)) from None
+    except NotAFile as error:
+        raise UnusableImage(error.reason) from None
+    except FileNotFoundError:
+        raise UnusableImage(GONE) from None
     except OSError as error:
         if error.errno is not None:
             raise UnusableImage(f"cannot be read ({error.strerror}): check that the file is accessible") from None

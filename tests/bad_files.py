@@ -8,8 +8,11 @@ headers that declare a huge size over a few bytes of data, so writing them costs
 from __future__ import annotations
 
 import io
+import os
+import socket
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +46,8 @@ class Case:
 def write_bad_files(folder: Path) -> dict[str, Case]:
     """Fill `folder` with one file set per case (at the default `min_image_side` of 64) and describe them.
 
-    Writing into the same folder again rewrites the same files. The symlink case is left out where the
-    OS does not allow symbolic links.
+    Writing into the same folder again rewrites the same files. The symlink cases, and the entries that
+    are not regular files, are left out where the OS cannot make them.
     """
     folder.mkdir(parents=True, exist_ok=True)
     noise = _noise(SIZE)
@@ -132,6 +135,8 @@ def write_bad_files(folder: Path) -> dict[str, Case]:
         path.write_bytes(b"not part of the dataset")
     cases["unrelated_files"] = Case(unrelated, usable=False)
 
+    cases.update(_odd_entries(folder, noise))
+
     loop = folder / "sub" / "loop"
     try:
         if not loop.is_symlink():
@@ -140,6 +145,87 @@ def write_bad_files(folder: Path) -> dict[str, Case]:
         return cases
     cases["symlink_loop"] = Case((loop,), usable=False, reported="skipped", reason="loop")
     return cases
+
+
+def _odd_entries(folder: Path, noise: Image.Image) -> dict[str, Case]:
+    """Entries a folder can hold besides files and folders, or under names that are not text.
+
+    Pipes, sockets and devices are refused from `stat`, before anything opens them: opening a pipe would
+    wait forever, and reading /dev/zero never ends. A caption that is not a readable file skips its image,
+    as an unreadable one does, so an odd caption is reported on the image. Names that are not UTF-8 are
+    reported under the name with each bad byte spelled \\xNN.
+    """
+
+    def named(name: str, make: Callable[[Path], object]) -> Callable[[], Path]:
+        """The entry `name`, made by `make`; it is what gets reported."""
+        return lambda: _made(folder / name, make)
+
+    def captioned(stem: str, make: Callable[[Path], object]) -> Callable[[], Path]:
+        """A good image whose caption entry `make` makes; the image is what gets reported."""
+
+        def write() -> Path:
+            noise.save(folder / f"{stem}.png")
+            _made(folder / f"{stem}.txt", make)
+            return folder / f"{stem}.png"
+
+        return write
+
+    def not_utf8(reported: bytes, image: bytes) -> Callable[[], Path]:
+        """A good image at `image`; `reported` is shown with its bytes that are not UTF-8 as \\xNN."""
+
+        def write() -> Path:
+            write_image(folder / os.fsdecode(image))
+            return folder / reported.decode(errors="backslashreplace")
+
+        return write
+
+    # fmt: off
+    plans: dict[str, tuple[Reported, str, Callable[[], Path]]] = {
+        # case: (what the reported entry gets, words of its reason, how it is made, returning the reported path)
+        "folder_as_image": ("warning", "a folder named like an image", named("folder.png", _mkdir)),
+        "folder_as_caption": ("skipped", "'dir_cap.txt': a folder, not a file", captioned("dir_cap", _mkdir)),
+        "fifo_image": ("skipped", "a named pipe (FIFO), not a file", named("fifo.png", os.mkfifo)),
+        "fifo_caption": ("skipped", "'fifo_cap.txt': a named pipe", captioned("fifo_cap", os.mkfifo)),
+        "socket_image": ("skipped", "a socket, not a file", named("socket.png", _socket)),
+        "device_image": ("skipped", "a character device, not a file", named("device.png", _link("/dev/zero"))),
+        "device_caption": ("skipped", "'dev_cap.txt': a character device", captioned("dev_cap", _link("/dev/null"))),
+        "dangling_image": ("skipped", "broken symbolic link", named("dangling.png", _link("missing.png"))),
+        "dangling_caption": ("skipped", "'link_cap.txt': broken symbolic link", captioned("link_cap", _link("no.txt"))),
+        "self_link": ("skipped", "symbolic link loop", named("self_link.png", _link("self_link.png"))),
+        "non_utf8_name": ("skipped", "file name is not valid UTF-8", not_utf8(b"latin1_\xe9.png", b"latin1_\xe9.png")),
+        "non_utf8_folder": ("skipped", "folder name is not valid UTF-8", not_utf8(b"dir_\xe9", b"dir_\xe9/in.png")),
+    }
+    # fmt: on
+    cases: dict[str, Case] = {}
+    for case, (reported, reason, make) in plans.items():
+        try:
+            path = make()
+        except (OSError, NotImplementedError, AttributeError):  # AttributeError: no os.mkfifo on Windows
+            continue
+        cases[case] = Case((path,), usable=False, reported=reported, reason=reason)
+    return cases
+
+
+def _made(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path` made by `make` afresh: any earlier entry but a folder is removed, so the corpus can be rewritten."""
+    if os.path.lexists(path) and not path.is_dir():
+        path.unlink()
+    make(path)
+    return path
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir(exist_ok=True)
+
+
+def _link(target: str) -> Callable[[Path], None]:
+    return lambda path: path.symlink_to(target)
+
+
+def _socket(path: Path) -> None:
+    """A Unix socket file: it stays in the folder after the socket is closed."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
 
 
 def write_image(path: Path, size: tuple[int, int] = SIZE, caption: str | None = "a test image", seed: int = 0) -> Path:

@@ -6,16 +6,13 @@ same question, asked here once: is every file a loader would open either complet
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import tomllib
@@ -27,18 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN_TIMEOUT = 300.0
 """Seconds a demo CLI run may take; generous because the test machine's two cores are shared."""
-T = TypeVar("T")
-_CAPABILITY_VERSION_3 = 0x20080522
-_DAC_CAPABILITIES = 1 << 1 | 1 << 2
-"""CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: what lets root ignore a file's mode bits."""
-
-
-class _CapabilityHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapabilitySet(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def train_command(*args: str) -> list[str]:
@@ -108,36 +93,3 @@ def assert_files_loadable(run_dir: Path) -> dict:
 
 def temp_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.rglob(".*.tmp"))
-
-
-def _drop_dac_capabilities() -> None:
-    """Take root's power to ignore mode bits away from the calling thread, for good (capget/capset(2))."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    header, sets = _CapabilityHeader(_CAPABILITY_VERSION_3, 0), (_CapabilitySet * 2)()
-    if libc.capget(ctypes.byref(header), sets) != 0:
-        raise OSError(ctypes.get_errno(), "capget failed")
-    sets[0].effective &= ~_DAC_CAPABILITIES
-    sets[0].permitted &= ~_DAC_CAPABILITIES
-    if libc.capset(ctypes.byref(header), sets) != 0:
-        raise OSError(ctypes.get_errno(), "capset failed")
-
-
-def as_ordinary_user(work: Callable[[], T]) -> T:
-    """`work()`, with file modes enforced on it as they are for any user, even when the tests run as root.
-
-    CI runs as root, which writes into a 0o555 folder regardless; without this, the read-only folder tests
-    would prove nothing there. Switching to uid 65534 is not an option: the interpreter (under /root) and
-    pytest's tmp_path sit in root-only 0o700 folders. So as root `work` runs on a thread of its own that
-    drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: Linux keeps capabilities per thread, so the rest of the
-    test process keeps them, the kernel refuses the writes for real, and threads `work` starts inherit the
-    drop. Root still owns those folders, so their owner bits let it read them.
-    """
-    if os.geteuid() != 0:
-        return work()
-
-    def unprivileged() -> T:
-        _drop_dac_capabilities()
-        return work()
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ordinary-user") as pool:
-        return pool.submit(unprivileged).result()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import as_ordinary_user, assert_files_loadable, temp_files
+from fault_helpers import assert_files_loadable, temp_files
+from guards import as_ordinary_user
 from PIL import Image
 from safetensors.torch import load_file
 from training_helpers import Recorder, demo_config, read_metrics
