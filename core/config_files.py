@@ -6,12 +6,12 @@ another preset. The final config is: defaults ← preset chain ← config file �
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 
 from core.config import ConfigError, Problem, TrainConfig, config_fields, parse_config
 from core.fsutil import atomic_write_text, backup

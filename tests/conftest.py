@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,13 @@ from core.demo import ensure_demo_dataset, ensure_demo_model
 
 # The test machine has 2 shared cores; a second torch thread made a tiny UNet forward 35x slower.
 torch.set_num_threads(1)
+KEY_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "gradio", "bitsandbytes", "safetensors")
+
+
+def pytest_report_header() -> list[str]:
+    """Where and on what the suite runs, so a CI log shows what a fresh install resolved."""
+    versions = ", ".join(f"{name} {version(name)}" for name in KEY_LIBRARIES)
+    return [f"environment: {sys.prefix}", f"resolved: {versions}"]
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 ROOT = Path(__file__).resolve().parent.parent
+TOUCHED_INTERNALS = {"torch", "diffusers", "transformers", "peft", "accelerate", "gradio"}
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -13,6 +17,29 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     install_and_run, test_command = blocks[0], blocks[1]
     assert "python app.py" in install_and_run and "pytest" in test_command
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_installs_use_the_tested_versions_and_ci_starts_from_a_fresh_environment() -> None:
+    blocks = re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert all("-c constraints.txt" in command for command in blocks[:2])
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^python3 -m venv ", ci, flags=re.M) and re.search(r"^source .*/bin/activate", ci, flags=re.M)
+    assert re.search(r"^pip install (-q )?torch==2\.13\.0$", ci, flags=re.M)
+
+
+def test_dependency_bounds_hold_the_pinned_versions() -> None:
+    """Upper bounds on the libraries whose internals we use, and every pin inside the bounds it must satisfy."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = {Requirement(text).name: Requirement(text) for text in project["dependencies"]}
+    for name in TOUCHED_INTERNALS:
+        assert any(spec.operator == "<" for spec in requirements[name].specifier), f"{name} needs an upper bound"
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, pinned = line.split("==")
+            pins[name.lower().replace("_", "-")] = pinned
+    for name, requirement in requirements.items():
+        assert requirement.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]}, {requirement}"
 
 
 def test_engine_has_no_ui_and_ui_has_no_torch() -> None:

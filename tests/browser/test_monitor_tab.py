@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 import time
+import tomllib
 from typing import Any
 
 import pytest
-import tomllib
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import AppServer, screenshot

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-import tomllib
 from playwright.sync_api import Locator, Page, expect
 
 from core.config_files import load_config

@@ -11,11 +11,11 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from PIL import Image
 from safetensors.torch import load_file
