@@ -25,7 +25,7 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from core.fsutil import build_folder_once
+from core.fsutil import atomic_path, atomic_write_text, build_folder_once
 from core.models import SD15_CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -193,11 +193,13 @@ def ensure_demo_dataset(target: Path) -> Path:
 
     Two visually distinct procedural styles of building facades, seeded so every run
     produces the same files; mostly 128x128 with a few 192x128 landscape images to
-    exercise aspect-ratio bucketing.
+    exercise aspect-ratio bucketing. Only missing files are written: a caption the user
+    edited (or an image they replaced) survives every later start with ``--demo``.
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     drawers = {"bauhaus": _draw_bauhaus, "neoclassical": _draw_neoclassical}
+    written = 0
     for style_index, style in enumerate(STYLES):
         for i in range(IMAGES_PER_STYLE):
             rng = random.Random(1000 * style_index + i)
@@ -205,7 +207,13 @@ def ensure_demo_dataset(target: Path) -> Path:
             image = Image.new("RGB", size, rng.choice(SKY))
             caption = drawers[style](ImageDraw.Draw(image), *size, rng)
             stem = target / f"{style}_{i + 1:02d}"
-            image.save(stem.with_suffix(".png"))
-            stem.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-    log.info("wrote the demo dataset to %s", target)
+            if not stem.with_suffix(".png").exists():
+                with atomic_path(stem.with_suffix(".png")) as tmp:
+                    image.save(tmp, format="PNG")
+                written += 1
+            if not stem.with_suffix(".txt").exists():
+                atomic_write_text(stem.with_suffix(".txt"), caption + "\n")
+                written += 1
+    if written:
+        log.info("wrote %d demo dataset files to %s", written, target)
     return target
