@@ -2,7 +2,9 @@
 
 Everything the app writes goes to a temporary file in the destination folder first and is then
 renamed over the target (`os.replace` is atomic on one filesystem). Files the user made are copied
-to a `.bak` beside them before they are replaced.
+to a `.bak` beside them before they are replaced. `tempfile` makes its files and folders owner-only
+(0600/0700); finished outputs get the modes a plain `open`/`mkdir` would give (0666/0777 less the
+umask), so what one tool wrote another user's tool, a web server or a backup can read like the rest.
 """
 
 from __future__ import annotations
@@ -44,13 +46,31 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe to probe later
+FILE_MODE = 0o666 & ~_UMASK  # what open(..., "w") gives a new file
+FOLDER_MODE = 0o777 & ~_UMASK  # what mkdir gives a new folder
 
 
 def _mode_for(target: Path) -> int:
     """The replaced file's permissions, or what a plain `open(..., "w")` would give under the umask."""
     if target.exists():
         return target.stat().st_mode & 0o777
-    return 0o666 & ~_UMASK
+    return FILE_MODE
+
+
+def make_staging_folder(target: Path) -> Path:
+    """A new empty hidden folder beside `target` to build it in, to be renamed over it when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+
+def set_usual_modes(folder: Path) -> None:
+    """Give a staged folder and the files in it the modes of a plain mkdir/open before it is renamed into
+    place: mkdtemp made the folder 0700 and safetensors writes its files 0600 (subfolders made with
+    mkdir already follow the umask)."""
+    os.chmod(folder, FOLDER_MODE)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, FILE_MODE)
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
@@ -82,12 +102,12 @@ def build_folder_once(target: Path, build: Callable[[Path], None]) -> Path:
     target = Path(target)
     if (target / COMPLETE_MARKER).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("building %s", target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = make_staging_folder(target)
     try:
         build(staging)
         (staging / COMPLETE_MARKER).touch()
+        set_usual_modes(staging)
         if target.exists() and not (target / COMPLETE_MARKER).is_file():
             shutil.rmtree(target)  # no completion marker: not a build to trust
         try:

@@ -20,6 +20,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
+from core.fsutil import atomic_path
+
 log = logging.getLogger(__name__)
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -199,9 +201,7 @@ def save_ldm_checkpoint(
         for key, t in tensors.items()
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(prepared, str(partial), metadata={"format": "pt", **(metadata or {})})
-    partial.replace(path)
+    with atomic_path(path) as tmp:  # also gives the file the usual modes: safetensors writes it 0600
+        save_file(prepared, str(tmp), metadata={"format": "pt", **(metadata or {})})
     log.info("saved %d tensors in LDM layout to %s", len(prepared), path)
     return path

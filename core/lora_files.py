@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.config_files import config_to_toml
-from core.fsutil import atomic_path
+from core.fsutil import atomic_path, make_staging_folder, set_usual_modes
 from core.lora import ADAPTER, UNET_ATTENTION, UNET_FEED_FORWARD, text_encoder_target_modules
 
 log = logging.getLogger(__name__)
@@ -224,11 +223,11 @@ def save_diffusers_lora(
         te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         kwargs["text_encoder_lora_layers"] = {_text_model_path(k): v.to(dtype) for k, v in te_state.items()}
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    staging = make_staging_folder(folder)
     retired = staging.with_name(staging.name.removesuffix(".tmp") + ".old")
     try:
         StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=unet_layers, **kwargs)
+        set_usual_modes(staging)
         if folder.exists():
             folder.rename(retired)
         try:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.fsutil import make_staging_folder, set_usual_modes
 from core.ldm_convert import save_ldm_checkpoint
 from core.lora import UNET_BLOCK_PREFIXES
 from core.lora_files import DTYPES, SavePrecision
@@ -112,10 +112,10 @@ def _save_folder(components: SD15Components, folder: Path, dtype: torch.dtype | 
     pipe = build_pipeline(components)
     if dtype is not None:
         pipe.to(dtype=dtype)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    staging = make_staging_folder(folder)
     try:
         pipe.save_pretrained(staging)
+        set_usual_modes(staging)
         if folder.exists():
             retired = folder.with_name(folder.name + ".bak")
             if retired.is_dir():

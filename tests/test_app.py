@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -65,7 +66,13 @@ def _free_port() -> int:
 
 def test_app_serves_the_ui_on_localhost(demo_model: Path, tmp_path: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "ATELIER_CACHE": str(demo_model.parent), "OMP_NUM_THREADS": "1"}
+    # Gradio's own default (analytics on), so only the app can turn analytics off.
+    env = {
+        **os.environ,
+        "ATELIER_CACHE": str(demo_model.parent),
+        "OMP_NUM_THREADS": "1",
+        "GRADIO_ANALYTICS_ENABLED": "True",
+    }
     command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(tmp_path)]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -78,6 +85,7 @@ def test_app_serves_the_ui_on_localhost(demo_model: Path, tmp_path: Path) -> Non
             except OSError:
                 time.sleep(0.5)
         assert "Dataset folder" in page and "demo-dataset" in page
+        assert json.loads(page)["analytics_enabled"] is False  # what the served page and the server go by
     finally:
         server.terminate()
         server.wait(30)

@@ -85,7 +85,9 @@ class AppContext:
 
 
 def build_app(context: AppContext) -> gr.Blocks:
-    with gr.Blocks(title="Atelier") as app:
+    """The app; Gradio's analytics are off, whatever GRADIO_ANALYTICS_ENABLED says: a local tool that
+    reads the user's images does not report its use (or check for Gradio updates) to anyone."""
+    with gr.Blocks(title="Atelier", analytics_enabled=False) as app:
         gr.Markdown("# Atelier\nTrain Stable Diffusion 1.5 LoRAs on your own images.")
         with gr.Tabs() as tabs:
             with gr.Tab("Dataset", id="dataset"):
