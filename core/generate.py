@@ -32,6 +32,9 @@ from core.samplers import SAMPLER_LABELS
 from core.sweep import SweepVariant, variants_from_files, variants_from_run, variants_from_weights
 
 log = logging.getLogger("atelier.generate")
+# What the real SD 1.5 models expect, and what the tiny demo model renders in a second on a CPU.
+SIZE_AND_STEPS = {"width": 512, "height": 512, "steps": 25}
+DEMO_SIZE_AND_STEPS = {"width": 128, "height": 128, "steps": 8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,10 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text.add_argument("--prompt", required=True)
     text.add_argument("--negative", default="", help="negative prompt")
     text.add_argument("--seed", type=int, default=-1, help="-1 draws one (it is written into each PNG)")
-    text.add_argument("--steps", type=int, default=25)
+    text.add_argument("--steps", type=int, help="denoising steps (default 25; 8 with --demo)")
     text.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
-    text.add_argument("--width", type=int, default=512)
-    text.add_argument("--height", type=int, default=512)
+    text.add_argument("--width", type=int, help="default 512 (128 with --demo)")
+    text.add_argument("--height", type=int, help="default 512 (128 with --demo)")
     text.add_argument("--batch", type=int, default=1, help="images per run, seeds seed, seed+1, …")
     text.add_argument("--sampler", choices=list(SAMPLER_LABELS), default="dpmpp_2m_karras")
     image = parser.add_argument_group("photo and mask")
@@ -75,7 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep.add_argument("--sweep-run", type=Path, metavar="RUN_DIR", help="one image per saved epoch of a run")
     sweep.add_argument("--sweep-weights", metavar="W1,W2,…", help="one image per weight of the (single) --lora")
     parser.add_argument("--output", type=Path, required=True, help="folder the PNGs are written to")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in (DEMO_SIZE_AND_STEPS if args.demo else SIZE_AND_STEPS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def parse_lora(text: str) -> LoraSpec:
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     demo = ensure_demo_model(default_cache_dir()) if args.demo else None
     engine = InferenceEngine(device=args.device)
-    with tqdm(total=100, unit="%", dynamic_ncols=True, leave=False) as bar:
+    with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {elapsed}<{remaining}", leave=False) as bar:
 
         def progress(fraction: float) -> None:
             bar.update(round(fraction * 100) - bar.n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 from PIL import Image, ImageDraw
 from test_inference import make_loras
 
-from core.generate import main, parse_control, parse_lora
+from core import train
+from core.generate import main, parse_args, parse_control, parse_lora
 from core.inference_types import ControlSpec, GenerationError, LoraSpec
 from core.png_info import read_png_parameters
 
@@ -125,3 +127,23 @@ def test_lora_and_control_flags_parse() -> None:
     assert parse_control("depth", demo=Path("/demo")).model == "/demo/controlnet-depth"
     with pytest.raises(GenerationError, match="KIND"):
         parse_control("depth:0.5:0.1")
+
+
+def test_demo_defaults_fit_the_demo_model_and_flags_win() -> None:
+    demo = parse_args(["--demo", "--prompt", "x", "--output", "o"])
+    assert (demo.width, demo.height, demo.steps) == (128, 128, 8)
+    real = parse_args(["--model", "m", "--prompt", "x", "--output", "o"])
+    assert (real.width, real.height, real.steps) == (512, 512, 25)
+    chosen = parse_args(["--demo", "--prompt", "x", "--output", "o", "--width", "256", "--steps", "3"])
+    assert (chosen.width, chosen.height, chosen.steps) == (256, 128, 3)
+
+
+def test_the_readme_demo_sweep_reads_the_folder_the_demo_run_writes(
+    demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ATELIER_CACHE", str(demo_model.parent))  # the session's demo model, not the user's cache
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    sweep_run = re.search(r"core\.generate --demo .*--sweep-run (\S+)", readme)
+    assert sweep_run and "python -m core.train --demo " in readme
+    config = train.config_from_args(train.parse_args(["--demo"]))
+    assert Path(config.run.output_dir) / config.run.name == Path(sweep_run.group(1))
