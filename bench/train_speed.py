@@ -26,6 +26,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
+
+from core.config import LoraTargets
 
 log = logging.getLogger("bench.train_speed")
 WARMUP_STEPS = 3
@@ -222,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="default: 128 for demo, 512 otherwise")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--targets", default="attention_ff", choices=["attention", "attention_ff", "all"])
+    parser.add_argument("--targets", default="attention_ff", choices=get_args(LoraTargets))
     parser.add_argument("--precision", choices=["no", "fp16", "bf16"], help="default: no on CPU, else bf16")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up steps")

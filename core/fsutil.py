@@ -63,6 +63,17 @@ def make_staging_folder(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Delete what a killed writer left in `folder`, at any depth: the temporary files of `atomic_path` and the
+    staging folders of `make_staging_folder` (both hidden and ending in `.tmp`). Only call it while nothing
+    else writes there, e.g. when a run starts or resumes."""
+    for leftover in sorted(folder.rglob(".*.tmp")):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        elif leftover.exists() or leftover.is_symlink():  # not already gone with a staging folder above it
+            leftover.unlink()
+
+
 def set_usual_modes(folder: Path) -> None:
     """Give a staged folder and the files in it the modes of a plain mkdir/open before it is renamed into
     place: mkdtemp made the folder 0700 and safetensors writes its files 0600 (subfolders made with

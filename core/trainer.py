@@ -24,6 +24,7 @@ from core.config import ConfigError, Problem, TrainConfig
 from core.config_files import save_config
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.feature_cache import FeatureCache, tokenize
+from core.fsutil import remove_leftovers
 from core.lora_saver import LoraSaver
 from core.loss_readback import LossReadback
 from core.losses import diffusion_loss, training_target
@@ -117,8 +118,7 @@ class Trainer:
         self.run_dir = Path(broadcast_object_list(chosen)[0])  # every process agrees on the main one's folder
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            for leftover in self.run_dir.glob(".*.tmp"):  # half-written files of a killed earlier process
-                leftover.unlink()
+            remove_leftovers(self.run_dir)  # half-written files and folders of a killed earlier process
             save_config(cfg, self.run_dir / "config.toml")
         self._say(
             f"{plan.train_images} training and {plan.validation_images} validation images, "

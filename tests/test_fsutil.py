@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.fsutil import atomic_path, atomic_write_bytes
+from core.fsutil import atomic_path, atomic_write_bytes, remove_leftovers
 
 OLD, NEW = b"old settings\n" * 10, b"new settings\n" * 1000
 
@@ -78,3 +78,20 @@ def test_a_new_file_gets_the_usual_permissions(tmp_path: Path) -> None:
     atomic_write_bytes(path, NEW)
     assert path.read_bytes() == NEW
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0o600
+
+
+def test_leftovers_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "samples" / "epoch-0001").mkdir(parents=True)
+    staging = run / ".demo-diffusers.k3j2.tmp"  # a staging folder cut off mid-save
+    staging.mkdir()
+    (staging / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+    (run / ".demo.safetensors.a1b2.tmp").write_bytes(b"half")
+    (run / "samples" / "epoch-0001" / ".00.png.c3d4.tmp").write_bytes(b"half")
+    kept = [run / "demo.safetensors", run / "samples" / "epoch-0001" / "00.png", run / "notes.tmp"]
+    for path in kept:
+        path.write_bytes(b"whole")
+
+    remove_leftovers(run)
+
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == sorted(kept)
