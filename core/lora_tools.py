@@ -60,6 +60,11 @@ TRAINING_LABELS = {  # the header entries a person wants first, in this order
 }
 
 
+def _counts(table: dict) -> str:
+    """`value ×modules` pairs, e.g. "8 ×128, 4 ×161"."""
+    return ", ".join(f"{key:g} ×{n}" if isinstance(key, float) else f"{key} ×{n}" for key, n in table.items())
+
+
 @dataclass
 class LoraInfo:
     """What `inspect` reports: counts are module counts (ranks: rank → modules, alphas: alpha → modules)."""
@@ -81,15 +86,12 @@ class LoraInfo:
     def text(self) -> str:
         """A readable summary for the CLI and the Tools tab."""
 
-        def counts(table: dict) -> str:
-            return ", ".join(f"{key:g} ×{n}" if isinstance(key, float) else f"{key} ×{n}" for key, n in table.items())
-
         lines = [
             f"{self.path.name}: {FORMAT_NAMES[self.format]} LoRA, {self.modules} modules, "
             f"{self.size_bytes / 1e6:.2f} MB, {self.parameters:,} parameters ({', '.join(self.dtypes)})",
-            f"rank: {counts(self.ranks)}",
-            f"alpha: {counts(self.alphas)} ({self.alpha_source})",
-            f"targets: {counts(self.targets)}",
+            f"rank: {_counts(self.ranks)}",
+            f"alpha: {_counts(self.alphas)} ({self.alpha_source})",
+            f"targets: {_counts(self.targets)}",
             f"base model: {self.base_model or 'not recorded'}",
         ]
         shown = [(label, self.training[key]) for key, label in TRAINING_LABELS.items() if key in self.training]
@@ -181,14 +183,16 @@ class RankResult:
     output: Path
     modules: list[ModuleRank]
 
-    def text(self) -> str:
+    def summary(self) -> list[str]:
+        """The lines a person reads first: ranks before → after and the energy kept (worst module and mean)."""
         energies = [m.energy for m in self.modules]
-        ranks = collections.Counter(m.new_rank for m in self.modules)
-        return (
-            f"{self.output}: {len(self.modules)} modules, new ranks "
-            + ", ".join(f"{rank} ×{n}" for rank, n in sorted(ranks.items()))
-            + f"; energy kept min {min(energies):.4%}, mean {sum(energies) / len(energies):.4%}"
-        )
+        before = collections.Counter(m.old_rank for m in self.modules)
+        after = collections.Counter(m.new_rank for m in self.modules)
+        return [
+            f"rank: {_counts(dict(sorted(before.items())))} → {_counts(dict(sorted(after.items())))} "
+            f"({len(self.modules)} modules)",
+            f"energy kept: {min(energies):.2%} in the worst module, {sum(energies) / len(energies):.2%} on average",
+        ]
 
     def table(self) -> str:
         """One line per module, lowest energy first (where the resize cost the most)."""
@@ -318,22 +322,50 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> str:
-    """Carry out one parsed command and return its report."""
-    if args.command == "inspect":
-        return inspect_lora(args.file).text()
+@dataclass(frozen=True)
+class Report:
+    """A tool's outcome. `summary` is what a person must read (the result, size, where it was written, what
+    was backed up); `details` holds the per-module lines, hundreds for SD 1.5, which the Tools tab folds."""
+
+    summary: str
+    details: str = ""
+
+    def text(self) -> str:
+        """The CLI's report: per-module lines first, so the summary is what stays on the terminal screen."""
+        return f"{self.details}\n{self.summary}" if self.details else self.summary
+
+
+def _size(path: Path) -> str:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return f"{sum(f.stat().st_size for f in files) / 1e6:.2f} MB"
+
+
+def _written(output: Path, replaced: bool) -> list[str]:
+    """Where the output went, and where the file it replaced is now: prepare_output (and the merge's
+    folder swap) keep it as `<name>.bak`, which a person must be told or they never find it."""
+    kind = "folder" if output.is_dir() else "file"
+    lines = [f"size: {_size(output)}", f"written to: {output}"]
+    if replaced:
+        lines.append(f"backed up: the {kind} that was there is now {output.name}.bak")
+    else:
+        lines.append("backed up: nothing, no file was at that path")
+    return lines
+
+
+def _outcome(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Carry out one writing command: its result lines and its per-module details."""
     if args.command == "convert":
-        return f"wrote {convert_lora(args.file, args.output, to=args.to, precision=args.precision)}"
+        convert_lora(args.file, args.output, to=args.to, precision=args.precision)
+        return [f"converted {args.file} to {FORMAT_NAMES[args.to]}"], ""
     if args.command == "merge":
-        result = merge_loras(args.model, args.lora, args.output, precision=args.precision, config_dir=args.config_dir)
-        return f"wrote {result.output} ({sum(result.modules.values())} LoRA modules merged)"
+        merged = merge_loras(args.model, args.lora, args.output, precision=args.precision, config_dir=args.config_dir)
+        return [f"merged {sum(merged.modules.values())} LoRA modules into {args.model}"], ""
     if args.command == "combine":
-        rank = args.rank
-        result = combine_loras(args.files, args.output, rank=rank, fmt=args.format, precision=args.precision)
-        return result.text()
+        result = combine_loras(args.files, args.output, rank=args.rank, fmt=args.format, precision=args.precision)
+        return [f"combined {len(args.files)} LoRAs", *result.summary()], result.table()
     if args.command == "resize":
         result = resize_lora(args.file, args.output, rank=args.rank, energy=args.energy, precision=args.precision)
-        return f"{result.table()}\n{result.text()}"
+        return [f"resized {args.file} ({_size(args.file)})", *result.summary()], result.table()
     extracted = extract_lora(
         args.base,
         args.tuned,
@@ -344,11 +376,22 @@ def run(args: argparse.Namespace) -> str:
         precision=args.precision,
         config_dir=args.config_dir,
     )
-    lines = [RankResult(extracted.output, extracted.modules).text()]
+    ranks = RankResult(extracted.output, extracted.modules)
+    lines = [f"extracted {args.tuned} − {args.base}", *ranks.summary()]
     lines.append(f"{len(extracted.unchanged)} layers unchanged (skipped)")
     if extracted.not_extracted:
         lines.append(f"changed but not representable as LoRA: {', '.join(extracted.not_extracted[:8])}")
-    return "\n".join(lines)
+    return lines, ranks.table()
+
+
+def run(args: argparse.Namespace) -> Report:
+    """Carry out one parsed command and return its report."""
+    if args.command == "inspect":
+        return Report(inspect_lora(args.file).text())
+    output = Path(args.output).expanduser()
+    replaced = output.exists()
+    lines, details = _outcome(args)
+    return Report("\n".join([*lines, *_written(output, replaced)]), details)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
-        log.info("%s", run(args))
+        log.info("%s", run(args).text())
     except (ValueError, ModelLoadError) as error:
         log.error("error: %s", error)
         return 1

@@ -7,6 +7,7 @@ the way training makes them (core.lora adapters with random lora_B, saved by cor
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from core.lora import add_training_loras
 from core.lora_files import save_diffusers_lora, save_lora
 from core.lora_formats import kohya_tensors, read_lora
 from core.lora_merge import extract_lora, merge_loras
-from core.lora_tools import combine_loras, convert_lora, inspect_lora, main, parse_weighted, resize_lora
+from core.lora_tools import combine_loras, convert_lora, inspect_lora, main, parse_weighted, resize_lora, run
 from core.models import build_pipeline, load_sd15
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters on purpose
@@ -183,7 +184,7 @@ def test_resize_file_full_rank_lossless_lower_rank_error_is_discarded_energy(
         error = float(((low[stats.name].delta().double().flatten(1) - delta) ** 2).sum())
         assert error == pytest.approx(float((sigma[2:] ** 2).sum()), rel=1e-4, abs=1e-10)
         assert stats.energy == pytest.approx(float((sigma[:2] ** 2).sum() / (sigma**2).sum()), rel=1e-5)
-    assert "new ranks 2 ×289" in result.text()
+    assert result.summary()[0] == "rank: 4 ×289 → 2 ×289 (289 modules)"
 
 
 def test_combine_exact_reproduces_the_stacked_loras(loras: dict[str, Path], demo_model: Path, tmp_path: Path) -> None:
@@ -281,3 +282,29 @@ def test_cli(loras: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFi
     assert "refusing to write" in caplog.text
     assert parse_weighted("a.safetensors:0.5") == (Path("a.safetensors"), 0.5)
     assert parse_weighted(r"C:\loras\a.safetensors") == (Path(r"C:\loras\a.safetensors"), 1.0)
+
+
+def test_reports_put_the_summary_first_and_say_what_was_backed_up(loras: dict[str, Path], tmp_path: Path) -> None:
+    """Issue #14 point 9: a resize's result was buried under 289 module lines, and a second run kept a .bak silently."""
+    output = tmp_path / "resized.safetensors"
+    args = argparse.Namespace(command="resize", file=loras["all"], rank=2, energy=None, precision=None, output=output)
+    first = run(args)
+    lines = first.summary.splitlines()
+    assert lines[0] == f"resized {loras['all']} ({loras['all'].stat().st_size / 1e6:.2f} MB)"
+    assert lines[1] == "rank: 4 ×289 → 2 ×289 (289 modules)" and lines[2].startswith("energy kept: ")
+    assert lines[3:] == [
+        f"size: {output.stat().st_size / 1e6:.2f} MB",
+        f"written to: {output}",
+        "backed up: nothing, no file was at that path",
+    ]
+    assert len(first.details.splitlines()) == 289 and UNET_Q not in first.summary
+    assert first.text().endswith(first.summary)  # the CLI prints the summary last, where the terminal shows it
+    written = output.read_bytes()
+    second = run(args)
+    assert second.summary.splitlines()[-1] == "backed up: the file that was there is now resized.safetensors.bak"
+    assert (tmp_path / "resized.safetensors.bak").read_bytes() == written
+    out = tmp_path / "converted.safetensors"
+    convert = argparse.Namespace(command="convert", file=loras["attn"], to="diffusers", precision=None, output=out)
+    assert run(convert).summary.endswith("backed up: nothing, no file was at that path")
+    again = run(convert)
+    assert again.summary.endswith("now converted.safetensors.bak") and not again.details

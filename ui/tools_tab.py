@@ -29,12 +29,20 @@ def run_tool(command: str, options: Callable[[], dict[str, object]]) -> str:
     """The tool's report as Markdown, or its error in plain words (the files are left as they were).
 
     `options` builds the command's arguments from the form, so a missing field is reported the same way.
+    The summary comes first; the per-module lines (hundreds for SD 1.5) are folded so they cannot bury it.
     """
     try:
         report = run(argparse.Namespace(command=command, **options()))
     except (ValueError, ModelLoadError, OSError) as error:
         return f"**{command} failed:** {error}"
-    return f"```\n{report}\n```"
+    summary = f"```\n{report.summary}\n```"
+    if not report.details:
+        return summary
+    count = len(report.details.splitlines())
+    return (
+        f"{summary}\n\n<details><summary>Per-module details ({count} modules, lowest energy kept first)</summary>"
+        f"\n\n```\n{report.details}\n```\n\n</details>"
+    )
 
 
 def _required(value: str, what: str) -> str:
