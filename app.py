@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     check_exposure(args.host, args.share, auth)
 
+    from ui.dataset_tab import CSS
     from ui.shell import AppContext, build_app
 
     context = AppContext.create(
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         share=args.share,
         auth=auth,
         inbrowser=not args.no_browser,
+        css=CSS,
     )
 
 

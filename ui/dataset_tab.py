@@ -24,6 +24,15 @@ from core.workspace import PathNotAllowed
 THUMBNAIL = 256
 SELECTED_PREVIEW = 512
 DATASETS_FOLDER = "datasets"
+# Gradio's thumbnail labels are one line cut with "…", which hid every caption; wrapped over the bottom of
+# the thumbnail (scrolling when very long) they can be read where the images are. app.py passes it to launch.
+CSS = """
+#dataset-gallery .caption-label {
+  left: 0; right: 0; bottom: 0; max-width: none; max-height: 60%;
+  white-space: normal; overflow-wrap: anywhere; overflow-y: auto;
+  border-radius: 0; border-left: none; opacity: 0.92; line-height: 1.3;
+}
+"""
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -130,7 +139,7 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
         with gr.Column(scale=3):
             gallery = gr.Gallery(
                 label="Images (train / val)",
-                columns=4,
+                columns=3,
                 height=560,
                 allow_preview=False,
                 object_fit="contain",
@@ -252,10 +261,16 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
             return gr.skip(), gr.skip(), message, *_skip(len(view) + len(editor))
         return str(target), None, message, *on_load(str(target))
 
-    def stored_folder() -> gr.Textbox:
-        return gr.Textbox(value=context.store.get().dataset.path, interactive=True)
+    def on_open() -> tuple[Any, ...]:
+        """The config's folder, already loaded: a filled-in folder box over an empty gallery looked broken.
 
-    app.load(stored_folder, outputs=folder)
+        One event fills the box and the view, so a Load typed meanwhile cannot be overwritten by this one.
+        """
+        path = context.store.get().dataset.path
+        view_now = on_load(path) if path.strip() else _skip(len(view) + len(editor))
+        return gr.Textbox(value=path, interactive=True), *view_now
+
+    app.load(on_open, outputs=[folder, *view, *editor])
     gr.on([load.click, folder.submit], on_load, inputs=folder, outputs=view + editor)
     gallery.select(on_select, inputs=loaded, outputs=editor)
     save.click(on_save, inputs=[selected, caption, loaded, last_edit], outputs=[*view, last_edit, caption_status])

@@ -40,6 +40,27 @@ def _expect_uploaded(page: Page, files: list[Path]) -> None:
         expect(page.locator(f"#dataset-upload-files a[href$='/{quote(file.name)}']")).to_have_count(1)
 
 
+def test_the_configured_folder_is_shown_on_open_with_readable_captions(page: Page, app_server: AppServer) -> None:
+    """Issue #14 point 10: the folder box was filled but the gallery empty until Load, and every thumbnail's
+    label was one line cut with "…", so no caption could be read in the gallery."""
+    folder = app_server.demo_dataset
+    assert load_config(app_server.output_dir / SETTINGS_FILE).dataset.path == str(folder)
+    expect(_textbox(page, "dataset-folder")).to_have_value(str(folder))
+    items = page.locator("#dataset-gallery .thumbnail-item")
+    expect(items).to_have_count(16)  # without pressing Load
+    expect(page.locator("#dataset-summary")).to_contain_text("16 images found: 16 used, 0 skipped")
+
+    caption = (folder / "bauhaus_02.txt").read_text(encoding="utf-8")
+    thumbnail = items.filter(has_text="bauhaus_02.png")
+    label = thumbnail.locator(".caption-label")
+    expect(label).to_contain_text(f"bauhaus_02.png — {caption}")
+    assert label.evaluate("node => node.scrollWidth <= node.clientWidth && node.scrollHeight <= node.clientHeight")
+    shown, frame = label.bounding_box(), thumbnail.bounding_box()
+    assert frame["x"] <= shown["x"] and shown["x"] + shown["width"] <= frame["x"] + frame["width"] + 1
+    assert frame["y"] <= shown["y"] and shown["y"] + shown["height"] <= frame["y"] + frame["height"] + 1
+    screenshot(page, "dataset-tab-on-open")
+
+
 def test_load_edit_save_and_undo_a_caption(page: Page, app_server: AppServer) -> None:
     folder = app_server.demo_dataset
     settings = load_config(app_server.output_dir / SETTINGS_FILE)
