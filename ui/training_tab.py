@@ -175,6 +175,13 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
     form = build_form(config_fields(), context.store.get())
     estimator = Estimator(lambda: context.session.snapshot().its)
     unchanged = [gr.skip()] * (2 * len(form.fields) + 2)
+    last_check: dict[str, Any] = {"config": None, "problems": []}  # what the last Check saw and found
+
+    def checked_problems(entry: FormField, config: TrainConfig) -> list[Problem]:
+        """The last Check's problems at `entry`, while the settings are still the ones it checked."""
+        if config != last_check["config"]:
+            return []
+        return [problem for problem in last_check["problems"] if field_path(problem) == entry.spec.path]
 
     def filled(config: TrainConfig) -> list[Any]:
         """Show `config` in every widget, no problems, its estimate, and ask for a new Check."""
@@ -237,6 +244,7 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
         dataset, problems = preflight(config)
         problems = context.workspace.config_problems(config) + problems
         estimator.remember(config, dataset)
+        last_check.update(config=config, problems=problems)
         refused_paths = {field_path(problem) for problem in refused}
         widgets = [
             gr.skip() if entry.spec.path in refused_paths else value
@@ -251,10 +259,15 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
 
     def on_field(entry: FormField) -> Callable[[Any], list[Any]]:
         def store_value(payload: Any) -> list[Any]:
+            before = context.store.get()
             try:
                 config = context.store.update({entry.spec.path: from_widget(entry.spec, payload)})
             except ConfigError as error:
                 return [form.problem_update([field_problem(form, p) for p in error.problems]), gr.skip(), gr.skip()]
+            if config == before:
+                # Not an edit: a fill (Check, preset, page load) setting a text field fires its `change` too.
+                # The Check's result stands; only a refusal shown for a value typed meanwhile goes.
+                return [form.problem_update(checked_problems(entry, config)), gr.skip(), gr.skip()]
             return [form.problem_update([]), estimator.describe(config), UNCHECKED]
 
         return store_value

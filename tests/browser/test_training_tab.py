@@ -6,9 +6,11 @@ All tests share one app server (and so one config store), so each sets the value
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -104,6 +106,10 @@ def test_an_invalid_value_is_shown_next_to_its_field_and_not_stored(page: Page, 
     expect(problem(page, "lora.alpha")).to_be_hidden()
     assert stored(app_server, "lora.rank") == 8
     screenshot(page, "training-tab-invalid-rank")
+    field(page, "lora.rank").fill("0")
+    expect(problem(page, "lora.rank")).to_be_visible()
+    field(page, "lora.rank").fill("8")  # back to the stored value: nothing to store, but the refusal goes
+    expect(problem(page, "lora.rank")).to_be_hidden()
     set_value(page, app_server, "lora.rank", "16", 16)
     expect(problem(page, "lora.rank")).to_be_hidden()
 
@@ -207,3 +213,46 @@ def test_save_and_load_a_config_file(page: Page, app_server: AppServer) -> None:
     expect(field(page, "lora.rank")).to_have_value("24")
     expect(status).to_contain_text("Loaded")
     assert stored(app_server, "lora.rank") == 24
+
+
+def load_in_dataset_tab(page: Page, app_server: AppServer, folder: Path) -> None:
+    """Choose `folder` where a newcomer does, in the Dataset tab, and come back to the Training tab."""
+    page.get_by_role("tab", name="Dataset").click()
+    page.locator("#dataset-folder textarea, #dataset-folder input").first.fill(str(folder))
+    page.locator("#dataset-load").click()
+    wait_until(lambda: stored(app_server, "dataset.path") == str(folder), "the Dataset tab stored its folder")
+    page.get_by_role("tab", name="Training").click()
+
+
+def test_a_check_after_the_dataset_tab_changed_the_folder_keeps_its_result(
+    page: Page, app_server: AppServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Check fills the folder the Dataset tab chose into the form; that fill is no edit and must not wipe the result."""
+    demo = str(app_server.demo_dataset)
+    copies = [tmp_path_factory.mktemp("dataset-copy") for _ in range(2)]
+    for copy in copies:
+        shutil.copytree(app_server.demo_dataset, copy, dirs_exist_ok=True)
+    open_training(page)
+    set_value(page, app_server, "dataset.path", demo, demo)
+    set_value(page, app_server, "schedule.warmup_steps", "100000", 100000)
+    load_in_dataset_tab(page, app_server, copies[0])
+    check(page)
+    expect(field(page, "dataset.path")).to_have_value(str(copies[0]))
+    time.sleep(2)  # the form's own events for the filled-in folder run after the Check's result arrives
+    summary = page.locator("#training-summary")
+    expect(summary).to_contain_text("would stop the run")
+    expect(summary).to_contain_text("Warmup steps")
+    expect(problem(page, "schedule.warmup_steps")).to_contain_text("longer than the whole run")
+    screenshot(page, "training-tab-check-after-dataset-tab")
+
+    # A problem found at the filled-in field itself stays too: the folder went away after it was chosen.
+    set_value(page, app_server, "dataset.path", demo, demo)
+    load_in_dataset_tab(page, app_server, copies[1])
+    shutil.rmtree(copies[1])
+    check(page)
+    expect(field(page, "dataset.path")).to_have_value(str(copies[1]))
+    time.sleep(2)
+    expect(summary).to_contain_text("would stop the run")
+    expect(problem(page, "dataset.path")).to_contain_text("not found")
+    set_value(page, app_server, "schedule.warmup_steps", "0", 0)
+    set_value(page, app_server, "dataset.path", demo, demo)
