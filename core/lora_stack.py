@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import warnings
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from core.inference_types import GenerationError, LoraSpec
+from core.lora_formats import diffusers_tensors, read_lora, sd15_index
 
 log = logging.getLogger(__name__)
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -123,8 +125,7 @@ class LoraStack:
         self._counter += 1
         name = f"lora{self._counter}"  # peft adapter names must be identifiers, file names need not be
         try:
-            with _quiet_peft():
-                self.pipe.load_lora_weights(str(path), adapter_name=name)
+            self._load(path, name)
         except _LOAD_ERRORS as error:
             self._drop_partial(name)
             first = (str(error).strip().splitlines() or [""])[0]
@@ -135,6 +136,36 @@ class LoraStack:
         log.info("loaded LoRA %s as adapter %s", path, name)
         self._adapters[key] = name
         return name
+
+    def _load(self, path: Path, name: str) -> None:
+        """Load `path` as adapter `name`, every module with its own rank and alpha.
+
+        diffusers' own kohya loader gives all modules one alpha, so LoCon files (conv_alpha ≠ alpha),
+        block-wise alphas and resized files came out mis-scaled (issue #14). The file is read and
+        converted by `core.lora_formats` instead, whose peft `alpha_pattern`/`rank_pattern` diffusers
+        applies exactly; LyCORIS and DoRA files, which are not up @ down, are refused there by name.
+        """
+        index = sd15_index()
+        tensors, config = diffusers_tensors(read_lora(path, index).modules.values(), index)
+        metadata = json.loads(config)
+        with _quiet_peft():
+            self.pipe.load_lora_into_unet(
+                tensors,
+                network_alphas=None,
+                unet=self.pipe.unet,
+                adapter_name=name,
+                metadata=metadata,
+                _pipeline=self.pipe,
+            )
+            self.pipe.load_lora_into_text_encoder(
+                tensors,
+                network_alphas=None,
+                text_encoder=self.pipe.text_encoder,
+                lora_scale=self.pipe.lora_scale,
+                adapter_name=name,
+                metadata=metadata,
+                _pipeline=self.pipe,
+            )
 
     def _unload(self, key: tuple[str, int, int]) -> None:
         name = self._adapters.pop(key)

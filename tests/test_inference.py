@@ -7,6 +7,7 @@ the output, what must not, which pixels are the photo's) rather than image quali
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import core.inpaint
 from core.config import LoraSection
@@ -30,8 +32,10 @@ from core.inference_types import (
 )
 from core.lora import add_training_loras
 from core.lora_files import save_diffusers_lora, save_lora
+from core.lora_formats import sd15_index
+from core.lora_stack import LoraStack
 from core.masks import prepare_mask
-from core.models import ModelLoadError, load_sd15
+from core.models import ModelLoadError, build_pipeline, load_sd15
 from core.png_info import read_png_parameters
 from core.samplers import SAMPLER_LABELS
 from core.sweep import label_height, sweep_grid, variants_from_files, variants_from_run, variants_from_weights
@@ -394,3 +398,64 @@ def test_a1111_parameters_are_read_too() -> None:
     assert fields["loras"] == (LoraSpec("bauhaus_v2", 0.7),)
     assert fields["controls"] == (ControlSpec("depth", "control_v11f1p_sd15_depth", weight=0.8, end=0.9),)
     assert split_lora_tags("a <lora:x> b") == ("a b", [("x", 1.0)])
+
+
+def kohya_file_with_varied_alphas(model: Path, path: Path) -> dict[str, torch.Tensor]:
+    """A third-party-style kohya LoCon file: conv_alpha ≠ alpha, block-wise alphas and resized (dynamic) ranks.
+
+    Every module gets its own rank (1–4) and alpha, from a seeded generator, as kohya's resize and
+    block-weight tools write them; 3×3 convs share a conv_alpha of their own.
+    """
+    components = load_sd15(str(model))
+    add_training_loras(
+        components.unet, components.text_encoder, LoraSection(rank=4, alpha=4.0, targets="all", train_text_encoder=True)
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in [*components.unet.named_parameters(), *components.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    original = save_lora(path, components.unet, components.text_encoder, precision="fp32", metadata={})
+    tensors = load_file(original)
+    varied: dict[str, torch.Tensor] = {}
+    for key in [k for k in tensors if k.endswith(".alpha")]:
+        name = key.removesuffix(".alpha")
+        rank = int(torch.randint(1, 5, (1,), generator=generator))
+        down, up = tensors[f"{name}.lora_down.weight"][:rank], tensors[f"{name}.lora_up.weight"][:, :rank]
+        conv3x3 = down.dim() == 4 and down.shape[-1] == 3
+        alpha = 1.5 if conv3x3 else [0.5, 1.0, 2.0, 8.0][int(torch.randint(0, 4, (1,), generator=generator))]
+        varied |= {f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous()}
+        varied[key] = torch.tensor(alpha)
+    save_file(varied, path)
+    return varied
+
+
+def test_every_module_of_a_kohya_file_gets_its_own_alpha(demo_model: Path, tmp_path: Path) -> None:
+    """Issue #14: diffusers applies one alpha to a kohya file whose alphas differ; each module must get up·down·α/r."""
+    tensors = kohya_file_with_varied_alphas(demo_model, tmp_path / "locon.safetensors")
+    alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    assert len(alphas) == 5 and len(ranks) == 4  # conv_alpha, four block alphas; ranks 1–4
+    pipe = build_pipeline(load_sd15(str(demo_model)))
+    stack = LoraStack(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # peft's "alpha_pattern keys … were ignored"
+        stack.apply([LoraSpec(str(tmp_path / "locon.safetensors"), 1.0)])
+    [adapter] = {a for adapters in pipe.get_list_adapters().values() for a in adapters}
+    applied: dict[str, torch.Tensor] = {}
+    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for path, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer) and adapter in layer.lora_A:
+                name = sd15_index().name_for(component, path)
+                assert name is not None, path
+                applied[name] = layer.get_delta_weight(adapter)
+    expected_names = {k.removesuffix(".alpha") for k in tensors if k.endswith(".alpha")}
+    assert applied.keys() == expected_names
+    wrong = []
+    for name, delta in applied.items():
+        down, up = tensors[f"{name}.lora_down.weight"].double(), tensors[f"{name}.lora_up.weight"].double()
+        rank, alpha = down.shape[0], float(tensors[f"{name}.alpha"])
+        expected = (up.flatten(1) @ down.flatten(1) * alpha / rank).reshape(delta.shape)
+        if not torch.allclose(delta.double(), expected, rtol=1e-4, atol=1e-6):
+            wrong.append(name)
+    assert wrong == [], f"{len(wrong)} of {len(applied)} modules mis-scaled, e.g. {wrong[:3]}"
