@@ -19,7 +19,7 @@ import torch
 from core.checkpoint import CheckpointError
 from core.config import ConfigError, TrainConfig
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
-from core.models import SD15Components
+from core.models import ModelLoadError, SD15Components
 from core.preflight import preflight
 from core.trainer import Trainer, TrainingError
 
@@ -51,6 +51,7 @@ class Snapshot:
     log: tuple[str, ...] = ()
     error: str | None = None
     run_dir: str | None = None
+    run: int = 0  # how many runs this session has started: tells two runs apart even when they end alike
 
     @property
     def running(self) -> bool:
@@ -64,7 +65,7 @@ def explain_error(error: BaseException) -> str:
             "The GPU ran out of memory. Lower schedule.batch_size or dataset.resolution or lora.rank, turn on "
             "performance.gradient_checkpointing, or use optimizer.name = adamw8bit. The last saved LoRA is kept."
         )
-    if isinstance(error, (ConfigError, TrainingError, CheckpointError)):
+    if isinstance(error, (ConfigError, TrainingError, CheckpointError, ModelLoadError)):
         return str(error)
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return (
@@ -94,8 +95,8 @@ class _Recording:
     events costs nothing.
     """
 
-    def __init__(self, status: str) -> None:
-        self.fields = Snapshot(status=status)  # everything but the curves and the log, which stay empty here
+    def __init__(self, status: str, run: int = 0) -> None:
+        self.fields = Snapshot(status=status, run=run)  # everything but the curves and the log, which stay empty
         self.losses: list[tuple[int, float]] = []
         self.lrs: list[tuple[int, float]] = []
         self.epochs: list[EpochRecord] = []
@@ -197,7 +198,7 @@ class TrainingSession:
                 raise ConfigError(problems)
             self._commands = TrainingCommands()
             self._finished = None
-            self._recording = _Recording("starting")
+            self._recording = _Recording("starting", self._recording.fields.run + 1)
             trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)
             self._thread = threading.Thread(target=self._run, args=(trainer,), name="atelier-training", daemon=True)
             self._thread.start()

@@ -128,6 +128,9 @@ def test_the_view_sends_only_the_parts_that_changed() -> None:
     assert set(later) == {"progress", "chart"}
     assert 'data-step="12"' in later["progress"][1] and pio.from_json(later["chart"][1]).data[0].x[-1] == 12
     assert set(monitor_view(snapshot(11, status="paused"), known)) == {"progress", "controls"}
+    # a run that fails just like the one before it still redraws the buttons Start's click left "running"
+    failed = {name: version for name, (version, _) in monitor_view(snapshot(0, status="failed", run=1), {}).items()}
+    assert "controls" in monitor_view(snapshot(0, status="failed", run=2), failed)
     # a later run with the same sample names in another folder still redraws the grid
     old, new = ({"epoch-0002": (f"/runs/{run}/samples/epoch-0002/00.png",)} for run in ("lora", "lora-2"))
     seen = {"samples": monitor_view(snapshot(11, samples=old), {})["samples"][0]}

@@ -150,8 +150,9 @@ def progress_html(snapshot: Snapshot) -> str:
     ]
     words = STATUS_WORDS.get(snapshot.status, snapshot.status)
     return (
-        f'<div class="progress {snapshot.status}" data-status="{snapshot.status}" data-step="{snapshot.step}" '
-        f'data-total-steps="{snapshot.total_steps}"><div class="head"><span class="status">{words}</span>'
+        f'<div class="progress {snapshot.status}" data-status="{snapshot.status}" data-run="{snapshot.run}" '
+        f'data-step="{snapshot.step}" data-total-steps="{snapshot.total_steps}">'
+        f'<div class="head"><span class="status">{words}</span>'
         f'<span class="numbers">{" · ".join(parts)}</span></div>'
         f'<div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="{snapshot.total_steps}" '
         f'aria-valuenow="{snapshot.step}"><div class="fill" style="width: {fraction:.1%}"></div></div></div>'
@@ -170,17 +171,27 @@ def monitor_view(snapshot: Snapshot, known: dict[str, str]) -> dict[str, tuple[s
 
     Versions are cheap keys of what a part shows (hashes are per server process, like the page's session), so
     an unchanged part costs a comparison, not a redraw.
-    "controls" has no content: its new version tells the page to redraw the buttons and the file list.
+    "controls" has no content: its new version tells the page to redraw the buttons and the file list. Its
+    version holds the run number, because Start's click draws a running run's buttons without the page's version
+    knowing: a run that fails before the next poll ends as "not running" like the one before it, and only the
+    new run number tells the page its buttons are out of date.
     """
     losses, validations, lrs = snapshot.loss_history, snapshot.val_history, snapshot.lr_history
-    progress = (snapshot.status, snapshot.step, snapshot.total_steps, snapshot.epoch, snapshot.total_epochs)
+    progress = (
+        snapshot.run,
+        snapshot.status,
+        snapshot.step,
+        snapshot.total_steps,
+        snapshot.epoch,
+        snapshot.total_epochs,
+    )
     parts: dict[str, tuple[Any, Callable[[], str]]] = {
         "progress": ((*progress, snapshot.its, snapshot.eta_seconds), lambda: progress_html(snapshot)),
         "error": (snapshot.error, lambda: error_html(snapshot)),
         "chart": ((len(losses), losses[-1:], len(validations), validations[-1:], lrs[-1:]), lambda: chart(snapshot)),
         "samples": ((hash(tuple(snapshot.samples.items())), snapshot.best_epoch), lambda: sample_grid_html(snapshot)),
         "log": (hash(snapshot.log), lambda: "\n".join(snapshot.log[-LOG_LINES:])),
-        "controls": ((snapshot.running, snapshot.status == "paused", snapshot.files), lambda: ""),
+        "controls": ((snapshot.run, snapshot.running, snapshot.status == "paused", snapshot.files), lambda: ""),
     }
     changed = {}
     for name, (key, draw) in parts.items():

@@ -9,8 +9,10 @@ tests share one app server and so one training session and config; each leaves t
 from __future__ import annotations
 
 import re
+import shutil
 import time
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,7 +45,7 @@ def set_setting(page: Page, app_server: AppServer, path: str, value: Any) -> Non
 
 def open_monitor(page: Page) -> None:
     page.get_by_role("tab", name="Monitor").click()
-    expect(page.locator("#monitor-progress .progress")).to_be_visible()
+    expect(page.locator("#monitor-progress .progress")).to_be_visible(timeout=30_000)  # its first poll, on a busy CI
 
 
 def progress(page: Page) -> Any:
@@ -219,3 +221,32 @@ def test_settings_that_cannot_train_are_explained_at_start(page: Page, app_serve
     expect(button(page, "start")).to_be_enabled()
     assert progress(page).get_attribute("data-status") == before  # nothing started
     set_setting(page, app_server, "dataset.path", str(app_server.demo_dataset))
+
+
+def broken_copy(model: Path, folder: Path) -> Path:
+    """The demo model with its UNet weights replaced by junk: the settings check passes, loading fails at once."""
+    copy = folder / "broken-model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("controlnet-*"))
+    (copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    return copy
+
+
+def test_a_run_that_fails_while_loading_gives_the_buttons_back(
+    page: Page, app_server: AppServer, demo_model: Path, tmp_path: Path
+) -> None:
+    """Start's click draws the buttons of a running run; a run that fails before the next poll must undo that,
+    also when it fails just like the run before it (same status, same files)."""
+    base = stored(app_server)["model"]["base"]
+    set_setting(page, app_server, "model.base", str(broken_copy(demo_model, tmp_path)))
+    open_monitor(page)
+    for _ in range(2):
+        run = int(progress(page).get_attribute("data-run") or 0)
+        button(page, "start").click()
+        expect(progress(page)).to_have_attribute("data-run", str(run + 1), timeout=RUN_TIMEOUT_MS)
+        wait_for_status(page, "failed")
+        expect(button(page, "start")).to_be_enabled()
+        for control in ("pause", "resume", "stop", "sample", "save", "use"):
+            expect(button(page, control)).to_be_disabled()
+    expect(page.locator("#monitor-error")).to_contain_text("Training failed.")
+    screenshot(page, "monitor-tab-failed")
+    set_setting(page, app_server, "model.base", base)
