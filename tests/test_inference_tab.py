@@ -309,11 +309,16 @@ def test_parameters_restore_the_scalars_the_lora_rows_and_the_units(tmp_path: Pa
 # ----- sizes and the mask preview ----------------------------------------------------------------
 
 
-def test_the_size_follows_the_photos_aspect_at_about_the_same_area() -> None:
-    assert fit_to_photo((4000, 3000), 512, 512) == (592, 440)
-    assert fit_to_photo((3000, 4000), 512, 512) == (440, 592)
-    assert fit_to_photo((100, 100), 64, 64) == (64, 64)
+def test_the_size_follows_the_photos_aspect_without_shrinking() -> None:
+    assert fit_to_photo((4000, 3000), 512, 512) == (592, 440)  # a big photo: about the current pixel count
+    assert fit_to_photo((3000, 4000), 768, 768) == (664, 888)
     assert fit_to_photo((10000, 100), 512, 512) == (2048, 64)
+    # Issue #14: the demo's 128 x 128 turned a 512 x 384 photo into 144 x 112; a photo up to SD 1.5's
+    # 512 x 512 keeps its own size, a larger one gets at least that many pixels.
+    assert fit_to_photo((512, 384), 128, 128) == (512, 384)
+    assert fit_to_photo((4000, 3000), 128, 128) == (592, 440)
+    assert fit_to_photo((90, 90), 64, 64) == (88, 88)  # rounded to a multiple of 8
+    assert fit_to_photo((512, 384), 1024, 1024) == (1184, 888)  # never below the current pixel count
 
 
 def test_the_mask_preview_darkens_what_stays_and_outlines_the_rendered_box() -> None:

@@ -23,6 +23,7 @@ from core.masks import prepare_mask
 from core.sweep import EPOCH_FILE, SweepVariant, variants_from_files, variants_from_run, variants_from_weights
 
 MAX_LORAS = 4
+NATIVE_AREA = 512 * 512  # the pixel count SD 1.5 was trained at
 # Each scalar widget by the request field it sets, with the type Gradio's float-or-int values become.
 SCALARS: dict[str, type] = {
     "prompt": str,
@@ -190,13 +191,15 @@ def request_from_form(values: FormValues) -> GenerationRequest:
 
 
 def fit_to_photo(photo_size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
-    """A generation size with the photo's aspect and about the current area (multiples of 8, 64–2048).
+    """A generation size with the photo's aspect (multiples of 8, 64–2048) that never loses pixels.
 
     Whole-picture inpainting renders at width × height and is scaled back onto the photo, so a square
-    size would squash a 4:3 facade; keeping the area keeps the time and memory the user chose.
+    size would squash a 4:3 facade. The pixel count is the current one, raised to the photo's own up to
+    SD 1.5's native 512 × 512: keeping only the current count turned a 512 × 384 photo into 144 × 112
+    under the demo's 128 × 128 (issue #14); a larger count chosen on purpose is kept.
     """
     aspect = photo_size[0] / photo_size[1]
-    area = width * height
+    area = max(width * height, min(photo_size[0] * photo_size[1], NATIVE_AREA))
 
     def snap(value: float) -> int:
         return int(min(2048, max(64, round(value / 8) * 8)))

@@ -205,6 +205,18 @@ def test_dropping_a_png_restores_its_settings(page: Page, tmp_path: Path, styles
     expect(page.locator("#inference-lineart-enabled input")).not_to_be_checked()
 
 
+def test_matching_the_photos_aspect_keeps_its_pixels(page: Page, tmp_path: Path) -> None:
+    """Issue #14: under the demo's 128 x 128 the button turned a 512 x 384 photo into 144 x 112."""
+    big = tmp_path / "facade-512.png"
+    Image.new("RGB", (512, 384), (235, 232, 224)).save(big)
+    open_inference(page)
+    page.locator("#inference-photo input[type=file]").set_input_files(big)
+    expect(page.locator("#inference-mode input[value=inpaint]")).to_be_checked(timeout=30_000)  # upload done
+    page.locator("#inference-fit-size").click()
+    expect(number(page, "width")).to_have_value("512")
+    expect(number(page, "height")).to_have_value("384")
+
+
 def test_cancel_stops_a_render_after_the_current_step(page: Page, app_server: AppServer) -> None:
     open_inference(page)
     page.locator("#inference-mode input[value=txt2img]").check()
