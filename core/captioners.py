@@ -40,21 +40,32 @@ _FAMILIES: dict[str, Family] = {"blip": "blip", "blip-2": "blip2", "florence2": 
 
 @dataclass(frozen=True)
 class CaptionerPreset:
-    """A known-good captioner for the model picker; `revision` pins the hub commit where it matters."""
+    """A known-good captioner for the model picker; `revision` pins the hub commit where it matters, and
+    `family` says which options steer it (Florence-2 a task, BLIP and BLIP-2 a prompt) before it is loaded."""
 
     label: str
     model: str
     note: str
+    family: Family
     revision: str | None = None
 
 
 PRESETS = (
-    CaptionerPreset("BLIP base", "Salesforce/blip-image-captioning-base", "short captions, fast even on a CPU"),
-    CaptionerPreset("BLIP large", "Salesforce/blip-image-captioning-large", "short captions, a little better"),
-    CaptionerPreset("BLIP-2 OPT-2.7b", BLIP2_MODEL, "the study's captioner; 3.7B parameters", BLIP2_REVISION),
-    CaptionerPreset("Florence-2 base", "florence-community/Florence-2-base", "caption or detailed caption, fast"),
-    CaptionerPreset("Florence-2 large", "florence-community/Florence-2-large", "caption or detailed caption"),
+    CaptionerPreset("BLIP base", "Salesforce/blip-image-captioning-base", "short captions, fast even on a CPU", "blip"),
+    CaptionerPreset("BLIP large", "Salesforce/blip-image-captioning-large", "short captions, a little better", "blip"),
+    CaptionerPreset("BLIP-2 OPT-2.7b", BLIP2_MODEL, "the study's captioner; 3.7B parameters", "blip2", BLIP2_REVISION),
+    CaptionerPreset(
+        "Florence-2 base", "florence-community/Florence-2-base", "caption or detailed caption, fast", "florence2"
+    ),
+    CaptionerPreset(
+        "Florence-2 large", "florence-community/Florence-2-large", "caption or detailed caption", "florence2"
+    ),
 )
+
+
+def preset_family(model: str) -> Family | None:
+    """The family of a preset model id; None for any other model, whose family shows only once it is loaded."""
+    return next((preset.family for preset in PRESETS if preset.model == model), None)
 
 
 def pinned_revision(model: str) -> str | None:

@@ -21,7 +21,7 @@ import gradio as gr
 from core.caption_demo import ensure_demo_captioner
 from core.caption_edits import AddTag, BulkEdit, CaptionChange, FindReplace, RemoveTag, apply_edits, plan_edits
 from core.caption_files import CaptioningError, list_backups, restore_backup
-from core.captioners import FLORENCE_TASKS, PRESETS
+from core.captioners import FLORENCE_TASKS, PRESETS, preset_family
 from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
 from core.demo import default_cache_dir
 from core.workspace import PathNotAllowed, Workspace
@@ -63,14 +63,30 @@ class Preview:
     changes: tuple[CaptionChange, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class LastRun:
+    """The last run's report and folder, so its table can be re-read after a restore or an edit changes the files."""
+
+    root: Path
+    report: CaptionReport
+
+
 def model_choices(demo: bool) -> list[tuple[str, str]]:
     presets = [(f"{preset.label} · {preset.note}", preset.model) for preset in PRESETS]
     demo_choice = [("Demo captioner · tiny random BLIP, offline, writes word salad", DEMO_CAPTIONER)]
     return demo_choice + presets if demo else presets
 
 
+def steering(model: str) -> tuple[bool, bool]:
+    """(the Florence-2 task applies, the BLIP prompt applies) to `model`; a model that is neither a preset
+    nor the demo captioner (a BLIP) shows its family only once loaded, so both stay offered for it."""
+    family = "blip" if model == DEMO_CAPTIONER else preset_family(model)
+    return family in (None, "florence2"), family in (None, "blip", "blip2")
+
+
 def results_table(report: CaptionReport, root: Path) -> list[list[str]]:
-    """One row per caption written or image that failed, with the caption as now on disk."""
+    """One row per caption written or image that failed, with the caption as now on disk: re-read after a
+    restore or a bulk edit, so the table never shows text the files no longer hold."""
     rows = [[_shown(path, root), "written", _read(path)] for path in report.written]
     return rows + [[_shown(image, root), "failed", reason] for image, reason in report.failed]
 
@@ -100,17 +116,20 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
             elem_id="caption-model",
             scale=4,
         )
+    task_applies, prompt_applies = steering(choices[0][1])
     with gr.Row():
         task = gr.Dropdown(
             label="Florence-2 task",
             choices=[(label, value) for value, label in TASK_LABELS.items()],
             value=FLORENCE_TASKS[0],
+            visible=task_applies,
             elem_id="caption-task",
         )
         prompt = gr.Textbox(
             label="BLIP / BLIP-2 prompt",
             placeholder="a photograph of",
             info="Optional text the caption continues, or a question for BLIP-2; not part of the caption.",
+            visible=prompt_applies,
             elem_id="caption-prompt",
         )
         mode = gr.Radio(
@@ -130,7 +149,7 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
         cancel = gr.Button("Cancel", variant="stop", elem_id="caption-cancel")
     status = gr.Markdown(elem_id="caption-status")
     results = gr.Dataframe(
-        headers=["file", "result", "caption"],
+        headers=["file", "result", "caption now"],
         label="Captions of the last run",
         interactive=False,
         wrap=True,
@@ -165,6 +184,7 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
             elem_id="caption-edit-changes",
         )
     previewed = gr.State(Preview())
+    last_run = gr.State(None)
 
     def extension() -> str:
         return context.store.get().dataset.caption_extension
@@ -185,21 +205,21 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
     def on_start(path: str, *values: Any) -> Iterator[tuple[Any, ...]]:
         busy = "**A captioning run is going already:** wait for it, or cancel it."
         if jobs.busy():
-            yield busy, gr.skip(), gr.skip()
+            yield busy, *_skip(3)
             return
         try:
             folder = dataset_folder(path)
             options = _options(values, extension(), context.workspace)
             options.check()
         except (CaptioningError, PathNotAllowed) as error:
-            yield f"**Not started — {error}**", gr.skip(), gr.skip()
+            yield f"**Not started — {error}**", *_skip(3)
             return
         except OSError as error:  # building the demo captioner
-            yield f"**Not started — the demo captioner could not be built: {error}**", gr.skip(), gr.skip()
+            yield f"**Not started — the demo captioner could not be built: {error}**", *_skip(3)
             return
         job = jobs.start(folder, options)
         if job is None:
-            yield busy, gr.skip(), gr.skip()
+            yield busy, *_skip(3)
             return
         started = time.monotonic()
         while not job.wait(POLL_SECONDS):
@@ -207,11 +227,12 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
             if job.progress and job.progress.last:
                 image, caption = job.progress.last
                 text += f"\n\nLast: `{image.name}` → {caption}"
-            yield text, gr.skip(), gr.skip()
+            yield text, *_skip(3)
         if job.report is None:
-            yield f"**Captioning failed — {job.error}**", gr.skip(), backup_choices(path)
+            yield f"**Captioning failed — {job.error}**", gr.skip(), backup_choices(path), gr.skip()
             return
-        yield job.report.summary(), results_table(job.report, job.folder.absolute()), backup_choices(path)
+        run = LastRun(job.folder.absolute(), job.report)
+        yield job.report.summary(), results_table(run.report, run.root), backup_choices(path), run
 
     def on_cancel() -> str:
         if not jobs.busy() or jobs.current is None:
@@ -219,20 +240,20 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
         jobs.current.cancel()
         return "Cancelling: the captions being generated are dropped; the files written so far stay."
 
-    def on_restore(path: str, backup_id: str | None) -> tuple[str, gr.Dropdown]:
+    def on_restore(path: str, backup_id: str | None, run: LastRun | None) -> tuple[Any, ...]:
         if not backup_id:
-            return "**Choose a backup first.**", backup_choices(path)
+            return "**Choose a backup first.**", backup_choices(path), gr.skip()
         if jobs.busy():
-            return "**Wait for the captioning run to finish (or cancel it) before restoring.**", gr.skip()
+            return "**Wait for the captioning run to finish (or cancel it) before restoring.**", *_skip(2)
         try:
             report = restore_backup(dataset_folder(path), backup_id)
         except (CaptioningError, PathNotAllowed) as error:
-            return f"**Not restored — {error}**", backup_choices(path)
+            return f"**Not restored — {error}**", backup_choices(path), gr.skip()
         text = f"Restored {len(report.restored)} captions from {backup_id}"
         text += f" and removed {len(report.removed)} it had created." if report.removed else "."
         if report.safety_backup:
             text += f" The captions it replaced are in backup {report.safety_backup.id}: restore that to undo."
-        return text, backup_choices(path, backup_id)
+        return text, backup_choices(path, backup_id), reread(run)
 
     def on_kind(chosen: str) -> list[Any]:
         finding, tagging = chosen == EDIT_KINDS[0], chosen != EDIT_KINDS[0]
@@ -249,24 +270,32 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
         text = f"{len(found)} captions would change ({edit.describe()}). Apply writes exactly these."
         return (text if found else "No caption would change."), rows, Preview(path, edit.describe(), tuple(found))
 
-    def on_apply(state: Preview) -> tuple[str, list[list[str]], Preview, Any]:
+    def on_apply(state: Preview, run: LastRun | None) -> tuple[Any, ...]:
         if not state.changes:
-            return "**Preview an edit first.**", [], Preview(), gr.skip()
+            return "**Preview an edit first.**", [], Preview(), *_skip(2)
         if jobs.busy():
             return (
                 "**Wait for the captioning run to finish (or cancel it) before editing.**",
                 gr.skip(),
                 state,
-                gr.skip(),
+                *_skip(2),
             )
         try:
             report = apply_edits(dataset_folder(state.folder), list(state.changes), state.description)
         except (CaptioningError, PathNotAllowed) as error:
-            return f"**Not applied — {error}**", gr.skip(), state, gr.skip()
+            return f"**Not applied — {error}**", gr.skip(), state, *_skip(2)
         text = f"Applied to {len(report.applied)} captions"
         text += f" (the replaced ones are in backup {report.backup.id})." if report.backup else "."
         text += "".join(f"\n\n- `{path.name}`: {reason}" for path, reason in report.conflicts)
-        return text, [], Preview(), backup_choices(state.folder)
+        return text, [], Preview(), backup_choices(state.folder), reread(run)
+
+    def reread(run: LastRun | None) -> Any:
+        """The last run's table with the captions as the files hold them now."""
+        return gr.skip() if run is None else results_table(run.report, run.root)
+
+    def on_model(chosen: str) -> tuple[Any, Any]:
+        task_applies, prompt_applies = steering(str(chosen or "").strip())
+        return gr.update(visible=task_applies), gr.update(visible=prompt_applies)
 
     def stored_folder() -> tuple[str, gr.Dropdown]:
         path = context.store.get().dataset.path
@@ -277,13 +306,16 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
     tab.select(stored_folder, outputs=[folder, backups])  # the Dataset or Training tab may have changed it
     gr.on([folder.submit, refresh.click], backup_choices, inputs=[folder, backups], outputs=backups)
     # No queueing: a second click must see the running job and be refused, not run again after it.
-    start.click(on_start, inputs=[folder, *run_inputs], outputs=[status, results, backups], concurrency_limit=None)
+    start.click(
+        on_start, inputs=[folder, *run_inputs], outputs=[status, results, backups, last_run], concurrency_limit=None
+    )
     cancel.click(on_cancel, outputs=status, concurrency_limit=None)
-    restore.click(on_restore, inputs=[folder, backups], outputs=[restore_status, backups])
+    restore.click(on_restore, inputs=[folder, backups, last_run], outputs=[restore_status, backups, results])
+    model.change(on_model, inputs=model, outputs=[task, prompt])
     kind.change(on_kind, inputs=kind, outputs=[find, replace, regex, case, tag, at_start])
     edit_inputs = [kind, find, replace, regex, case, tag, at_start]
     preview.click(on_preview, inputs=[folder, *edit_inputs], outputs=[edit_status, changes, previewed])
-    apply.click(on_apply, inputs=previewed, outputs=[edit_status, changes, previewed, backups])
+    apply.click(on_apply, inputs=[previewed, last_run], outputs=[edit_status, changes, previewed, backups, results])
 
 
 def _options(values: tuple[Any, ...], extension: str, workspace: Workspace) -> CaptionOptions:
@@ -322,7 +354,14 @@ def _shown(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
+def _skip(count: int) -> tuple[Any, ...]:
+    """Leave `count` outputs as they are."""
+    return tuple(gr.skip() for _ in range(count))
+
+
 def _read(path: Path) -> str:
+    if not path.exists():
+        return "(no caption file now)"
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

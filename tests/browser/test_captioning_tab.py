@@ -41,6 +41,8 @@ def test_caption_restore_and_bulk_edit_the_demo_dataset(page: Page, app_server: 
     page.get_by_role("tab", name="Captioning").click()
     expect(_textbox(page, "caption-folder")).to_have_value(str(folder))
     expect(_textbox(page, "caption-model")).to_have_value(re.compile("^Demo captioner · tiny random BLIP"))
+    expect(page.locator("#caption-task")).to_be_hidden()  # a Florence-2 option: it cannot steer a BLIP
+    expect(page.locator("#caption-prompt")).to_be_visible()
 
     page.locator("#caption-mode").get_by_text("overwrite:").click()
     _textbox(page, "caption-prefix").fill(PREFIX)
@@ -60,6 +62,7 @@ def test_caption_restore_and_bulk_edit_the_demo_dataset(page: Page, app_server: 
     page.locator("#caption-restore").click()
     expect(page.locator("#caption-restore-status")).to_contain_text(f"Restored 16 captions from {backup.id}")
     assert _captions(folder) == originals
+    expect(rows.filter(has_text=first).first).to_contain_text(originals[first])  # the table follows the restore
 
     _textbox(page, "caption-find").fill("flat roofs")
     _textbox(page, "caption-replace").fill("toits plats, façade 東京")
@@ -77,6 +80,7 @@ def test_caption_restore_and_bulk_edit_the_demo_dataset(page: Page, app_server: 
     edited = _captions(folder)
     assert edited["bauhaus_01.txt"] == originals["bauhaus_01.txt"].replace("flat roofs", "toits plats, façade 東京")
     assert edited["neoclassical_01.txt"] == originals["neoclassical_01.txt"]
+    expect(rows.filter(has_text="bauhaus_01.txt").first).to_contain_text(edited["bauhaus_01.txt"])  # and the edit
     page.locator("#caption-apply").click()
     expect(edit_status).to_have_text("Preview an edit first.")
 
@@ -97,8 +101,14 @@ def test_a_bad_model_is_explained_and_nothing_changes(page: Page, app_server: Ap
     page.get_by_role("tab", name="Captioning").click()
     expect(_textbox(page, "caption-folder")).to_have_value(str(folder))
     model = _textbox(page, "caption-model")
+    model.click()
+    page.get_by_role("option", name=re.compile("^Florence-2 base")).click()
+    expect(page.locator("#caption-task")).to_be_visible()
+    expect(page.locator("#caption-prompt")).to_be_hidden()  # BLIP's prompt does not steer Florence-2
     model.fill(str(tmp_path / "no-such-model"))
     model.press("Enter")
+    expect(page.locator("#caption-task")).to_be_visible()  # a model known only once loaded: both stay offered
+    expect(page.locator("#caption-prompt")).to_be_visible()
     page.locator("#caption-mode").get_by_text("overwrite:").click()
     page.locator("#caption-start").click()
     expect(page.locator("#caption-status")).to_contain_text("Captioning failed — model: folder")
