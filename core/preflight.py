@@ -16,8 +16,8 @@ from pathlib import Path
 
 from core.config import Problem, TrainConfig
 from core.dataset import Dataset, DatasetError, ImageRecord, load_dataset
+from core.models import check_model
 
-LOCAL_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LORA_PARAMS_PER_RANK = 600_000
 """About an SD 1.5 LoRA's parameters per unit of rank (a rank-32 kohya file with the text encoder is ~38 MB in fp16)."""
 SAVE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -54,17 +54,18 @@ def plan_run(config: TrainConfig, dataset: Dataset, world_size: int = 1) -> RunP
     return RunPlan(len(dataset.train), len(dataset.validation), batches, steps_per_epoch, total, epochs)
 
 
-def _model_problems(config: TrainConfig) -> list[Problem]:
-    problems = []
-    for field, reference in (("model.base", config.model.base), ("model.vae", config.model.vae)):
+def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem]]:
+    """Problems and notes about the base model and VAE, from their files and configs (nothing is loaded)."""
+    problems, notes = [], []
+    if not config.model.base:
+        problems.append(Problem("model.base", "", "choose a base model: a hub id, folder or .safetensors"))
+    for field, reference, role in (("model.base", config.model.base, "base"), ("model.vae", config.model.vae, "vae")):
         if not reference:
-            if field == "model.base":
-                problems.append(Problem(field, reference, "choose a base model: a hub id, folder or .safetensors"))
             continue
-        path = Path(reference).expanduser()
-        if (reference.endswith(LOCAL_MODEL_SUFFIXES) or reference.startswith((".", "/", "~"))) and not path.exists():
-            problems.append(Problem(field, reference, "file or folder not found — check the path"))
-    return problems
+        result = check_model(reference, role)
+        problems += [Problem(field, reference, result.problem)] if result.problem else []
+        notes += [Problem(field, reference, result.note)] if result.note else []
+    return problems, notes
 
 
 def _nearest_existing(folder: str) -> Path:
@@ -153,14 +154,28 @@ def _plan_problems(config: TrainConfig, dataset: Dataset) -> list[Problem]:
     return problems
 
 
-def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:
-    """Load the dataset and return it with every problem found; an empty list means the run can start."""
-    problems = _model_problems(config) + _output_problems(config)
+@dataclass(frozen=True)
+class Preflight:
+    """What Check found: `problems` stop the run; `notes` do not, but the user should know them first."""
+
+    dataset: Dataset | None
+    problems: list[Problem]
+    notes: list[Problem]
+
+
+def check_run(config: TrainConfig) -> Preflight:
+    """Load the dataset and check everything a run needs, before any model loads."""
+    problems, notes = _model_checks(config)
+    problems += _output_problems(config)
     try:
         dataset = load_dataset(config.dataset, config.run.seed)
     except DatasetError as error:
-        return None, [
-            *problems,
-            Problem(error.field, error.value, error.message),
-        ]
-    return dataset, problems + _plan_problems(config, dataset) + _disk_problems(config, dataset)
+        return Preflight(None, [*problems, Problem(error.field, error.value, error.message)], notes)
+    problems += _plan_problems(config, dataset) + _disk_problems(config, dataset)
+    return Preflight(dataset, problems, notes)
+
+
+def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:
+    """The dataset and every problem that stops a run; an empty list means the run can start."""
+    report = check_run(config)
+    return report.dataset, report.problems

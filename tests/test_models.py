@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -20,11 +22,21 @@ from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from training_helpers import demo_config
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from core.demo import CONTROLNET_NAMES, ensure_demo_model
 from core.ldm_convert import save_ldm_checkpoint, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from core.models import SD15_CONFIG_DIR, ModelLoadError, SD15Components, build_pipeline, load_sd15
+from core.models import (
+    SD15_CONFIG_DIR,
+    ModelCheck,
+    ModelLoadError,
+    SD15Components,
+    build_pipeline,
+    check_model,
+    load_sd15,
+)
+from core.preflight import check_run
 
 
 @pytest.fixture(autouse=True)
@@ -249,3 +261,99 @@ def test_demo_dataset_has_two_captioned_styles(demo_dataset: Path) -> None:
     assert sizes == {(128, 128), (192, 128)}
     mean_bauhaus, mean_neoclassical = (np.mean(v, axis=0) for v in styles.values())
     assert np.abs(mean_bauhaus - mean_neoclassical).mean() > 10  # visibly different on average
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Hugging Face cache of our own (huggingface_hub reads HF_HUB_CACHE only at import)."""
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_check_stops_a_run_whose_hub_model_is_offline_and_not_cached(
+    demo_dataset: Path, tmp_path: Path, empty_hub_cache: Path
+) -> None:
+    """The issue's newcomer: no --demo, the default hub id, no cache, no network. Check must say so, not Start."""
+    config = demo_config(
+        Path("unused"), demo_dataset, tmp_path, "model.base=stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )
+    report = check_run(config)
+    assert [problem.field for problem in report.problems] == ["model.base"]
+    message = report.problems[0].message
+    assert (
+        "offline and not in the cache" in message
+        and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+    )
+    with pytest.raises(ModelLoadError, match="offline and not in the cache"):  # what Start would have met
+        load_sd15(config.model.base)
+
+
+def _cache_as_hub_model(demo_model: Path, cache: Path, repo_id: str) -> Path:
+    """Lay the demo model out as `hf download` leaves it: a snapshot folder named by a ref."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(demo_model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+def test_check_reads_a_cached_hub_model_like_a_folder(demo_model: Path, empty_hub_cache: Path) -> None:
+    snapshot = _cache_as_hub_model(demo_model, empty_hub_cache, "atelier-tests/cached")
+    assert check_model("atelier-tests/cached") == ModelCheck()
+    assert check_model("atelier-tests/cached", "vae") == ModelCheck()
+    (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # an interrupted download
+    assert "unet has no weights" in check_model("atelier-tests/cached").problem
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda m: (m / "unet" / "config.json").unlink(), "unet/config.json is missing"),
+        (lambda m: (m / "model_index.json").write_text("{"), "model_index.json cannot be read as JSON"),
+        (lambda m: (m / "scheduler" / "scheduler_config.json").write_text("[]"), "is not a JSON object"),
+        (lambda m: (m / "text_encoder" / "model.safetensors").unlink(), "text_encoder has no weights"),
+        (lambda m: (m / "tokenizer" / "tokenizer.json").unlink(), "tokenizer has no tokenizer.json"),
+    ],
+)
+def test_check_finds_what_is_missing_in_a_model_folder(demo_model: Path, tmp_path: Path, damage, expected: str) -> None:
+    folder = Path(shutil.copytree(demo_model, tmp_path / "model"))
+    assert check_model(str(folder)) == ModelCheck()
+    damage(folder)
+    assert expected in check_model(str(folder)).problem
+
+
+def test_check_finds_a_vae_folder_without_weights(demo_model: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(demo_model / "vae", tmp_path / "vae"))
+    assert check_model(str(folder), "vae") == ModelCheck()
+    assert check_model(str(demo_model), "vae") == ModelCheck()  # a whole model's vae/ subfolder
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    assert "has no weights" in check_model(str(folder), "vae").problem
+
+
+def _header_only(path: Path, *keys: str) -> str:
+    save_file({key: torch.zeros(1) for key in keys}, str(path))
+    return str(path)
+
+
+def test_check_reads_only_the_header_of_a_single_file(tmp_path: Path) -> None:
+    full = _header_only(
+        tmp_path / "full.safetensors", "model.diffusion_model.a", "first_stage_model.b", "cond_stage_model.c"
+    )
+    assert check_model(full) == ModelCheck()
+    lora = _header_only(tmp_path / "lora.safetensors", "lora_unet_down_blocks_0.lora_down.weight")
+    assert "no UNet or VAE or text encoder weights" in check_model(lora).problem
+    vae = _header_only(tmp_path / "vae.safetensors", "encoder.conv_in.weight", "decoder.conv_in.weight")
+    assert check_model(vae, "vae") == ModelCheck()
+    assert check_model(full, "vae") == ModelCheck()  # a whole checkpoint's first_stage_model.* VAE
+    assert "no VAE encoder or VAE decoder weights" in check_model(lora, "vae").problem
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(Path(full).read_bytes()[:20])
+    assert "not a readable .safetensors file" in check_model(str(truncated)).problem
+
+
+def test_check_names_a_missing_path_and_a_folder_that_is_no_model(tmp_path: Path) -> None:
+    assert "model path not found" in check_model(str(tmp_path / "nowhere.safetensors")).problem
+    assert "not a diffusers model" in check_model(str(tmp_path)).problem

@@ -8,7 +8,7 @@ meanwhile (the Dataset tab's folder) is never overwritten with a stale value fro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from core.config import ConfigError, Problem, TrainConfig, config_fields
 from core.config_files import PresetInfo, list_presets, load_config, save_config
 from core.dataset import Dataset
 from core.estimates import latest_measured_its, memory_estimate, time_per_epoch
-from core.preflight import RunPlan, plan_run, preflight
+from core.preflight import RunPlan, check_run, plan_run
 from core.workspace import PathNotAllowed
 from ui.config_store import ConfigStore
 from ui.form import ConfigForm, FormField, build_form, field_path, from_widget, range_text
@@ -114,9 +114,11 @@ class Estimator:
         return "\n\n".join(lines)
 
 
-def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem]) -> str:
+def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem], notes: Sequence[Problem] = ()) -> str:
+    """Whether the run can start, why not, and what to know first (a download, captions that disagree)."""
+    worth_knowing = [f"- ℹ {form.label(note)}: {note.message}" for note in notes]
     if not refused and not problems:
-        return "✓ **Ready to train** with these settings."
+        return "\n".join(["✓ **Ready to train** with these settings.", *worth_knowing])
     lines = []
     if refused:
         names = ", ".join(form.label(problem) for problem in refused)
@@ -124,7 +126,7 @@ def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem]) 
     if problems:
         lines.append(f"⚠ **{len(problems)} problem(s) would stop the run:**")
         lines += [f"- {form.label(problem)}: {problem.message}" for problem in problems]
-    return "\n".join(lines)
+    return "\n".join(lines + worth_knowing)
 
 
 def refused_fields(form: ConfigForm, payloads: tuple[Any, ...], store: ConfigStore) -> list[Problem]:
@@ -241,10 +243,10 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
         """Preflight the stored config (what training would use) and show it; refused values stay shown."""
         refused = refused_fields(form, payloads, context.store)
         config = context.store.get()
-        dataset, problems = preflight(config)
-        problems = context.workspace.config_problems(config) + problems
-        estimator.remember(config, dataset)
-        last_check.update(config=config, problems=problems)
+        report = check_run(config)
+        problems = context.workspace.config_problems(config) + report.problems
+        estimator.remember(config, report.dataset)
+        last_check.update(config=config, problems=problems + report.notes)
         refused_paths = {field_path(problem) for problem in refused}
         widgets = [
             gr.skip() if entry.spec.path in refused_paths else value
@@ -252,9 +254,9 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
         ]
         return [
             *widgets,
-            *form.problem_updates(refused + problems),
+            *form.problem_updates(refused + problems + report.notes),
             estimator.describe(config),
-            _summary(form, refused, problems),
+            _summary(form, refused, problems, report.notes),
         ]
 
     def on_field(entry: FormField) -> Callable[[Any], list[Any]]:
