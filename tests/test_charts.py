@@ -74,10 +74,31 @@ def test_the_figure_has_raw_and_smoothed_loss_val_points_the_best_and_lr_on_y2()
     go.Figure(figure.to_dict())  # the unvalidated spec passes plotly's validation
 
 
-def test_an_empty_snapshot_gives_empty_curves_and_no_best() -> None:
-    figure = loss_figure(Snapshot())
-    assert [trace.name for trace in figure.data] == ["train loss", "train loss (smoothed)", "val loss", "learning rate"]
-    assert all(len(trace.x) == 0 for trace in figure.data) and not figure.layout.shapes
+def test_a_run_without_steps_gets_a_message_instead_of_empty_axes() -> None:
+    for status, words in (
+        ("idle", "No run yet"),
+        ("loading", "from the first training step"),
+        ("failed", "failed before its first step"),
+        ("stopped", "ended before its first step"),
+    ):
+        figure = loss_figure(Snapshot(status=status))
+        assert not figure.data and not figure.layout.shapes
+        assert [figure.layout[axis].visible for axis in ("xaxis", "yaxis", "yaxis2")] == [False] * 3
+        assert words in figure.layout.annotations[0].text
+        assert figure.layout.uirevision == loss_figure(snapshot()).layout.uirevision
+        go.Figure(figure.to_dict())
+    # the message follows the status: a loading run that fails redraws the chart
+    loading = {name: version for name, (version, _) in monitor_view(Snapshot(status="loading"), {}).items()}
+    assert "failed before" in monitor_view(Snapshot(status="failed"), loading)["chart"][1]
+    assert "chart" not in monitor_view(
+        snapshot(status="validating"), {"chart": monitor_view(snapshot(), {})["chart"][0]}
+    )
+
+
+def test_the_learning_rate_axis_gets_round_ticks_of_its_own() -> None:
+    axis = loss_figure(snapshot()).layout.yaxis2
+    assert axis.tickmode == "auto"  # plotly.js 4's default for an overlaying axis is "sync": the loss axis's ticks
+    assert axis.tickformat == "~g"
 
 
 def test_long_runs_are_thinned_but_keep_their_last_point() -> None:

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from gradio.utils import is_static_file
 
 from core.events import ValidationRecord
-from core.session import Snapshot
+from core.session import ACTIVE, Snapshot
 
 MAX_POINTS = 1000
 SMOOTHING = 0.9
@@ -78,12 +78,105 @@ def _line(name: str, points: list[tuple[int, float]], line: dict[str, Any], **ex
     }
 
 
+def empty_message(status: str) -> str:
+    """What the chart says instead of empty axes (plotly's default −1…4 ranges) while a run has no step yet."""
+    if status == "failed":
+        return "The run failed before its first step, so there is no loss to draw: the message above says why."
+    if status == "idle":
+        return "No run yet: Start trains with the Training tab's settings, and the loss is drawn here."
+    if status in ACTIVE:
+        return "The loss is drawn here from the first training step."
+    return "The run ended before its first step, so there is no loss to draw."
+
+
+def _message_figure(text: str) -> go.Figure:
+    """Hidden axes and one centred line of text; `uirevision` matches the loss chart's, so the zoom a user makes
+    once the curves arrive is kept as usual."""
+    hidden = {"visible": False}
+    note = {"text": text, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False}
+    layout = {
+        "template": TEMPLATE,
+        "uirevision": "loss-chart",
+        "height": 380,
+        "xaxis": hidden,
+        "yaxis": hidden,
+        "yaxis2": {**hidden, "overlaying": "y", "side": "right"},
+        "annotations": [{**note, "font": {"size": 15}}],
+    }
+    return go.Figure(data=[], layout=layout, _validate=False)
+
+
+def _layout() -> dict[str, Any]:
+    """The loss chart's axes. Plotly.js 4 gives an overlaying axis `tickmode: "sync"`, which puts the learning
+    rate's ticks at the loss axis's grid lines, on odd values (1.4e-5, 1.9e-4, …); "auto" picks round ones."""
+    return {
+        "template": TEMPLATE,
+        "uirevision": "loss-chart",
+        "height": 380,
+        "margin": {"l": 60, "r": 60, "t": 50, "b": 40},
+        "hovermode": "x unified",
+        "legend": {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+        "xaxis": {"title": {"text": "step"}, "rangemode": "tozero"},
+        "yaxis": {"title": {"text": "loss"}},
+        "yaxis2": {
+            "title": {"text": "learning rate"},
+            "overlaying": "y",
+            "side": "right",
+            "showgrid": False,
+            "tickmode": "auto",
+            "tickformat": "~g",
+            "hoverformat": ".2e",
+            "rangemode": "tozero",
+        },
+        "shapes": [],
+        "annotations": [],
+    }
+
+
+def _mark_best(best: ValidationRecord, traces: list[dict[str, Any]], layout: dict[str, Any]) -> None:
+    """A star on the best validation and a dashed line at its step: the epoch whose LoRA is kept as -best."""
+    traces.append(
+        {
+            "type": "scatter",
+            "name": f"best: epoch {best.epoch}",
+            "x": [best.step],
+            "y": [best.val_loss],
+            "mode": "markers",
+            "marker": {
+                "symbol": "star",
+                "size": 16,
+                "color": COLORS["best"],
+                "line": {"width": 1, "color": "white"},
+            },
+            "hovertemplate": f"best epoch {best.epoch}<br>val loss %{{y:.5f}}, step %{{x}}<extra></extra>",
+        }
+    )
+    line = {"color": COLORS["best"], "dash": "dash", "width": 1}
+    layout["shapes"].append(
+        {"type": "line", "x0": best.step, "x1": best.step, "y0": 0, "y1": 1, "yref": "paper", "line": line}
+    )
+    layout["annotations"].append(
+        {
+            "x": best.step,
+            "y": 1,
+            "yref": "paper",
+            "yanchor": "bottom",
+            "text": f"best epoch {best.epoch}",
+            "showarrow": False,
+            "font": {"color": COLORS["best"]},
+        }
+    )
+
+
 def loss_figure(snapshot: Snapshot) -> go.Figure:
     """Raw and smoothed train loss, validation loss and the best point against step; learning rate on y2.
+    Before the first step there is nothing to plot, so the chart says why in words instead.
 
     The figure is assembled from plain dicts without plotly's per-property validation (`_validate=False`),
     which costs more than everything else in a refresh; tests validate the same spec once instead.
     """
+    if not snapshot.loss_history:
+        return _message_figure(empty_message(snapshot.status))
     steps = [step for step, _ in snapshot.loss_history]
     losses = [loss for _, loss in snapshot.loss_history]
     smoothed = ema(losses)
@@ -112,59 +205,10 @@ def loss_figure(snapshot: Snapshot) -> go.Figure:
             yaxis="y2",
         ),
     ]
-    layout: dict[str, Any] = {
-        "template": TEMPLATE,
-        "uirevision": "loss-chart",
-        "height": 380,
-        "margin": {"l": 60, "r": 60, "t": 50, "b": 40},
-        "hovermode": "x unified",
-        "legend": {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
-        "xaxis": {"title": {"text": "step"}, "rangemode": "tozero"},
-        "yaxis": {"title": {"text": "loss"}},
-        "yaxis2": {
-            "title": {"text": "learning rate"},
-            "overlaying": "y",
-            "side": "right",
-            "showgrid": False,
-            "tickformat": ".1e",
-            "rangemode": "tozero",
-        },
-        "shapes": [],
-        "annotations": [],
-    }
+    layout = _layout()
     best = best_validation(snapshot)
     if best is not None:
-        traces.append(
-            {
-                "type": "scatter",
-                "name": f"best: epoch {best.epoch}",
-                "x": [best.step],
-                "y": [best.val_loss],
-                "mode": "markers",
-                "marker": {
-                    "symbol": "star",
-                    "size": 16,
-                    "color": COLORS["best"],
-                    "line": {"width": 1, "color": "white"},
-                },
-                "hovertemplate": f"best epoch {best.epoch}<br>val loss %{{y:.5f}}, step %{{x}}<extra></extra>",
-            }
-        )
-        line = {"color": COLORS["best"], "dash": "dash", "width": 1}
-        layout["shapes"].append(
-            {"type": "line", "x0": best.step, "x1": best.step, "y0": 0, "y1": 1, "yref": "paper", "line": line}
-        )
-        layout["annotations"].append(
-            {
-                "x": best.step,
-                "y": 1,
-                "yref": "paper",
-                "yanchor": "bottom",
-                "text": f"best epoch {best.epoch}",
-                "showarrow": False,
-                "font": {"color": COLORS["best"]},
-            }
-        )
+        _mark_best(best, traces, layout)
     return go.Figure(data=traces, layout=layout, _validate=False)
 
 

@@ -188,7 +188,11 @@ def monitor_view(snapshot: Snapshot, known: dict[str, str]) -> dict[str, tuple[s
     parts: dict[str, tuple[Any, Callable[[], str]]] = {
         "progress": ((*progress, snapshot.its, snapshot.eta_seconds), lambda: progress_html(snapshot)),
         "error": (snapshot.error, lambda: error_html(snapshot)),
-        "chart": ((len(losses), losses[-1:], len(validations), validations[-1:], lrs[-1:]), lambda: chart(snapshot)),
+        "chart": (
+            # before the first step the chart is a message that depends on the status
+            (len(losses), losses[-1:], len(validations), validations[-1:], lrs[-1:], not losses and snapshot.status),
+            lambda: chart(snapshot),
+        ),
         "samples": ((hash(tuple(snapshot.samples.items())), snapshot.best_epoch), lambda: sample_grid_html(snapshot)),
         "log": (hash(snapshot.log), lambda: "\n".join(snapshot.log[-LOG_LINES:])),
         "controls": ((snapshot.run, snapshot.running, snapshot.status == "paused", snapshot.files), lambda: ""),

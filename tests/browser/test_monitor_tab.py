@@ -8,6 +8,7 @@ tests share one app server and so one training session and config; each leaves t
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
@@ -68,6 +69,17 @@ def chart_points(page: Page) -> dict[str, int]:
     )
 
 
+def assert_round_ticks(page: Page, axis: str) -> None:
+    """The axis's tick labels read as numbers a whole multiple of 1, 2, 2.5 or 5 × 10^k apart."""
+    labels = page.locator(f"#monitor-chart .{axis}tick text").all_text_contents()
+    values = [float(label.replace("\u2212", "-")) for label in labels]
+    assert len(values) >= 3, labels
+    gap = values[1] - values[0]
+    mantissa = gap / 10 ** math.floor(math.log10(gap))
+    assert any(math.isclose(mantissa, nice) for nice in (1, 2, 2.5, 5, 10)), labels
+    assert all(math.isclose(value / gap, round(value / gap), abs_tol=1e-6) for value in values), labels
+
+
 def lora_choices(page: Page) -> list[str]:
     """The names the "LoRA files of this run" dropdown offers (opened, read, closed)."""
     page.locator("#monitor-files input").click()
@@ -124,6 +136,7 @@ def test_the_default_run_is_watched_to_the_end(page: Page, app_server: AppServer
     assert points["val loss"] == 4  # one validation per epoch
     assert any(trace.startswith("best: epoch") for trace in points)
     expect(page.locator("#monitor-chart")).to_contain_text("best epoch")
+    assert_round_ticks(page, "y2")  # the learning rate's own round ticks, not the loss axis's grid lines
 
     grid = page.locator("#monitor-samples")
     expect(grid.locator("tbody tr")).to_have_count(2)  # the demo samples every second epoch
@@ -248,5 +261,8 @@ def test_a_run_that_fails_while_loading_gives_the_buttons_back(
         for control in ("pause", "resume", "stop", "sample", "save", "use"):
             expect(button(page, control)).to_be_disabled()
     expect(page.locator("#monitor-error")).to_contain_text("Training failed.")
+    chart = page.locator("#monitor-chart")
+    expect(chart).to_contain_text("The run failed before its first step")  # words, not empty −1…4 axes
+    expect(chart.locator(".xtick, .ytick")).to_have_count(0)
     screenshot(page, "monitor-tab-failed")
     set_setting(page, app_server, "model.base", base)
