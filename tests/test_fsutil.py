@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import resource
-import signal
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,18 @@ import pytest
 from core.fsutil import atomic_path, atomic_write_bytes, remove_leftovers
 
 OLD, NEW = b"old settings\n" * 10, b"new settings\n" * 1000
+ROOT = Path(__file__).resolve().parent.parent
+FULL_DISK_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from core.fsutil import atomic_write_bytes
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    atomic_write_bytes(Path(sys.argv[1]), b"new settings\\n" * 1000)
+except OSError as error:
+    sys.exit(f"refused: errno {error.errno}")
+"""
 
 
 @pytest.fixture
@@ -22,19 +34,6 @@ def target(tmp_path: Path) -> Path:
     path.write_bytes(OLD)
     path.chmod(0o640)
     return path
-
-
-@pytest.fixture
-def file_size_limit() -> Iterator[None]:
-    """Writes past 4 KiB fail with EFBIG, as on a full disk, for the length of the test."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_the_target_keeps_its_old_content_until_the_block_succeeds(target: Path) -> None:
@@ -64,9 +63,13 @@ def test_a_reader_of_the_old_file_sees_it_whole_after_a_write(target: Path) -> N
     assert target.stat().st_mode & 0o777 == 0o640
 
 
-def test_a_write_cut_off_by_a_full_disk_keeps_the_old_file(target: Path, file_size_limit: None) -> None:
-    with pytest.raises(OSError):
-        atomic_write_bytes(target, NEW)
+def test_a_write_cut_off_by_a_full_disk_keeps_the_old_file(target: Path) -> None:
+    """A 4 KiB file-size limit makes the write fail midway with EFBIG, as on a full disk. The limit holds for a
+    whole process, so it is set in a child: in pytest's own process it would also cut off pytest's log file."""
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITE, str(target)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and f"refused: errno {errno.EFBIG}" in result.stderr, result.stderr
     assert target.read_bytes() == OLD
     assert os.listdir(target.parent) == [target.name]
 
