@@ -14,6 +14,7 @@ from typing import Any
 import tomli_w
 
 from core.config import ConfigError, Problem, TrainConfig, config_fields, parse_config
+from core.dataset import trigger_words
 from core.fsutil import atomic_write_text, backup
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -67,22 +68,47 @@ def list_presets() -> list[PresetInfo]:
     return infos
 
 
-def preset_overlay(name: str) -> dict[str, Any]:
-    """The settings a preset changes, with the presets it inherits from applied first."""
-    chain: list[dict[str, Any]] = []
-    seen: set[str] = set()
+def _preset_chain(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """`name` and the presets it inherits from, each with its settings, in the order they apply (base first)."""
+    chain: list[tuple[str, dict[str, Any]]] = []
     current = name
     while current:
-        if current in seen:
+        if current in (seen for seen, _ in chain):
             raise ConfigError([Problem("preset", name, f"presets inherit from each other in a loop at '{current}'")])
-        seen.add(current)
         data = read_toml(_preset_path(current))
-        chain.append(data)
+        chain.append((current, {k: v for k, v in data.items() if k != PRESET_TABLE}))
         current = data.get(PRESET_TABLE, {}).get("inherits", "")
+    return chain[::-1]
+
+
+def preset_overlay(name: str) -> dict[str, Any]:
+    """The settings a preset changes, with the presets it inherits from applied first."""
     overlay: dict[str, Any] = {}
-    for data in reversed(chain):
-        overlay = merge(overlay, {k: v for k, v in data.items() if k != PRESET_TABLE})
+    for _, settings in _preset_chain(name):
+        overlay = merge(overlay, settings)
     return overlay
+
+
+def preset_layers(names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each preset that `names` stack, inherited ones first, with what it sets as {"section.key": value}.
+
+    The form shows only the final values; this says which preset set each one (and which a later one replaced).
+    """
+    layers = [layer for name in names for layer in _preset_chain(name)]
+    return [
+        (layer, {f"{section}.{key}": value for section, table in settings.items() for key, value in table.items()})
+        for layer, settings in layers
+    ]
+
+
+def preset_triggers() -> dict[str, str]:
+    """Each style preset's trigger words (its caption prefix without the separator) and the preset's name."""
+    triggers = {}
+    for preset in list_presets():
+        prefix = preset_overlay(preset.name).get("dataset", {}).get("caption_prefix", "")
+        if words := trigger_words(prefix):
+            triggers[words] = preset.name
+    return triggers
 
 
 def parse_override(assignment: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import stat
 import unicodedata
 from collections import Counter, defaultdict
@@ -395,8 +396,27 @@ def _read_caption(image: Path, caption_path: Path, problems: list[FileProblem]) 
     return text
 
 
+def trigger_words(prefix: str) -> str:
+    """The words of a caption prefix without its separator: "bauhaus style building, " → "bauhaus style building"."""
+    return " ".join(prefix.split()).strip(" ,;:.")
+
+
+def says(caption: str, words: str, *, at_start: bool = False) -> bool:
+    """Whether `caption` holds `words` as whole words (any case), anywhere or only at its start."""
+    if not words:
+        return False
+    pattern = ("^" if at_start else r"(?<!\w)") + re.escape(words) + r"(?!\w)"
+    return re.search(pattern, " ".join(caption.split()), re.IGNORECASE) is not None
+
+
 def _caption(prefix: str, text: str) -> str:
-    """Prefix and text with runs of whitespace, newlines included, collapsed as CLIP's tokenizer would."""
+    """Prefix and text with runs of whitespace, newlines included, collapsed as CLIP's tokenizer would.
+
+    A caption that already starts with the prefix's words keeps them once: a preset's trigger words on
+    captions written with them would otherwise read "bauhaus style building, bauhaus style building, …".
+    """
+    if says(text, trigger_words(prefix), at_start=True):
+        prefix = ""
     return " ".join(f"{prefix}{text}".split())
 
 

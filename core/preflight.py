@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import Problem, TrainConfig
-from core.dataset import Dataset, DatasetError, ImageRecord, load_dataset
+from core.config_files import preset_triggers
+from core.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
 from core.models import check_model
 
 LORA_PARAMS_PER_RANK = 600_000
@@ -154,6 +155,27 @@ def _plan_problems(config: TrainConfig, dataset: Dataset) -> list[Problem]:
     return problems
 
 
+def _caption_notes(config: TrainConfig, dataset: Dataset) -> list[Problem]:
+    """Captions naming another style preset's trigger than the one the prefix adds teach the LoRA both."""
+    prefix = config.dataset.caption_prefix
+    trigger = trigger_words(prefix)
+    if not trigger:
+        return []
+    records = dataset.train + dataset.validation
+    notes = []
+    others = {words: preset for words, preset in preset_triggers().items() if words != trigger.casefold()}
+    for other, preset in others.items():
+        disagree = [record.path.name for record in records if says(record.caption, other)]
+        if disagree:
+            message = (
+                f"{len(disagree)} of {len(records)} captions say '{other}' (the {preset} preset's trigger; e.g. "
+                f"{', '.join(disagree[:3])}), yet the prefix labels every image '{trigger}': remove those images, "
+                "fix their captions, or clear the caption prefix"
+            )
+            notes.append(Problem("dataset.caption_prefix", prefix, message))
+    return notes
+
+
 @dataclass(frozen=True)
 class Preflight:
     """What Check found: `problems` stop the run; `notes` do not, but the user should know them first."""
@@ -172,7 +194,7 @@ def check_run(config: TrainConfig) -> Preflight:
     except DatasetError as error:
         return Preflight(None, [*problems, Problem(error.field, error.value, error.message)], notes)
     problems += _plan_problems(config, dataset) + _disk_problems(config, dataset)
-    return Preflight(dataset, problems, notes)
+    return Preflight(dataset, problems, notes + _caption_notes(config, dataset))
 
 
 def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:

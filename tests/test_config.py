@@ -13,10 +13,12 @@ from core.config_files import (
     list_presets,
     load_config,
     parse_override,
+    preset_layers,
     preset_overlay,
     read_toml,
     save_config,
 )
+from core.preflight import check_run
 
 STYLES = ["bauhaus", "renaissance", "deconstructivist", "parametric", "neoclassical"]
 
@@ -151,3 +153,34 @@ def test_overrides_are_typed_by_the_schema() -> None:
 def test_unknown_preset_lists_the_available_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown preset; available: .*bauhaus"):
         build_config("gothic")
+
+
+def test_preset_layers_say_which_preset_set_each_value() -> None:
+    layers = preset_layers(["bauhaus", "demo"])
+    assert [name for name, _ in layers] == ["sd15", "bauhaus", "demo"]
+    settings = dict(layers)
+    assert settings["sd15"]["schedule.epochs"] == 200 and settings["demo"]["schedule.epochs"] == 4
+    assert settings["bauhaus"]["dataset.caption_prefix"] == "bauhaus style building, "
+    assert "preset.description" not in settings["bauhaus"]
+
+
+def test_check_notes_captions_that_name_another_styles_trigger(demo_dataset: Path, tmp_path: Path) -> None:
+    """The issue's case: the bauhaus preset on the demo data labels its neoclassical images "bauhaus" too."""
+    config = build_config(["bauhaus", "demo"], overrides=[f"dataset.path={demo_dataset}", f"run.output_dir={tmp_path}"])
+    report = check_run(config)
+    assert report.dataset is not None
+    [note] = report.notes
+    assert note.field == "dataset.caption_prefix"
+    assert note.message.startswith("8 of 16 captions say 'neoclassical style building' (the neoclassical preset's")
+    assert "clear the caption prefix" in note.message
+    assert not [problem for problem in report.problems if problem.field.startswith("dataset")]
+    bauhaus = [record.caption for record in report.dataset.train if record.path.name.startswith("bauhaus")]
+    assert bauhaus and all(caption.count("bauhaus style building") == 1 for caption in bauhaus)
+    neoclassical = tmp_path / "neoclassical"
+    neoclassical.mkdir()
+    for file in demo_dataset.glob("neoclassical_*"):
+        file.rename(neoclassical / file.name)
+    clean = build_config(
+        ["neoclassical", "demo"], overrides=[f"dataset.path={neoclassical}", f"run.output_dir={tmp_path}"]
+    )
+    assert check_run(clean).notes == []  # captions that only repeat the prefix's own trigger are fine

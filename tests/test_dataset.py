@@ -226,6 +226,28 @@ def test_captions_get_the_prefix_and_missing_ones_the_default(tmp_path: Path) ->
     assert records["captioned.png"].caption_path == tmp_path / "captioned.txt"
 
 
+def test_a_caption_that_starts_with_the_prefix_does_not_get_it_twice(tmp_path: Path) -> None:
+    """The bauhaus preset's trigger on the demo's bauhaus captions, which already start with it."""
+    captions = {
+        "written.png": "bauhaus style building, 3 white cubic volumes",
+        "other_case.png": "Bauhaus  Style\nbuilding with ribbon windows",
+        "alone.png": "bauhaus style building",
+        "longer_word.png": "bauhaus style buildings by a lake",  # not the same words: gets the prefix
+        "inside.png": "a bauhaus style building by a lake",
+    }
+    for name, caption in captions.items():
+        write_image(tmp_path / name, caption=caption)
+    settings = section(tmp_path, caption_prefix="bauhaus style building, ")
+    records = {record.path.name: record.caption for record in load_dataset(settings, seed=0).train}
+    assert records == {
+        "written.png": "bauhaus style building, 3 white cubic volumes",
+        "other_case.png": "Bauhaus Style building with ribbon windows",
+        "alone.png": "bauhaus style building",
+        "longer_word.png": "bauhaus style building, bauhaus style buildings by a lake",
+        "inside.png": "bauhaus style building, a bauhaus style building by a lake",
+    }
+
+
 def test_a_custom_caption_extension(tmp_path: Path) -> None:
     write_image(tmp_path / "a.png", caption=None)
     (tmp_path / "a.caption").write_text("from the caption file", encoding="utf-8")

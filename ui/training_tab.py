@@ -8,6 +8,7 @@ meanwhile (the Dataset tab's folder) is never overwritten with a stale value fro
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from core.config import ConfigError, Problem, TrainConfig, config_fields
-from core.config_files import PresetInfo, list_presets, load_config, save_config
+from core.config_files import PresetInfo, list_presets, load_config, preset_layers, save_config
 from core.dataset import Dataset
 from core.estimates import latest_measured_its, memory_estimate, time_per_epoch
 from core.preflight import RunPlan, check_run, plan_run
 from core.workspace import PathNotAllowed
 from ui.config_store import ConfigStore
-from ui.form import ConfigForm, FormField, build_form, field_path, from_widget, range_text
+from ui.form import ConfigForm, FormField, build_form, field_label, field_path, from_widget, humanise, range_text
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -38,12 +39,30 @@ def picker_presets() -> list[PresetInfo]:
     return sorted(presets, key=lambda preset: (bool(preset.inherits), preset.name))
 
 
-def describe_preset(name: str | None) -> str:
+def describe_preset(name: str | None, demo: bool = False) -> str:
+    """What the preset is for and what it changed; in demo mode the `demo` sizes stack on top of it."""
     for preset in picker_presets():
         if preset.name == name:
-            base = f" Builds on `{preset.inherits}`." if preset.inherits else ""
-            return f"**{preset.name}** — {preset.description}.{base}"
+            changes = preset_changes([preset.name, DEMO_PRESET] if demo else [preset.name])
+            return "\n\n".join([f"**{preset.name}** — {preset.description}.", *changes])
     return NO_PRESET
+
+
+def preset_changes(names: list[str]) -> list[str]:
+    """One line per stacked preset, in the form's words: the form shows only final values, not who set them.
+
+    A value that a later preset replaced is struck through, so "200 epochs" from sd15 is not taken for the run's.
+    """
+    labels = {spec.path: f"{humanise(spec.section)} › {field_label(spec)}" for spec in config_fields()}
+    layers = preset_layers(names)
+    last = {path: layer for layer, settings in layers for path in settings}
+    lines = []
+    for layer, settings in layers:
+        items = [f"{labels[path]} {json.dumps(value)}" for path, value in settings.items()]
+        shown = [item if last[path] == layer else f"~~{item}~~" for item, path in zip(items, settings, strict=True)]
+        where = " (on top, in demo mode)" if layer == DEMO_PRESET else ""
+        lines.append(f"`{layer}`{where} sets: {', '.join(shown)}.")
+    return lines
 
 
 def field_problem(form: ConfigForm, problem: Problem) -> Problem:
@@ -200,8 +219,8 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             config = context.preset_config(name)
             context.store.set(config)
         except ConfigError as error:
-            return [describe_preset(name), *unchanged, f"⚠ Preset not applied — {error}"]
-        return [describe_preset(name), *filled(config), f"Filled the form from preset `{name}`."]
+            return [describe_preset(name, context.demo), *unchanged, f"⚠ Preset not applied — {error}"]
+        return [describe_preset(name, context.demo), *filled(config), f"Filled the form from preset `{name}`."]
 
     def load_file(target: Path) -> list[Any]:
         try:

@@ -90,10 +90,21 @@ def test_preset_fills_the_form_and_says_what_it_is_for(page: Page, app_server: A
     page.locator("#training-preset input").click()
     page.get_by_role("option", name="bauhaus").click()
     expect(field(page, "dataset.caption_prefix")).to_have_value("bauhaus style building, ")
-    expect(page.locator("#training-preset-description")).to_contain_text("white cubic volumes")
+    description = page.locator("#training-preset-description")
+    expect(description).to_contain_text("white cubic volumes")
+    # The form shows sd15's recipe at the demo's sizes: the text says which preset set what.
+    expect(description).to_contain_text('bauhaus sets: Run › Name "bauhaus", Dataset › Caption prefix')
+    expect(description.locator("del, s").filter(has_text="Schedule › Epochs 200")).to_have_count(1)
+    expect(description).to_contain_text("demo (on top, in demo mode) sets:")
+    expect(description).to_contain_text("Schedule › Epochs 4")
     expect(field(page, "lora.rank")).to_have_value("16")  # a preset replaces every setting
     assert stored(app_server, "dataset.caption_prefix") == "bauhaus style building, "
     assert stored(app_server, "dataset.path") == str(app_server.demo_dataset)  # but keeps the dataset
+    check(page)  # the demo's neoclassical captions would be labelled "bauhaus" too: ready, but said so
+    summary = page.locator("#training-summary")
+    expect(summary).to_contain_text("Ready to train")
+    expect(summary).to_contain_text("8 of 16 captions say 'neoclassical style building'")
+    expect(problem(page, "dataset.caption_prefix")).to_contain_text("clear the caption prefix")
     screenshot(page, "training-tab-preset")
 
 
