@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import torch
 from peft import get_peft_model_state_dict
@@ -177,11 +178,23 @@ def training_metadata(
     return {key: str(value) for key, value in values.items() if value is not None}
 
 
+def data_hash(handle: BinaryIO) -> str:
+    """kohya's `sshs_model_hash`: SHA-256 of a `.safetensors` stream's tensor data after the header.
+
+    A1111 shows its first 12 digits as the LoRA's short hash (its "Lora hashes"); this is the one
+    place it is computed, for files being written and files on disk alike.
+    """
+    header_length = int.from_bytes(handle.read(8), "little")
+    handle.seek(8 + header_length)
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 def tensor_data_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """kohya's `sshs_model_hash`: SHA-256 of the tensor data after the header (the hash A1111 shows for LoRAs)."""
-    blob = save(tensors)
-    header_len = int.from_bytes(blob[:8], "little")
-    return hashlib.sha256(blob[8 + header_len :]).hexdigest()
+    """`data_hash` of the file `tensors` make, before it is written (to put it into the header)."""
+    return data_hash(io.BytesIO(save(tensors)))
 
 
 def save_lora(

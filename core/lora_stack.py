@@ -10,7 +10,7 @@ LoRA layer is switched off. Rarely used adapters are unloaded past `capacity`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import json
 import logging
 import warnings
@@ -21,6 +21,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from core.inference_types import GenerationError, LoraSpec
+from core.lora_files import data_hash
 from core.lora_formats import diffusers_tensors, read_lora, sd15_index
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,21 @@ def _stamp(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
-def lora_hash(path: Path) -> str:
-    """A1111's LoRA short hash: the first 12 hex digits of SHA-256 over the tensor data after the header.
+def short_hash(path: str | Path) -> str:
+    """A1111's short hash of a LoRA file (12 hex digits of kohya's data hash), computed once per file version.
 
-    That is kohya's `sshs_model_hash`, which is what A1111 writes under "Lora hashes" and civitai matches.
+    The PNG parameters carry it under "Lora hashes", and restoring an image finds its file by it.
     """
-    digest = hashlib.sha256()
+    path = Path(path)
+    stat = path.stat()
+    return _cached_short_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_short_hash(path: str, size: int, mtime_ns: int) -> str:
+    """Keyed by size and mtime too, so a file rewritten by a running training is hashed again."""
     with open(path, "rb") as handle:
-        header_length = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header_length)
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+        return data_hash(handle)[:12]
 
 
 @contextlib.contextmanager
@@ -86,7 +90,6 @@ class LoraStack:
         self.pipe = pipe
         self.capacity = capacity
         self._adapters: OrderedDict[tuple[str, int, int], str] = OrderedDict()
-        self._hashes: dict[tuple[str, int, int], str] = {}
         self._counter = 0
 
     def apply(self, loras: Sequence[LoraSpec]) -> None:
@@ -102,11 +105,8 @@ class LoraStack:
         self.pipe.set_adapters(names, adapter_weights=[float(spec.weight) for spec, _ in active])
 
     def hash(self, spec: LoraSpec) -> str:
-        """The file's A1111 short hash for the PNG parameters, computed once per file version."""
-        key = _stamp(resolve_lora_file(spec.path))
-        if key not in self._hashes:
-            self._hashes[key] = lora_hash(Path(key[0]))
-        return self._hashes[key]
+        """The file's A1111 short hash for the PNG parameters."""
+        return short_hash(resolve_lora_file(spec.path))
 
     def loaded(self) -> list[str]:
         """Paths of the LoRA files currently loaded, least recently used first."""

@@ -31,9 +31,9 @@ from core.inference_types import (
     LoraSpec,
 )
 from core.lora import add_training_loras
-from core.lora_files import save_diffusers_lora, save_lora
+from core.lora_files import read_lora_metadata, save_diffusers_lora, save_lora
 from core.lora_formats import sd15_index
-from core.lora_stack import LoraStack
+from core.lora_stack import LoraStack, short_hash
 from core.masks import prepare_mask
 from core.models import ModelLoadError, build_pipeline, load_sd15
 from core.png_info import read_png_parameters
@@ -379,6 +379,8 @@ def test_png_parameters_restore_the_request(
     path = engine.generate(request, tmp_path).paths[0]
     text = read_png_parameters(path)
     assert text is not None and "Lora hashes" in text and str(tmp_path) not in text
+    kohya_hash = read_lora_metadata(loras["alpha"])["sshs_model_hash"]  # what A1111 shows, from the header
+    assert f"alpha: {kohya_hash[:12]}" in text and short_hash(loras["alpha"]) == kohya_hash[:12]
     fields = request_from_parameters(text, lora_dirs=[loras["alpha"].parent], controlnet_dirs=[demo_model])
     restored = replace(GenerationRequest(""), init_image=inpaint.init_image, mask_image=inpaint.mask_image, **fields)
     assert restored == request

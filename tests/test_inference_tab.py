@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 
 from core.config_files import build_config
 from core.inference import InferenceEngine
-from core.inference_params import generation_parameters, request_from_parameters
+from core.inference_params import generation_parameters, request_from_parameters, restore_parameters
 from core.inference_types import ControlSpec, GenerationError, GenerationRequest, LoraSpec
+from core.lora_stack import short_hash
 from core.workspace import Workspace
 from ui.config_store import ConfigStore
 from ui.inference_form import (
@@ -285,7 +286,7 @@ def test_parameters_restore_the_scalars_the_lora_rows_and_the_units(tmp_path: Pa
             ControlSpec("lineart"),  # the standard hub model
         ),
     )
-    text = generation_parameters(request, seed=7, model="sd15", lora_hashes=["0123456789ab"])
+    text = generation_parameters(request, seed=7, model="sd15", lora_hashes=[short_hash(lora)])
     fields = request_from_parameters(text, lora_dirs=[tmp_path], controlnet_dirs=[demo])
     restored = restore_form(fields, default_models(demo))
     assert restored.scalars == {**{k: getattr(request, k) for k in SCALARS if k != "batch_count"}}
@@ -304,6 +305,64 @@ def test_parameters_restore_the_scalars_the_lora_rows_and_the_units(tmp_path: Pa
     assert restored.units is not None and restored.units["lineart"].enabled and restored.units["lineart"].model == ""
     rows = lora_updates(restored.loras)
     assert rows[:MAX_LORAS] == [None] * MAX_LORAS and rows[2 * MAX_LORAS]["visible"] is True
+
+
+def tiny_lora(path: Path, seed: int) -> Path:
+    """A one-module kohya LoRA; the seed makes its tensors, and so its hash, its own."""
+    generator = torch.Generator().manual_seed(seed)
+    module = "lora_unet_mid_block_attentions_0_proj_in"
+    tensors = {
+        f"{module}.lora_down.weight": torch.randn(2, 8, generator=generator),
+        f"{module}.lora_up.weight": torch.randn(8, 2, generator=generator),
+        f"{module}.alpha": torch.tensor(2.0),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_dropped_png_restores_its_loras_by_hash_never_a_namesake(tmp_path: Path) -> None:
+    """Issue #14: `bauhaus-2/bauhaus-best` came back as `bauhaus/bauhaus-best`, the lookup went by name."""
+    output, models = tmp_path / "output", tmp_path / "models"
+    first = tiny_lora(output / "bauhaus" / "bauhaus-best.safetensors", 0)
+    second = tiny_lora(output / "bauhaus-2" / "bauhaus-best.safetensors", 1)
+    renamed = tiny_lora(models / "styles" / "glass.safetensors", 2)
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, str(models / "checkpoint.safetensors"))  # not hashed
+    folders = [output, models]
+    stack = (LoraSpec(str(second), 0.8), LoraSpec(str(first), 0.5))
+    text = generation_parameters(
+        GenerationRequest("p", loras=stack), seed=1, model="sd15", lora_hashes=[short_hash(second), short_hash(first)]
+    )
+    found = restore_parameters(text, lora_dirs=folders)
+    assert found.fields["loras"] == stack and [m.problem for m in found.loras] == ["", ""]
+
+    moved = generation_parameters(
+        GenerationRequest("p", loras=(LoraSpec("old/name.safetensors", 1.0),)),
+        seed=1,
+        model="sd15",
+        lora_hashes=[short_hash(renamed)],
+    )
+    assert request_from_parameters(moved, lora_dirs=folders)["loras"] == (LoraSpec(str(renamed), 1.0),)
+
+    unknown = generation_parameters(
+        GenerationRequest("p", loras=stack), seed=1, model="sd15", lora_hashes=["fd3d0a4788b0", short_hash(first)]
+    )
+    found = restore_parameters(unknown, lora_dirs=folders)
+    assert found.fields["loras"] == (LoraSpec("bauhaus-best", 0.8), LoraSpec(str(first), 0.5))
+    problem = found.loras[0].problem
+    assert "fd3d0a4788b0" in problem and str(first) in problem and str(second) in problem and "Pick the file" in problem
+    assert restore_form(found.fields, default_models(None), found.loras).lora_notes == [problem, "", "", ""]
+
+    # No hash (A1111 without "Lora hashes"): one namesake is used, several or none are named; a name is never a path.
+    bare = "<lora:glass:1> <lora:bauhaus-best:1> <lora:../output/bauhaus/bauhaus-best:1> <lora:*:1>"
+    bare += "\nSteps: 2, Seed: 1, Size: 64x64"
+    matches = restore_parameters(bare, lora_dirs=folders).loras
+    assert [m.path for m in matches] == [renamed, None, None, None]
+    assert str(first) in matches[1].problem and "no LoRA file named *" in matches[3].problem
+    control = 'p\nSteps: 2, Seed: 1, ControlNet 0: "Module: depth, Model: ../models/styles, Weight: 1"'
+    assert request_from_parameters(control, controlnet_dirs=[output])["controls"][0].model == "../models/styles"
+    wildcard = 'p\nSteps: 2, Seed: 1, ControlNet 0: "Module: depth, Model: glas*, Weight: 1"'
+    assert request_from_parameters(wildcard, controlnet_dirs=[models])["controls"][0].model == "glas*"
 
 
 # ----- sizes and the mask preview ----------------------------------------------------------------

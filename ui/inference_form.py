@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.controlnets import DEFAULT_CONTROLNETS
+from core.inference_params import LoraMatch
 from core.inference_types import CONTROL_KINDS, ControlKind, ControlSpec, GenerationError, GenerationRequest, LoraSpec
 from core.masks import prepare_mask
 from core.sweep import EPOCH_FILE, SweepVariant, variants_from_files, variants_from_run, variants_from_weights
@@ -97,6 +98,7 @@ class RestoredForm:
     scalars: dict[str, Any]
     loras: list[LoraRow] | None = None
     units: dict[str, UnitValues] | None = None
+    lora_notes: list[str] | None = None  # per row: why its LoRA was not found ("" when it was)
 
 
 # ----- the photo and the mask --------------------------------------------------------------------
@@ -326,8 +328,10 @@ def _model_box(unit: ControlSpec) -> str:
     return "" if unit.model in (standard, standard.split("/")[-1]) else unit.model
 
 
-def restore_form(fields: Mapping[str, Any], models: Mapping[str, str]) -> RestoredForm:
-    """Widget values for `request_from_parameters`' fields.
+def restore_form(
+    fields: Mapping[str, Any], models: Mapping[str, str], matches: Sequence[LoraMatch] = ()
+) -> RestoredForm:
+    """Widget values for `request_from_parameters`' fields; `matches` give each LoRA row its note.
 
     Scalars are set only where the text names them. LoRAs and ControlNet units are set as a whole (a
     text without LoRAs empties the rows, units it does not list are switched off), since what an image
@@ -341,4 +345,5 @@ def restore_form(fields: Mapping[str, Any], models: Mapping[str, str]) -> Restor
     units = {kind: UnitValues(cast(ControlKind, kind), model=models[kind]) for kind in CONTROL_KINDS}
     for unit in fields.get("controls", ()):
         units[unit.kind] = UnitValues(unit.kind, True, _model_box(unit), unit.weight, unit.start, unit.end)
-    return RestoredForm(scalars, loras, units)
+    notes = [match.problem for match in matches][:MAX_LORAS]
+    return RestoredForm(scalars, loras, units, notes + [""] * (MAX_LORAS - len(notes)))

@@ -61,6 +61,7 @@ class LoraWidgets:
     row: gr.Row
     file: gr.Dropdown
     weight: gr.Slider
+    note: gr.Markdown  # why a restored image's LoRA was not found; empty and hidden otherwise
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ def _lora_rows(defaults: Defaults) -> tuple[list[LoraWidgets], gr.Button]:
                 scale=3,
             )
             weight = gr.Slider(-1, 2, value=1, step=0.05, label="Weight", elem_id=f"inference-lora-{index}-weight")
-        rows.append(LoraWidgets(row, file, weight))
+        note = gr.Markdown(visible=False, elem_id=f"inference-lora-{index}-note")
+        rows.append(LoraWidgets(row, file, weight, note))
     refresh = gr.Button("Refresh the list of runs' files", size="sm", elem_id="inference-lora-refresh")
     return rows, refresh
 

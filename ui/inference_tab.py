@@ -23,7 +23,7 @@ from gradio.events import Dependency
 from PIL import Image
 
 from core.inference import GenerationResult
-from core.inference_params import request_from_parameters
+from core.inference_params import restore_parameters
 from core.inference_types import ControlSpec, GenerationCancelled, GenerationError, GenerationRequest, LoraSpec
 from core.inpaint import plan_region
 from core.models import ModelLoadError
@@ -87,6 +87,14 @@ def lora_updates(rows: list[tuple[str | None, float]]) -> list[Any]:
     """Values of every row's file and weight, then each row's visibility."""
     files = [file for file, _ in rows]
     return [*files, *(weight for _, weight in rows), *(gr.update(visible=shown) for shown in visible_rows(files))]
+
+
+def lora_note_updates(notes: Sequence[str]) -> list[Any]:
+    """Each row's note: shown with the reason when its restored LoRA was not found, else hidden."""
+    return [
+        gr.update(value=f"**LoRA {index + 1}:** {note}" if note else "", visible=bool(note))
+        for index, note in enumerate(notes)
+    ]
 
 
 def gallery_items(paths: list[Path], captions: list[str]) -> tuple[list[tuple[Image.Image, str]], list[str]]:
@@ -266,17 +274,23 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         if not text or not text.strip():
             return [*[gr.skip()] * len(restore_outputs), "**Nothing to restore:** this image has no parameters."]
         dirs = [context.demo_model] if context.demo_model else []
-        restored = restore_form(request_from_parameters(text, lora_dirs=[output_dir()], controlnet_dirs=dirs), models)
+        lora_dirs = list(dict.fromkeys([output_dir(), *context.workspace.folders("models")]))
+        found = restore_parameters(text, lora_dirs=lora_dirs, controlnet_dirs=dirs)
+        restored = restore_form(found.fields, models, found.loras)
         scalars = [restored.scalars.get(name, gr.skip()) for name in SCALARS]
-        skipped = [gr.skip()] * (3 * len(rows) + sum(len(unit.settings) for unit in units))
-        if restored.loras is None or restored.units is None:
+        skipped = [gr.skip()] * (4 * len(rows) + sum(len(unit.settings) for unit in units))
+        if restored.loras is None or restored.units is None or restored.lora_notes is None:
             return [*scalars, *skipped, "Restored the prompt only: the text has no settings line."]
         settings = []
         for unit in units:
             values = restored.units[unit.kind]
             settings += [values.enabled, values.model, values.weight, values.start, values.end]
         named = ", ".join(name.replace("_", " ") for name in restored.scalars)
-        return [*scalars, *lora_updates(restored.loras), *settings, f"Restored {named}, the LoRAs and ControlNets."]
+        missing = sum(bool(note) for note in restored.lora_notes)
+        status = f"Restored {named}, the LoRAs and ControlNets."
+        status += f" **{missing} LoRA(s) not found:** see the note under the row." if missing else ""
+        loras = [*lora_updates(restored.loras), *lora_note_updates(restored.lora_notes)]
+        return [*scalars, *loras, *settings, status]
 
     def restore_file(path: str | None) -> list[Any]:
         try:
@@ -311,6 +325,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
             outputs=[r.row for r in rows],
             show_progress="hidden",
         )
+        row.file.input(lambda: gr.update(value="", visible=False), outputs=row.note, show_progress="hidden")
 
     unit_images = [unit.image for unit in units]
     widgets.photo.upload(
@@ -333,6 +348,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         *(row.file for row in rows),
         *(row.weight for row in rows),
         *(row.row for row in rows),
+        *(row.note for row in rows),
         *(widget for unit in units for widget in unit.settings),
     ]
     widgets.restore.upload(restore_file, inputs=widgets.restore, outputs=[*restore_outputs, status])

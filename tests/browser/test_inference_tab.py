@@ -8,6 +8,7 @@ its settings come back. Everything is checked against the files the app wrote, n
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from core.inference_params import generation_parameters
 from core.inference_types import ControlSpec, GenerationRequest, LoraSpec
 from core.lora import add_training_loras
 from core.lora_files import save_lora
+from core.lora_stack import short_hash
 from core.models import load_sd15
 from core.png_info import read_png_parameters, save_png_with_parameters
 from tests.browser.conftest import AppServer, screenshot
@@ -166,7 +168,13 @@ def test_a_photo_is_redrawn_in_the_mask_then_two_styles_are_compared(
     assert np.abs(a - b).max() > 0, "the two styles rendered the same image"
 
 
-def test_dropping_a_png_restores_its_settings(page: Page, tmp_path: Path, styles: list[Path]) -> None:
+def test_dropping_a_png_restores_its_settings(
+    page: Page, app_server: AppServer, tmp_path: Path, styles: list[Path]
+) -> None:
+    """The LoRAs come back by their A1111 hash: a second run of a preset reuses its file names (issue #14)."""
+    rerun = app_server.output_dir / f"{RUN}-2" / "style-b.safetensors"  # a namesake of styles/style-b
+    rerun.parent.mkdir(exist_ok=True)
+    shutil.copy(styles[0], rerun)
     request = GenerationRequest(
         "neoclassical facade, ink drawing",
         "photo",
@@ -178,11 +186,12 @@ def test_dropping_a_png_restores_its_settings(page: Page, tmp_path: Path, styles
         sampler="unipc",
         mode="img2img",
         strength=0.55,
-        loras=(LoraSpec(str(styles[1]), 0.6),),
+        loras=(LoraSpec(str(rerun), 0.6), LoraSpec(str(styles[0]), 0.3)),
         controls=(ControlSpec("depth", "controlnet-depth", weight=0.7),),
     )
     dropped = tmp_path / "made-elsewhere.png"
-    text = generation_parameters(request, seed=987, model="sd15", lora_hashes=["0123456789ab"])
+    lost = "fd3d0a4788b0"  # style-a as it was when the image was made: no file has that hash now
+    text = generation_parameters(request, seed=987, model="sd15", lora_hashes=[short_hash(rerun), lost])
     save_png_with_parameters(Image.new("RGB", (96, 64), "white"), dropped, text)
     assert read_png_parameters(dropped) == text
 
@@ -196,13 +205,20 @@ def test_dropping_a_png_restores_its_settings(page: Page, tmp_path: Path, styles
     expect(number(page, "width")).to_have_value("96")
     expect(page.locator("#inference-mode input[value=img2img]")).to_be_checked()
     expect(page.locator("#inference-sampler input")).to_have_value("UniPC")
-    expect(page.locator("#inference-lora-0-file input")).to_have_value(re.compile("style-b"))
+    expect(page.locator("#inference-lora-0-file input")).to_have_value(re.compile(f"{RUN}-2"))
     expect(number(page, "lora-0-weight")).to_have_value("0.6")
+    expect(page.locator("#inference-lora-0-note")).to_be_hidden()
+    note = page.locator("#inference-lora-1-note")
+    expect(note).to_contain_text(f"has the image's hash {lost} for style-a")
+    expect(note).to_contain_text(f"{styles[0]} has {short_hash(styles[0])}, so it was not used")
+    expect(page.locator("#inference-lora-1-file input")).to_have_value("style-a")
+    expect(page.locator("#inference-status")).to_contain_text("1 LoRA(s) not found")
     expect(page.locator("#inference-depth-enabled input")).to_be_checked()
     expect(page.locator("#inference-depth-model textarea, #inference-depth-model input").first).to_have_value(
         re.compile(r"controlnet-depth$")
     )
     expect(page.locator("#inference-lineart-enabled input")).not_to_be_checked()
+    screenshot(page, "inference-restore-loras-by-hash")
 
 
 def test_matching_the_photos_aspect_keeps_its_pixels(page: Page, tmp_path: Path) -> None:
