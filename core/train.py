@@ -6,6 +6,9 @@ Settings come from the same schema as the UI: defaults ← --preset ← --config
 
 from __future__ import annotations
 
+import core.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
+
+# isort: split
 import argparse
 import logging
 import os
