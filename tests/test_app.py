@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_app_serves_the_ui_on_localhost(demo_model: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def served_app(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python app.py --demo` on a free port, once for this module's tests: the process and the served /config."""
     port = _free_port()
     # Gradio's own default (analytics on), so only the app can turn analytics off.
     env = {
@@ -73,7 +77,8 @@ def test_app_serves_the_ui_on_localhost(demo_model: Path, tmp_path: Path) -> Non
         "OMP_NUM_THREADS": "1",
         "GRADIO_ANALYTICS_ENABLED": "True",
     }
-    command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(tmp_path)]
+    output = tmp_path_factory.mktemp("app-output")
+    command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(output)]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         page = ""
@@ -84,8 +89,39 @@ def test_app_serves_the_ui_on_localhost(demo_model: Path, tmp_path: Path) -> Non
                 break
             except OSError:
                 time.sleep(0.5)
-        assert "Dataset folder" in page and "demo-dataset" in page
-        assert json.loads(page)["analytics_enabled"] is False  # what the served page and the server go by
+        yield server, page
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_app_serves_the_ui_on_localhost(served_app: tuple[subprocess.Popen, str]) -> None:
+    _, page = served_app
+    assert "Dataset folder" in page and "demo-dataset" in page
+    assert json.loads(page)["analytics_enabled"] is False  # what the served page and the server go by
+
+
+def wake_ups(pid: int) -> dict[int, int]:
+    """How often each of the process's threads has gone to sleep and been woken (voluntary context switches)."""
+    counts = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            status = (task / "status").read_text()
+            counts[int(task.name)] = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+    return counts
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts wake-ups through Linux's /proc")
+def test_an_app_with_no_page_open_stays_asleep(served_app: tuple[subprocess.Popen, str]) -> None:
+    """Gradio's queue looked for work every millisecond and its main-thread wait every 0.1 s (~800 wake-ups a
+    second, ~5% of a core, with nobody connected). Counted in wake-ups, not CPU %, which a busy machine would
+    blur; the ~25 a second left are uvicorn's and the queue loops' own sleeps."""
+    server, _ = served_app
+    time.sleep(2)  # the /config request's connection closes
+    before, started = wake_ups(server.pid), time.monotonic()
+    time.sleep(5)
+    after, seconds = wake_ups(server.pid), time.monotonic() - started
+    assert server.poll() is None, "the app exited instead of serving"
+    rate = sum(count - before.get(thread, 0) for thread, count in after.items()) / seconds
+    assert rate < 100, f"{rate:.0f} wake-ups a second with no page open"
+    assert after[server.pid] - before[server.pid] <= 2, "the main thread polls instead of waiting"
