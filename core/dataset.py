@@ -225,6 +225,7 @@ def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Itera
     train its images twice, so both are reported and not entered.
     """
     visited: dict[Path, Path] = {}
+    base = _real(root)
 
     def visit(folder: Path, ancestors: frozenset[Path]) -> Iterator[tuple[Path, dict[Path, str]]]:
         real = _real(folder)
@@ -245,7 +246,7 @@ def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Itera
             reason = f"folder cannot be read ({error.strerror}): check its permissions"
             problems.append(FileProblem(folder, reason, kind="skipped"))
             return
-        entries = _entries(folder, names, problems)
+        entries = _entries(folder, names, base, problems)
         yield folder, entries
         for path, kind in entries.items():
             if kind == _FOLDER and _real(path) not in excluded:
@@ -254,8 +255,13 @@ def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Itera
     yield from visit(root, frozenset())
 
 
-def _entries(folder: Path, names: list[str], problems: list[FileProblem]) -> dict[Path, str]:
+def _entries(folder: Path, names: list[str], base: Path, problems: list[FileProblem]) -> dict[Path, str]:
     """The visible entries of `folder` with their kinds; an image or folder whose name is not text is reported.
+
+    Every entry is resolved, then confined to the dataset's real folder `base`: a downloaded dataset can
+    ship symbolic links to any file on the machine, and following one would show, train on and let bulk
+    edits write files outside every allowed folder. An image or caption that leads out gets the reason as
+    its kind (so its image is skipped with it); a folder that leads out is reported here, and not entered.
 
     Such a name (bytes that are not UTF-8, which Python carries as lone surrogates) cannot be shown in
     the UI, written to JSON or hashed for the validation split, so it is left out here, under a path
@@ -267,6 +273,11 @@ def _entries(folder: Path, names: list[str], problems: list[FileProblem]) -> dic
             continue
         path = folder / name
         kind = _entry_kind(path)
+        if kind in (_FILE, _FOLDER) and not _real(path).is_relative_to(base):
+            if kind == _FOLDER:
+                problems.append(FileProblem(folder / _printable(name), _leads_outside(path), kind="skipped"))
+                continue
+            kind = _leads_outside(path)
         if _is_text(name):
             entries[path] = kind
         elif kind == _FOLDER or is_image_file(path):
@@ -274,6 +285,13 @@ def _entries(folder: Path, names: list[str], problems: list[FileProblem]) -> dic
             reason = f"{what} is not valid UTF-8 (shown with \\xNN for each bad byte): rename the {what[:-5]}"
             problems.append(FileProblem(folder / _printable(name), reason, kind="skipped"))
     return entries
+
+
+def _leads_outside(path: Path) -> str:
+    return (
+        f"symbolic link leading outside the dataset folder (to {_real(path)}), not followed: "
+        "copy the files into the dataset folder instead"
+    )
 
 
 def _entry_kind(path: Path) -> str:

@@ -393,3 +393,29 @@ def test_fit_to_bucket_covers_and_centre_crops(bucket: tuple[int, int]) -> None:
     assert fitted.shape == (bucket[1], bucket[0], 3)
     centre = fitted[bucket[1] // 2, bucket[0] // 2]
     assert centre[1] > 200 and centre[0] < 50 and centre[2] < 50
+
+
+def test_links_leading_outside_the_dataset_are_skipped_and_listed(tmp_path: Path) -> None:
+    """A downloaded dataset's links to elsewhere are never read: folder, image and caption links alike."""
+    dataset_folder, elsewhere = tmp_path / "dataset", tmp_path / "elsewhere"
+    write_image(dataset_folder / "own.png")
+    write_image(elsewhere / "private.png", caption="secret caption")
+    (elsewhere / "notes.txt").write_text("secret notes", encoding="utf-8")
+    write_image(dataset_folder / "inner" / "kept.png")
+    try:
+        (dataset_folder / "lnk").symlink_to(elsewhere, target_is_directory=True)
+        (dataset_folder / "linked.png").symlink_to(elsewhere / "private.png")
+        (dataset_folder / "inside.png").symlink_to(dataset_folder / "inner" / "kept.png")
+    except (OSError, NotImplementedError):
+        pytest.skip("symbolic links are not available")
+    write_image(dataset_folder / "notes.png", caption=None)
+    (dataset_folder / "notes.txt").symlink_to(elsewhere / "notes.txt")
+    dataset = load_dataset(section(dataset_folder), seed=0)
+    loaded = {record.path.relative_to(dataset_folder).as_posix() for record in dataset.train}
+    assert loaded == {"own.png", "inner/kept.png", "inside.png"}
+    assert all("secret" not in record.caption for record in dataset.train)
+    skipped = {problem.path.name: problem.reason for problem in dataset.problems if problem.skipped}
+    assert set(skipped) == {"lnk", "linked.png", "notes.png"}
+    assert f"outside the dataset folder (to {elsewhere})" in skipped["lnk"]
+    assert "copy the files into the dataset folder" in skipped["linked.png"]
+    assert "notes.txt" in skipped["notes.png"] and "outside the dataset folder" in skipped["notes.png"]
