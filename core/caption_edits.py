@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.caption_files import BackupInfo, CaptioningError, create_backup, scan_dataset
-from core.fsutil import atomic_write_text
+from core.caption_files import BackupInfo, CaptioningError, create_backup, link_escape, scan_dataset
+from core.fsutil import atomic_write_text, write_advice
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +95,12 @@ def plan_edits(folder: Path | str, edit: BulkEdit, extension: str = ".txt") -> l
 def apply_edits(folder: Path | str, changes: list[CaptionChange], description: str = "bulk edit") -> EditReport:
     """Write the previewed `changes`, after backing up the captions they replace.
 
-    Each caption is written atomically; one whose file no longer holds the previewed old text is
-    skipped and reported, so an edit made since the preview is never overwritten.
+    Each caption is written atomically and on its own: one that cannot be read or written, that leads
+    out of the dataset through a symbolic link, or that no longer holds the previewed old text (an edit
+    made since the preview is never overwritten) is reported and skipped, and the others are written.
     """
     root = Path(folder).expanduser().absolute()
-    for change in changes:
-        if not change.path.is_relative_to(root):
-            raise CaptioningError(str(change.path), f"is not in the dataset folder {root}: preview the edit again")
-    current = [(change, _read_text(change.path)) for change in changes]
-    conflicts = [
-        (change.path, "changed since the preview, so it was left alone: preview again")
-        for change, text in current
-        if (text or "") != change.old
-    ]
-    ready = [change for change, text in current if (text or "") == change.old]
+    ready, conflicts = _ready(root, changes)
     if not ready:
         return EditReport([], conflicts, None)
     backup = create_backup(root, [change.path for change in ready], description)
@@ -117,11 +109,33 @@ def apply_edits(folder: Path | str, changes: list[CaptionChange], description: s
         try:
             atomic_write_text(change.path, change.new)
         except OSError as error:
-            conflicts.append((change.path, f"cannot be written ({error.strerror}): check the permissions"))
+            conflicts.append((change.path, f"cannot be written ({write_advice(error)})"))
             continue
         applied.append(change.path)
     log.info("%s: %d captions changed in %s (backup %s)", description, len(applied), root, backup.id)
     return EditReport(applied, conflicts, backup)
+
+
+def _ready(root: Path, changes: list[CaptionChange]) -> tuple[list[CaptionChange], list[tuple[Path, str]]]:
+    """The changes that can be written now, and why each of the others cannot."""
+    ready: list[CaptionChange] = []
+    conflicts: list[tuple[Path, str]] = []
+    for change in changes:
+        if not change.path.is_relative_to(root):
+            raise CaptioningError(str(change.path), f"is not in the dataset folder {root}: preview the edit again")
+        if escape := link_escape(root, change.path):
+            conflicts.append((change.path, escape))
+            continue
+        try:
+            text = _read_text(change.path)
+        except OSError as error:
+            conflicts.append((change.path, f"cannot be read ({write_advice(error)})"))
+            continue
+        if (text or "") != change.old:
+            conflicts.append((change.path, "changed since the preview, so it was left alone: preview again"))
+            continue
+        ready.append(change)
+    return ready, conflicts
 
 
 def split_tags(text: str) -> list[str]:

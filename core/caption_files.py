@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from core.captions import caption_path
 from core.config import DatasetSection
 from core.dataset import DatasetError, load_dataset
-from core.fsutil import atomic_path, atomic_write_text
+from core.fsutil import atomic_path, atomic_write_text, write_advice
 from core.images import is_image_file
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def create_backup(root: Path, captions: Iterable[Path], description: str) -> Bac
                 shutil.copy2(path, tmp)
         except OSError as error:
             raise CaptioningError(
-                relative, f"cannot be backed up ({error.strerror}), so nothing was changed: check its permissions"
+                relative, f"cannot be backed up ({write_advice(error)}), so nothing was changed"
             ) from None
         replaced.append(relative)
     stamp = datetime.now().isoformat(timespec="seconds")
@@ -209,6 +210,23 @@ def _read_backup(folder: Path) -> BackupInfo | None:
         log.warning("ignoring caption backup %s: its manifest names files outside the dataset", folder)
         return None
     return info
+
+
+def link_escape(root: Path, path: Path) -> str | None:
+    """Why changing `path` would leave the dataset's own files, or None when it is safe to write or delete.
+
+    `path` must resolve to itself under the dataset's real folder: a linked parent folder or a link in
+    place of the file would send the write (or the delete) wherever the link points, and a downloaded
+    dataset can ship such links.
+    """
+    relative = Path(path).relative_to(root)
+    actual = Path(os.path.realpath(path))
+    if actual == Path(os.path.realpath(root)) / relative:
+        return None
+    return (
+        f"is reached through a symbolic link (it leads to {actual}), so it was left alone: "
+        "replace the link with the real folder or file"
+    )
 
 
 def _inside(relative: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Literal, get_args
 
 from core.caption_files import BackupInfo, CaptioningError, DatasetCaptions, create_backup, scan_dataset
 from core.captioners import FLORENCE_TASKS, Captioner, open_captioner
-from core.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text, write_advice
 from core.images import UnusableImage, open_image
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ class _Run:
                 return
             atomic_write_text(path, text)
         except OSError as error:
-            self.failed.append((image, f"{path.name} cannot be written ({error.strerror}): check the permissions"))
+            self.failed.append((image, f"{path.name} cannot be written ({write_advice(error)})"))
             return
         self.written.append(path)
         self.last = (image, text)

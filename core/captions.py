@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.fsutil import atomic_write_bytes, backup
+from core.fsutil import atomic_write_bytes, backup, write_advice
 from core.images import is_image_file, open_image
 
 DEFAULT_EXTENSION = ".txt"
@@ -81,7 +81,7 @@ def write_caption(image: Path, text: str, extension: str = DEFAULT_EXTENSION) ->
         copy = backup(path) if original is not None else None
         atomic_write_bytes(path, text.encode("utf-8"))
     except OSError as error:
-        raise CaptionError(path, f"cannot be written ({error.strerror}): check the folder's permissions") from None
+        raise CaptionError(path, f"cannot be written ({write_advice(error)})") from None
     return CaptionEdit(image, path, original, text, copy)
 
 
@@ -101,8 +101,7 @@ def undo(edit: CaptionEdit) -> None:
         else:
             atomic_write_bytes(edit.path, edit.original)
     except OSError as error:
-        reason = f"cannot be restored ({error.strerror}): check the folder's permissions"
-        raise CaptionError(edit.path, reason) from None
+        raise CaptionError(edit.path, f"cannot be restored ({write_advice(error)})") from None
 
 
 def preview(image: Path, size: int = 256) -> Image.Image:

@@ -10,6 +10,7 @@ umask), so what one tool wrote another user's tool, a web server or a backup can
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{_short(target.name)}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -37,6 +38,21 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _short(name: str) -> str:
+    """The start of `name` for a temporary name: a file named up to the file system's 255-byte limit must
+    still get a temporary file beside it (the dot and mkstemp's suffix add 14 bytes)."""
+    return os.fsencode(name)[:64].decode("utf-8", "ignore")
+
+
+def write_advice(error: OSError) -> str:
+    """What to do about a failed write, by its cause: a name too long is not a permissions problem."""
+    if error.errno == errno.ENAMETOOLONG:
+        return "name too long for this file system: shorten it"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{error.strerror}: free some disk space"
+    return f"{error.strerror}: check the folder's permissions"
 
 
 def _read_umask() -> int:

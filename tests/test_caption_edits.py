@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,43 @@ def test_a_caption_changed_since_the_preview_is_left_alone(demo_dataset: Path) -
     assert apply_edits(demo_dataset, changes[:1]).applied == []  # already applied: a conflict, not a double edit
     with pytest.raises(CaptioningError, match="is not in the dataset folder"):
         apply_edits(demo_dataset / "elsewhere", changes)
+
+
+def test_bulk_edits_never_write_through_a_folder_link_out_of_the_dataset(demo_dataset: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.txt").write_text("not yours", encoding="utf-8")
+    shutil.copy(demo_dataset / "bauhaus_01.png", elsewhere / "victim.png")
+    shutil.copy(demo_dataset / "bauhaus_01.png", elsewhere / "bare.png")
+    (demo_dataset / "lnk").symlink_to(elsewhere, target_is_directory=True)
+    report = apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("bauhaus style")))
+    assert report.applied and all(path.parent == demo_dataset for path in report.applied)
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["bare.png", "victim.png", "victim.txt"]
+    assert (elsewhere / "victim.txt").read_text(encoding="utf-8") == "not yours"
+
+
+def test_a_folder_swapped_for_a_link_after_the_preview_is_left_alone(demo_dataset: Path, tmp_path: Path) -> None:
+    inner = demo_dataset / "inner"
+    inner.mkdir()
+    shutil.copy(demo_dataset / "bauhaus_01.png", inner / "victim.png")
+    (inner / "victim.txt").write_text("tagged", encoding="utf-8")
+    changes = plan_edits(demo_dataset, FindReplace("tagged", "changed"))
+    elsewhere = Path(shutil.move(inner, tmp_path / "elsewhere"))
+    inner.symlink_to(elsewhere, target_is_directory=True)
+    report = apply_edits(demo_dataset, changes)
+    assert report.applied == [] and report.backup is None
+    [(path, reason)] = report.conflicts
+    assert path == inner / "victim.txt" and f"symbolic link (it leads to {elsewhere / 'victim.txt'})" in reason
+    assert (elsewhere / "victim.txt").read_text(encoding="utf-8") == "tagged"
+
+
+def test_a_name_at_the_file_system_limit_is_edited_like_the_others(demo_dataset: Path) -> None:
+    long_image = demo_dataset / ("n" * 251 + ".png")  # 255 bytes, as its caption's name
+    shutil.copy(demo_dataset / "bauhaus_01.png", long_image)
+    (demo_dataset / ("n" * 251 + ".txt")).write_text("long name", encoding="utf-8")
+    report = apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("bauhaus style")))
+    assert report.conflicts == [] and long_image.with_suffix(".txt") in report.applied
+    assert long_image.with_suffix(".txt").read_text(encoding="utf-8") == "long name, bauhaus style"
 
 
 def test_restore_refuses_unknown_or_damaged_backups(demo_dataset: Path) -> None:

@@ -82,7 +82,9 @@ def test_a_failed_write_leaves_the_old_caption_and_no_temporary_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
-    with pytest.raises(CaptionError, match=r"photo\.txt: cannot be written \(No space left on device\)"):
+    with pytest.raises(
+        CaptionError, match=r"photo\.txt: cannot be written \(No space left on device: free some disk space\)"
+    ):
         write_caption(image, "half of a new caption")
     monkeypatch.undo()
     assert caption_path(image).read_text(encoding="utf-8") == "keep me"
@@ -141,3 +143,13 @@ def test_captions_keep_the_permissions_of_the_file_they_replace(image: Path) -> 
     assert stat.S_IMODE(caption_path(image).stat().st_mode) == 0o604
     undo(edit)
     assert stat.S_IMODE(caption_path(image).stat().st_mode) == 0o604
+
+
+def test_a_name_too_long_for_its_backup_says_so(tmp_path: Path) -> None:
+    """A 255-byte caption name leaves no room for `.bak`: the fix is a shorter name, not permissions."""
+    image = tmp_path / ("n" * 251 + ".png")
+    Image.new("RGB", (96, 64), "teal").save(image)
+    caption_path(image).write_text("old", encoding="utf-8")
+    with pytest.raises(CaptionError, match="cannot be written \\(name too long for this file system: shorten it\\)"):
+        write_caption(image, "new")
+    assert caption_path(image).read_text(encoding="utf-8") == "old"
