@@ -6,14 +6,21 @@ before such a change writes anything, the captions it may replace are copied byt
 the change will create. The folder's leading dot keeps the dataset loader from training on it.
 Restoring puts those bytes back and removes the created captions, after backing up what it is about to
 replace, so a restore can itself be undone.
+
+A dataset may come from a stranger and ship a `.caption-backups` of its own. So the manifest records
+each copy's SHA-256 and is signed with this install's key (`core.install_key`, kept outside every
+dataset): a backup without a valid signature, including those made before signing existed, is not
+listed and never restored (its copies stay in its folder, to copy back by hand if trusted). A restore
+also checks that every caption it writes or deletes resolves to itself inside the dataset (no link
+on the way) and that every copy still has its recorded hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,8 +31,9 @@ from pydantic import ValidationError
 from core.captions import caption_path
 from core.config import DatasetSection
 from core.dataset import DatasetError, load_dataset
-from core.fsutil import atomic_path, atomic_write_text, write_advice
+from core.fsutil import atomic_path, atomic_write_bytes, atomic_write_text, write_advice
 from core.images import is_image_file
+from core.install_key import KEY_FILE, STATE_DIR_ENV, sign, signed, signing_key, state_folder
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,8 @@ class BackupInfo:
     description: str
     replaced: tuple[str, ...]
     created: tuple[str, ...]
+    digests: tuple[str, ...]
+    """The SHA-256 of each `replaced` copy, in the same order."""
 
     @property
     def label(self) -> str:
@@ -109,12 +119,13 @@ def scan_dataset(folder: Path | str, extension: str = ".txt") -> DatasetCaptions
 def create_backup(root: Path, captions: Iterable[Path], description: str) -> BackupInfo:
     """Copy the existing files among `captions` into a new backup; the missing ones are recorded as created.
 
-    The manifest is written last: a backup folder without one was interrupted before anything was
-    changed, and is not listed.
+    The signed manifest is written last: a backup folder without one was interrupted before anything
+    was changed, and is not listed.
     """
     root = Path(root)
+    key = _key()
     folder = _new_backup_folder(root)
-    replaced: list[str] = []
+    replaced: dict[str, str] = {}
     created: list[str] = []
     for path in captions:
         relative = Path(path).relative_to(root).as_posix()
@@ -122,19 +133,22 @@ def create_backup(root: Path, captions: Iterable[Path], description: str) -> Bac
             created.append(relative)
             continue
         try:
+            data = Path(path).read_bytes()
             with atomic_path(folder / relative) as tmp:
-                shutil.copy2(path, tmp)
+                tmp.write_bytes(data)
         except OSError as error:
             raise CaptioningError(
                 relative, f"cannot be backed up ({write_advice(error)}), so nothing was changed"
             ) from None
-        replaced.append(relative)
+        replaced[relative] = hashlib.sha256(data).hexdigest()
     stamp = datetime.now().isoformat(timespec="seconds")
-    info = BackupInfo(folder.name, folder, stamp, description, tuple(replaced), tuple(created))
-    manifest = {"created_at": info.created_at, "description": description, "replaced": replaced, "created": created}
+    body = {"created_at": stamp, "description": description, "replaced": replaced, "created": created}
+    manifest = {**body, "signature": sign(key, body)}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1))
     log.info("backed up %d captions of %s into %s", len(replaced), root, folder)
-    return info
+    return BackupInfo(
+        folder.name, folder, stamp, description, tuple(replaced), tuple(created), tuple(replaced.values())
+    )
 
 
 def list_backups(root: Path | str) -> list[BackupInfo]:
@@ -142,7 +156,8 @@ def list_backups(root: Path | str) -> list[BackupInfo]:
     base = Path(root) / BACKUP_FOLDER
     if not base.is_dir():
         return []
-    backups = [info for folder in base.iterdir() if (info := _read_backup(folder)) is not None]
+    key = _key()
+    backups = [info for folder in base.iterdir() if (info := _read_backup(folder, key)) is not None]
     return sorted(backups, key=lambda info: (info.created_at, info.id), reverse=True)
 
 
@@ -153,31 +168,54 @@ def restore_backup(root: Path | str, backup_id: str) -> RestoreReport:
     that way), then replaced atomically; captions the change created are removed.
     """
     root = Path(root)
-    info = _read_backup(root / BACKUP_FOLDER / backup_id) if _plain_name(backup_id) else None
+    info = _read_backup(root / BACKUP_FOLDER / backup_id, _key()) if _plain_name(backup_id) else None
     if info is None:
         known = ", ".join(backup.id for backup in list_backups(root)[:5]) or "none"
         raise CaptioningError("backup", f"no backup {backup_id!r} in {root / BACKUP_FOLDER} (latest: {known})")
-    restore = {root / relative: info.folder / relative for relative in info.replaced}
-    missing = [source.name for source in restore.values() if not source.is_file()]
-    if missing:
-        raise CaptioningError(
-            f"backup {info.id}", f"is missing {', '.join(missing[:5])}, so nothing was restored: it was edited by hand"
-        )
+    restore = _restorable(root, info)
     remove = [root / relative for relative in info.created if (root / relative).exists()]
-    differing = [target for target, source in restore.items() if _read(target) != _read(source)]
+    differing = [target for target, data in restore.items() if _read(target) != data]
     safety = create_backup(root, differing + remove, f"before restoring {info.id}") if differing or remove else None
     for target in differing:
-        with atomic_path(target) as tmp:
-            shutil.copy2(restore[target], tmp)
+        atomic_write_bytes(target, restore[target])
     for path in remove:
         path.unlink()
     log.info("restored %s: %d captions back, %d removed", info.id, len(differing), len(remove))
     return RestoreReport(differing, remove, safety)
 
 
+def _restorable(root: Path, info: BackupInfo) -> dict[Path, bytes]:
+    """Each caption to put back with its backed-up bytes, or CaptioningError when any one is unsafe or gone.
+
+    Every caption the restore writes or deletes must resolve to itself inside the dataset, and every copy
+    must be a file in the backup folder with its recorded hash; otherwise nothing is restored.
+    """
+    for relative in info.replaced + info.created:
+        if escape := link_escape(root, root / relative):
+            raise CaptioningError(f"backup {info.id}", f"{relative} {escape}; nothing was restored")
+    restore: dict[Path, bytes] = {}
+    missing, changed = [], []
+    for relative, digest in zip(info.replaced, info.digests, strict=True):
+        source = info.folder / relative
+        data = _read(source) if link_escape(info.folder, source) is None else None
+        if data is None:
+            missing.append(source.name)
+        elif hashlib.sha256(data).hexdigest() != digest:
+            changed.append(source.name)
+        else:
+            restore[root / relative] = data
+    for names, what in ((missing, "is missing"), (changed, "holds changed copies of")):
+        if names:
+            reason = f"{what} {', '.join(names[:5])}, so nothing was restored: it was edited by hand"
+            raise CaptioningError(f"backup {info.id}", reason)
+    return restore
+
+
 def _new_backup_folder(root: Path) -> Path:
     """A fresh folder named by the time; a second change within the same second gets a numbered name."""
     base = root / BACKUP_FOLDER
+    if os.path.lexists(base) and (escape := link_escape(root, base)):
+        raise CaptioningError(str(base), f"{escape}, and nothing was changed")
     stamp = datetime.now().strftime(_ID_FORMAT)
     for attempt in range(1, 1000):
         folder = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
@@ -193,23 +231,50 @@ def _new_backup_folder(root: Path) -> Path:
     raise CaptioningError(str(base), "holds too many backups from this second: wait a moment and try again")
 
 
-def _read_backup(folder: Path) -> BackupInfo | None:
-    """The backup in `folder`, or None for an interrupted or damaged one (logged, never restored from)."""
+def _read_backup(folder: Path, key: bytes) -> BackupInfo | None:
+    """The backup in `folder`, or None for an interrupted, damaged or unsigned one (logged, never restored from).
+
+    The signature is checked before anything in the manifest is used.
+    """
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        replaced = tuple(str(path) for path in manifest["replaced"])
-        created = tuple(str(path) for path in manifest["created"])
-        stamp, description = str(manifest["created_at"]), str(manifest["description"])
-        info = BackupInfo(folder.name, folder, stamp, description, replaced, created)
+        signature = str(manifest.pop("signature", ""))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, TypeError, AttributeError) as error:
         log.warning("ignoring damaged caption backup %s: %s", folder, error)
         return None
-    if not all(_inside(path) for path in replaced + created):
-        log.warning("ignoring caption backup %s: its manifest names files outside the dataset", folder)
+    if not signed(key, manifest, signature):
+        log.warning(
+            "not offering caption backup %s for restore: it was not made by Atelier on this machine (no valid "
+            "signature; backups made before signing have none). Its caption copies are in that folder: copy "
+            "them back by hand if you trust them",
+            folder,
+        )
         return None
-    return info
+    replaced = {str(path): str(digest) for path, digest in manifest["replaced"].items()}
+    created = tuple(str(path) for path in manifest["created"])
+    return BackupInfo(
+        folder.name,
+        folder,
+        str(manifest["created_at"]),
+        str(manifest["description"]),
+        tuple(replaced),
+        created,
+        tuple(replaced.values()),
+    )
+
+
+def _key() -> bytes:
+    try:
+        return signing_key()
+    except OSError as error:
+        where = state_folder() / KEY_FILE
+        raise CaptioningError(
+            str(where),
+            f"this install's signing key cannot be read or made ({error.strerror}): check the folder's "
+            f"permissions, or set {STATE_DIR_ENV} to a folder of your own",
+        ) from None
 
 
 def link_escape(root: Path, path: Path) -> str | None:
@@ -227,11 +292,6 @@ def link_escape(root: Path, path: Path) -> str | None:
         f"is reached through a symbolic link (it leads to {actual}), so it was left alone: "
         "replace the link with the real folder or file"
     )
-
-
-def _inside(relative: str) -> bool:
-    path = Path(relative)
-    return not path.is_absolute() and ".." not in path.parts
 
 
 def _plain_name(name: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from importlib.metadata import version
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from core.demo import ensure_demo_dataset, ensure_demo_model
+from core.install_key import STATE_DIR_ENV
 
 # The test machine has 2 shared cores; a second torch thread made a tiny UNet forward 35x slower.
 torch.set_num_threads(1)
@@ -21,6 +23,13 @@ def pytest_report_header() -> list[str]:
     """Where and on what the suite runs, so a CI log shows what a fresh install resolved."""
     versions = ", ".join(f"{name} {version(name)}" for name in KEY_LIBRARIES)
     return [f"environment: {sys.prefix}", f"resolved: {versions}"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """This install's state (the caption-backup signing key) in a session folder, never the tester's home;
+    set in the environment so the app and CLI processes that tests start use it too."""
+    os.environ[STATE_DIR_ENV] = str(tmp_path_factory.mktemp("atelier-state"))
 
 
 @pytest.fixture(scope="session")

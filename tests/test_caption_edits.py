@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -9,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from core.caption_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
-from core.caption_files import BACKUP_FOLDER, CaptioningError, list_backups, restore_backup
+from core.caption_files import BACKUP_FOLDER, MANIFEST, CaptioningError, list_backups, restore_backup
+from core.install_key import KEY_FILE, STATE_DIR_ENV
 
 
 def captions(folder: Path) -> dict[str, str]:
@@ -146,3 +150,86 @@ def test_restore_refuses_unknown_or_damaged_backups(demo_dataset: Path) -> None:
     (report.backup.folder / "backup.json").write_text("{not json", encoding="utf-8")
     assert list_backups(demo_dataset) == []
     assert (demo_dataset / BACKUP_FOLDER).is_dir()
+
+
+def _outside_files(folder: Path) -> dict[str, str]:
+    return {path.name: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.txt"))}
+
+
+def test_a_backup_shipped_with_the_dataset_is_never_listed_or_restored(
+    demo_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hostile dataset of issue #18: a newest "backup" that writes and deletes through a folder link."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.txt").write_text("precious", encoding="utf-8")
+    (elsewhere / "other.txt").write_text("keep me", encoding="utf-8")
+    (demo_dataset / "lnk").symlink_to(elsewhere, target_is_directory=True)
+    real = apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged"))).backup
+    assert real is not None
+    body = {
+        "created_at": "9999-12-31T23:59:59",
+        "description": "restore the original captions",
+        "replaced": {"lnk/victim.txt": hashlib.sha256(b"pwned").hexdigest()},
+        "created": ["lnk/other.txt"],
+    }
+    for name, manifest in (
+        ("9999-12-31_23-59-59", {**body, "signature": "0" * 64}),  # forged
+        ("9999-12-31_23-59-58", body),  # unsigned
+        ("9999-12-31_23-59-57", {**body, "replaced": ["lnk/victim.txt"]}),  # made before signing existed
+    ):
+        (demo_dataset / BACKUP_FOLDER / name / "lnk").mkdir(parents=True)
+        (demo_dataset / BACKUP_FOLDER / name / "lnk" / "victim.txt").write_text("pwned", encoding="utf-8")
+        (demo_dataset / BACKUP_FOLDER / name / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+        with pytest.raises(CaptioningError, match=re.escape(f"no backup {name!r}")):
+            restore_backup(demo_dataset, name)
+    assert [backup.id for backup in list_backups(demo_dataset)] == [real.id]
+    unsigned = [record.getMessage() for record in caplog.records if "not made by Atelier" in record.getMessage()]
+    assert {message.split()[4] for message in unsigned} == {
+        str(demo_dataset / BACKUP_FOLDER / f"9999-12-31_23-59-5{n}") for n in (7, 8, 9)
+    }
+    assert _outside_files(elsewhere) == {"other.txt": "keep me", "victim.txt": "precious"}
+    restore_backup(demo_dataset, real.id)
+    assert not any("tagged" in text for text in captions(demo_dataset).values())
+
+
+def test_a_signed_backup_never_writes_or_deletes_through_a_link_made_since(demo_dataset: Path, tmp_path: Path) -> None:
+    inner = demo_dataset / "inner"
+    inner.mkdir()
+    shutil.copy(demo_dataset / "bauhaus_01.png", inner / "victim.png")
+    shutil.copy(demo_dataset / "bauhaus_01.png", inner / "bare.png")
+    (inner / "victim.txt").write_text("old", encoding="utf-8")
+    backup = apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged"))).backup
+    assert backup is not None and "inner/bare.txt" in backup.created and "inner/victim.txt" in backup.replaced
+    elsewhere = Path(shutil.move(inner, tmp_path / "elsewhere"))
+    inner.symlink_to(elsewhere, target_is_directory=True)
+    before = _outside_files(elsewhere)
+    with pytest.raises(CaptioningError, match=r"inner/(bare|victim)\.txt is reached through a symbolic link"):
+        restore_backup(demo_dataset, backup.id)
+    assert _outside_files(elsewhere) == before and "tagged" in before["bare.txt"]
+    assert all("tagged" in text for text in captions(demo_dataset).values())  # nothing restored in the dataset
+
+
+def test_a_backup_copy_changed_by_hand_is_not_restored(demo_dataset: Path) -> None:
+    backup = apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged"))).backup
+    assert backup is not None
+    (backup.folder / "bauhaus_03.txt").write_text("swapped in", encoding="utf-8")
+    with pytest.raises(CaptioningError, match=r"holds changed copies of bauhaus_03\.txt, so nothing was restored"):
+        restore_backup(demo_dataset, backup.id)
+    assert all("tagged" in text for text in captions(demo_dataset).values())
+
+
+def test_a_linked_backup_folder_is_refused_before_anything_changes(demo_dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (demo_dataset / BACKUP_FOLDER).symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    before = captions(demo_dataset)
+    with pytest.raises(CaptioningError, match=r"is reached through a symbolic link .*nothing was changed"):
+        apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged")))
+    assert captions(demo_dataset) == before and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_the_signing_key_is_the_installs_own_and_owner_only(demo_dataset: Path) -> None:
+    apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged")))
+    key = Path(os.environ[STATE_DIR_ENV]) / KEY_FILE
+    assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o077 == 0
+    assert not key.is_relative_to(demo_dataset)
