@@ -103,9 +103,10 @@ def apply_edits(folder: Path | str, changes: list[CaptionChange], description: s
     ready, conflicts = _ready(root, changes)
     if not ready:
         return EditReport([], conflicts, None)
-    backup = create_backup(root, [change.path for change in ready], description)
+    backup = create_backup(root, [change.path for change in ready], description, conflicts)
+    unsaved = {path for path, _reason in conflicts}
     applied = []
-    for change in ready:
+    for change in (change for change in ready if change.path not in unsaved):
         try:
             atomic_write_text(change.path, change.new)
         except OSError as error:

@@ -116,11 +116,15 @@ def scan_dataset(folder: Path | str, extension: str = ".txt") -> DatasetCaptions
     return DatasetCaptions(dataset.root, section.caption_extension, [r.path for r in dataset.train], problems)
 
 
-def create_backup(root: Path, captions: Iterable[Path], description: str) -> BackupInfo:
+def create_backup(
+    root: Path, captions: Iterable[Path], description: str, failed: list[tuple[Path, str]] | None = None
+) -> BackupInfo:
     """Copy the existing files among `captions` into a new backup; the missing ones are recorded as created.
 
-    The signed manifest is written last: a backup folder without one was interrupted before anything
-    was changed, and is not listed.
+    A file that cannot be copied raises CaptioningError, unless `failed` is given: then it is added there
+    with the reason and left out, so the caller changes the others and leaves that one alone. The signed
+    manifest is written last: a backup folder without one was interrupted before anything was changed,
+    and is not listed.
     """
     root = Path(root)
     key = _key()
@@ -137,9 +141,12 @@ def create_backup(root: Path, captions: Iterable[Path], description: str) -> Bac
             with atomic_path(folder / relative) as tmp:
                 tmp.write_bytes(data)
         except OSError as error:
-            raise CaptioningError(
-                relative, f"cannot be backed up ({write_advice(error)}), so nothing was changed"
-            ) from None
+            if failed is None:
+                raise CaptioningError(
+                    relative, f"cannot be backed up ({write_advice(error)}), so nothing was changed"
+                ) from None
+            failed.append((Path(path), f"cannot be backed up ({write_advice(error)}), so it was left alone"))
+            continue
         replaced[relative] = hashlib.sha256(data).hexdigest()
     stamp = datetime.now().isoformat(timespec="seconds")
     body = {"created_at": stamp, "description": description, "replaced": replaced, "created": created}

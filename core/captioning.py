@@ -153,9 +153,9 @@ def caption_folder(
         ) as captioner:
             if not run.cancelled():  # the backup comes after a load that may fail, and before any write
                 description = f"captioning with {Path(options.model).name or options.model} ({options.mode})"
-                captions = [dataset.caption_file(image) for image in originals]
-                backup = create_backup(dataset.root, captions, description)
-            todo = list(originals)
+                backup = _back_up(dataset, originals, description, failed)
+            unsaved = {image for image, _reason in failed}
+            todo = [image for image in originals if image not in unsaved]
             run.captioning_started = time.monotonic()
             for start in range(0, len(todo), options.batch_size):
                 if run.cancelled():
@@ -305,6 +305,18 @@ def _plan(
         else:
             todo[image] = data
     return todo, skipped
+
+
+def _back_up(
+    dataset: DatasetCaptions, originals: dict[Path, bytes | None], description: str, failed: list[tuple[Path, str]]
+) -> BackupInfo:
+    """The backup of the captions the run may replace; an image whose caption cannot be backed up is added
+    to `failed` (and so not captioned) rather than stopping the run."""
+    images = {dataset.caption_file(image): image for image in originals}
+    unsaved: list[tuple[Path, str]] = []
+    backup = create_backup(dataset.root, list(images), description, unsaved)
+    failed += [(images[path], f"{path.name} {reason}") for path, reason in unsaved]
+    return backup
 
 
 def _read_bytes(path: Path) -> bytes | None:

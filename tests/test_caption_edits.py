@@ -233,3 +233,25 @@ def test_the_signing_key_is_the_installs_own_and_owner_only(demo_dataset: Path) 
     key = Path(os.environ[STATE_DIR_ENV]) / KEY_FILE
     assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o077 == 0
     assert not key.is_relative_to(demo_dataset)
+
+
+def _near_the_path_limit(folder: Path, length: int) -> Path:
+    """A new folder below `folder` whose path is `length` bytes long (components of at most 200)."""
+    while len(os.fsencode(folder)) + 201 < length:
+        folder = folder / ("d" * 200)
+    return folder / ("e" * (length - len(os.fsencode(folder)) - 1))
+
+
+def test_a_caption_that_cannot_be_backed_up_is_reported_and_the_others_are_edited(demo_dataset: Path) -> None:
+    """Its backup copy's path (37 bytes longer, under .caption-backups/<id>/) passes the 4096-byte limit."""
+    deep = _near_the_path_limit(demo_dataset, 4060)
+    deep.mkdir(parents=True)
+    shutil.copy(demo_dataset / "bauhaus_01.png", deep / "a.png")
+    (deep / "a.txt").write_text("deep", encoding="utf-8")
+    report = apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged")))
+    assert report.conflicts == [
+        (deep / "a.txt", "cannot be backed up (name too long for this file system: shorten it), so it was left alone")
+    ]
+    assert (deep / "a.txt").read_text(encoding="utf-8") == "deep"
+    assert len(report.applied) == 16 and all("tagged" in text for text in captions(demo_dataset).values())
+    assert report.backup is not None and len(report.backup.replaced) + len(report.backup.created) == 16

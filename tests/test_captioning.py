@@ -8,6 +8,8 @@ same captioner returns for the image.
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import threading
 import weakref
 from pathlib import Path
@@ -364,3 +366,21 @@ def test_a_background_job_reports_progress_and_can_be_cancelled(
     assert cancelled.wait(60) and cancelled.report is not None and cancelled.report.cancelled
     failing = CaptionJob(demo_dataset, CaptionOptions(model="nobody/no-such-model", mode="overwrite")).start()
     assert failing.wait(60) and isinstance(failing.error, CaptioningError) and failing.report is None
+
+
+def test_an_image_whose_caption_cannot_be_backed_up_fails_alone(
+    tiny_models: dict[str, Path], demo_dataset: Path
+) -> None:
+    """Its backup copy's path (37 bytes longer, under .caption-backups/<id>/) passes the 4096-byte limit."""
+    deep = demo_dataset
+    while len(os.fsencode(deep)) + 201 < 4060:
+        deep = deep / ("d" * 200)
+    deep = deep / ("e" * (4060 - len(os.fsencode(deep)) - 1))
+    deep.mkdir(parents=True)
+    shutil.copy(demo_dataset / "bauhaus_01.png", deep / "a.png")
+    (deep / "a.txt").write_text("deep", encoding="utf-8")
+    options = CaptionOptions(model=str(tiny_models["blip"]), mode="overwrite")
+    report = caption_folder(demo_dataset, options)
+    reason = "a.txt cannot be backed up (name too long for this file system: shorten it), so it was left alone"
+    assert report.failed == [(deep / "a.png", reason)]
+    assert (deep / "a.txt").read_text(encoding="utf-8") == "deep" and len(report.written) == 16
