@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     check_exposure(args.host, args.share, auth)
 
     from ui.dataset_tab import CSS
+    from ui.http_headers import security_middleware
     from ui.shell import AppContext, build_app
 
     context = AppContext.create(
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         inbrowser=not args.no_browser,
         css=CSS,
         prevent_thread_lock=True,  # Gradio's own wait polls every 0.1 s; `serve_until_interrupted` just waits
+        app_kwargs={"middleware": security_middleware()},  # CSP, no framing, nosniff: ui/http_headers.py
     )
     serve_until_interrupted(app)
 
