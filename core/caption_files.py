@@ -176,6 +176,12 @@ def restore_backup(root: Path | str, backup_id: str) -> RestoreReport:
     """
     root = Path(root)
     info = _read_backup(root / BACKUP_FOLDER / backup_id, _key()) if _plain_name(backup_id) else None
+    if info is None and _plain_name(backup_id) and (root / BACKUP_FOLDER / backup_id / MANIFEST).is_file():
+        raise CaptioningError(
+            f"backup {backup_id}",
+            "was not made by Atelier on this machine (no valid signature), so it is not restored: its caption "
+            f"copies are in {root / BACKUP_FOLDER / backup_id}; copy back by hand only those you trust",
+        )
     if info is None:
         known = ", ".join(backup.id for backup in list_backups(root)[:5]) or "none"
         raise CaptioningError("backup", f"no backup {backup_id!r} in {root / BACKUP_FOLDER} (latest: {known})")
