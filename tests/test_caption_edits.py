@@ -255,3 +255,18 @@ def test_a_caption_that_cannot_be_backed_up_is_reported_and_the_others_are_edite
     assert (deep / "a.txt").read_text(encoding="utf-8") == "deep"
     assert len(report.applied) == 16 and all("tagged" in text for text in captions(demo_dataset).values())
     assert report.backup is not None and len(report.backup.replaced) + len(report.backup.created) == 16
+
+
+def test_a_damaged_signing_key_stops_a_backup_and_names_the_fix(
+    demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "state"))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / KEY_FILE).write_bytes(b"short")
+    before = captions(demo_dataset)
+    with pytest.raises(CaptioningError, match=r"signing\.key: .*not a signing key \(5 bytes, not 32\): delete it"):
+        apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged")))
+    assert captions(demo_dataset) == before
+    (tmp_path / "state" / KEY_FILE).unlink()
+    assert apply_edits(demo_dataset, plan_edits(demo_dataset, AddTag("tagged"))).applied
+    assert len((tmp_path / "state" / KEY_FILE).read_bytes()) == 32
