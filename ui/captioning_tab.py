@@ -25,6 +25,7 @@ from core.captioners import FLORENCE_TASKS, PRESETS, preset_family
 from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
 from core.demo import default_cache_dir
 from core.workspace import PathNotAllowed, Workspace
+from ui.safe_text import code, md
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -212,10 +213,10 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
             options = _options(values, extension(), context.workspace)
             options.check()
         except (CaptioningError, PathNotAllowed) as error:
-            yield f"**Not started — {error}**", *_skip(3)
+            yield f"**Not started — {md(error)}**", *_skip(3)
             return
         except OSError as error:  # building the demo captioner
-            yield f"**Not started — the demo captioner could not be built: {error}**", *_skip(3)
+            yield f"**Not started — the demo captioner could not be built: {md(error)}**", *_skip(3)
             return
         job = jobs.start(folder, options)
         if job is None:
@@ -226,10 +227,10 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
             text = job.progress.as_text() if job.progress else f"Starting… {time.monotonic() - started:.0f} s"
             if job.progress and job.progress.last:
                 image, caption = job.progress.last
-                text += f"\n\nLast: `{image.name}` → {caption}"
+                text += f"\n\nLast: {code(image.name)} → {md(caption)}"
             yield text, *_skip(3)
         if job.report is None:
-            yield f"**Captioning failed — {job.error}**", gr.skip(), backup_choices(path), gr.skip()
+            yield f"**Captioning failed — {md(job.error)}**", gr.skip(), backup_choices(path), gr.skip()
             return
         run = LastRun(job.folder.absolute(), job.report)
         yield job.report.summary(), results_table(run.report, run.root), backup_choices(path), run
@@ -248,8 +249,8 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
         try:
             report = restore_backup(dataset_folder(path), backup_id)
         except (CaptioningError, PathNotAllowed) as error:
-            return f"**Not restored — {error}**", backup_choices(path), gr.skip()
-        text = f"Restored {len(report.restored)} captions from {backup_id}"
+            return f"**Not restored — {md(error)}**", backup_choices(path), gr.skip()
+        text = f"Restored {len(report.restored)} captions from {md(backup_id)}"
         text += f" and removed {len(report.removed)} it had created." if report.removed else "."
         if report.safety_backup:
             text += f" The captions it replaced are in backup {report.safety_backup.id}: restore that to undo."
@@ -265,9 +266,9 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
             root = dataset_folder(path)
             found = plan_edits(root, edit, extension())
         except (CaptioningError, PathNotAllowed) as error:
-            return f"**No preview — {error}**", [], Preview()
+            return f"**No preview — {md(error)}**", [], Preview()
         rows = [[_shown(change.path, root), change.old, change.new] for change in found]
-        text = f"{len(found)} captions would change ({edit.describe()}). Apply writes exactly these."
+        text = f"{len(found)} captions would change ({md(edit.describe())}). Apply writes exactly these."
         return (text if found else "No caption would change."), rows, Preview(path, edit.describe(), tuple(found))
 
     def on_apply(state: Preview, run: LastRun | None) -> tuple[Any, ...]:
@@ -283,10 +284,10 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
         try:
             report = apply_edits(dataset_folder(state.folder), list(state.changes), state.description)
         except (CaptioningError, PathNotAllowed) as error:
-            return f"**Not applied — {error}**", gr.skip(), state, *_skip(2)
+            return f"**Not applied — {md(error)}**", gr.skip(), state, *_skip(2)
         text = f"Applied to {len(report.applied)} captions"
         text += f" (the replaced ones are in backup {report.backup.id})." if report.backup else "."
-        text += "".join(f"\n\n- `{path.name}`: {reason}" for path, reason in report.conflicts)
+        text += "".join(f"\n\n- {code(path.name)}: {md(reason)}" for path, reason in report.conflicts)
         return text, [], Preview(), backup_choices(state.folder), reread(run)
 
     def reread(run: LastRun | None) -> Any:

@@ -20,6 +20,7 @@ from core.dataset import Dataset, DatasetError, load_dataset, summarize
 from core.dataset_import import import_images
 from core.images import UnusableImage, is_image_file
 from core.workspace import PathNotAllowed
+from ui.safe_text import code, md
 
 THUMBNAIL = 256
 SELECTED_PREVIEW = 512
@@ -53,12 +54,12 @@ def explain_error(error: DatasetError) -> tuple[str, list[list[str]]]:
     """
     if error.field != "dataset.path":
         value = f"{error.value:g}" if isinstance(error.value, float) else repr(error.value)
-        where = f"Setting `{error.field} = {value}` (Training tab)"
+        where = f"Setting {code(f'{error.field} = {value}')} (Training tab)"
     else:
-        where = f"Could not load `{error.value}`" if str(error.value).strip() else "Could not load"
+        where = f"Could not load {code(error.value)}" if str(error.value).strip() else "Could not load"
     root = Path(str(error.value)).expanduser().absolute()
     rows = [[_shown(problem.path, root), problem.kind, problem.reason] for problem in error.problems]
-    return f"**{where}:** {error.message}", rows
+    return f"**{where}:** {md(error.message)}", rows
 
 
 def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, list[list[str]]]:
@@ -66,7 +67,7 @@ def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, li
     summary = summarize(dataset)
     used = summary.images_used
     if dataset.validation_root:
-        split = f"validation images from `{dataset.validation_root}`"
+        split = f"validation images from {code(dataset.validation_root)}"
     elif summary.validation_count:
         split = f"held out by `dataset.validation_size = {section.validation_size:g}` and the run seed"
     elif section.validation_size:
@@ -83,8 +84,8 @@ def describe_dataset(dataset: Dataset, section: DatasetSection) -> tuple[str, li
         f"**Resolutions:** {_counts(summary.resolutions)}",
     ]
     if section.caption_prefix:
-        lines.append(f"**Caption prefix:** `{section.caption_prefix}` is put before every caption")
-    lines.append(f"**Problems:** {summary.problem_counts()}")
+        lines.append(f"**Caption prefix:** {code(section.caption_prefix)} is put before every caption")
+    lines.append(f"**Problems:** {md(summary.problem_counts())}")
     rows = [[path, kind, reason] for path, reason, kind in summary.problems]
     return "\n\n".join(lines), rows
 
@@ -174,7 +175,7 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
         try:
             context.workspace.path(path, "datasets", "Dataset folder")
         except PathNotAllowed as error:
-            return f"**{error}**", "", [], [], Loaded(path)
+            return f"**{md(error)}**", "", [], [], Loaded(path)
         settings = context.store.get()
         chosen = settings.dataset.model_copy(update={"path": path})
         message = ""
@@ -212,10 +213,10 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
             picture = preview(image, SELECTED_PREVIEW)
             text = read_caption(image, caption_extension())
         except PathNotAllowed as error:
-            return None, None, "", f"**{error}**"
+            return None, None, "", f"**{md(error)}**"
         except (CaptionError, UnusableImage, OSError) as error:
-            return str(image), None, "", f"**{image.name}: {error}** — load the folder again."
-        status = "" if path.exists() else f"`{image.name}` has no `{path.name}` yet: Save creates it."
+            return str(image), None, "", f"**{md(image.name)}: {md(error)}** — load the folder again."
+        status = "" if path.exists() else f"{code(image.name)} has no {code(path.name)} yet: Save creates it."
         return str(image), picture, text, status
 
     def on_save(image: str | None, text: str, state: Loaded, edit: CaptionEdit | None) -> tuple[Any, ...]:
@@ -225,7 +226,7 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
         try:
             confined(Path(image))
         except PathNotAllowed as error:
-            return *_skip(len(view)), edit, f"**Not saved — {error}**"
+            return *_skip(len(view)), edit, f"**Not saved — {md(error)}**"
         try:  # the browser turns CRLF into LF, which alone is no reason to rewrite a file
             unchanged = text == read_caption(Path(image), extension).replace("\r\n", "\n")
         except CaptionError:
@@ -235,9 +236,9 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
         try:
             edit = write_caption(Path(image), text, extension)
         except CaptionError as error:
-            return *_skip(len(view)), edit, f"**Not saved — {error}**"
-        kept = f" (previous text kept in `{edit.backup.name}`)" if edit.backup else ""
-        return *show(state.folder), edit, f"Saved `{edit.path.name}`{kept}."
+            return *_skip(len(view)), edit, f"**Not saved — {md(error)}**"
+        kept = f" (previous text kept in {code(edit.backup.name)})" if edit.backup else ""
+        return *show(state.folder), edit, f"Saved {code(edit.path.name)}{kept}."
 
     def on_undo(image: str | None, state: Loaded, edit: CaptionEdit | None) -> tuple[Any, ...]:
         if edit is None:
@@ -245,15 +246,15 @@ def build_dataset_tab(context: AppContext, app: gr.Blocks) -> None:
         try:
             undo(edit)
         except CaptionError as error:
-            return *_skip(len(view)), gr.skip(), edit, f"**Not undone — {error}**"
+            return *_skip(len(view)), gr.skip(), edit, f"**Not undone — {md(error)}**"
         done = "restored its previous text" if edit.original is not None else "removed it (it did not exist before)"
         text = gr.skip()
         if image == str(edit.image):
             try:
                 text = read_caption(edit.image, caption_extension())
             except CaptionError as error:  # the restored file is not UTF-8 again: show nothing rather than �
-                text, done = "", f"{done} — {error.message}"
-        return *show(state.folder), text, None, f"Undid the edit of `{edit.path.name}`: {done}."
+                text, done = "", f"{done} — {md(error.message)}"
+        return *show(state.folder), text, None, f"Undid the edit of {code(edit.path.name)}: {done}."
 
     def on_create(files: list[str] | None, name: str) -> tuple[Any, ...]:
         target, message = _upload(context, files, name)
@@ -319,11 +320,12 @@ def _upload(context: AppContext, files: list[str] | None, name: str) -> tuple[Pa
     try:
         copied, ignored = import_images(files, folder, context.store.get().dataset.caption_extension)
     except ValueError as error:
-        return None, f"**Upload not copied:** {error}"
+        return None, f"**Upload not copied:** {md(error)}"
     except OSError as error:
-        return None, f"**Upload not copied:** `{folder}` cannot be written ({error.strerror}): check its permissions"
-    left_out = f" Left out (not an image or a caption of one): {', '.join(ignored)}." if ignored else ""
-    return folder, f"Copied {len(copied)} files into `{folder}`.{left_out}"
+        reason = md(error.strerror)
+        return None, f"**Upload not copied:** {code(folder)} cannot be written ({reason}): check its permissions"
+    left_out = f" Left out (not an image or a caption of one): {md(', '.join(ignored))}." if ignored else ""
+    return folder, f"Copied {len(copied)} files into {code(folder)}.{left_out}"
 
 
 def _skip(count: int) -> tuple[Any, ...]:

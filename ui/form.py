@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 
 from core.config import FieldSpec, Problem, TrainConfig
+from ui.safe_text import md
 
 # Words that a plain capitalisation would get wrong in labels.
 ACRONYMS = {"lr": "LR", "lora": "LoRA", "cfg": "CFG", "snr": "SNR", "vae": "VAE", "n": "N"}
@@ -149,7 +150,7 @@ class ConfigForm:
 
     @staticmethod
     def problem_update(problems: Sequence[Problem]) -> dict[str, Any]:
-        text = "\n\n".join(f"⚠ {problem.message}" for problem in problems)
+        text = "\n\n".join(f"⚠ {md(problem.message)}" for problem in problems)
         return gr.update(value=text, visible=bool(problems))
 
     def label(self, problem: Problem) -> str:

@@ -47,6 +47,7 @@ from ui.inference_form import (
     visible_rows,
 )
 from ui.inference_layout import Defaults, InferenceWidgets, build_widgets
+from ui.safe_text import code, md
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -92,7 +93,7 @@ def lora_updates(rows: list[tuple[str | None, float]]) -> list[Any]:
 def lora_note_updates(notes: Sequence[str]) -> list[Any]:
     """Each row's note: shown with the reason when its restored LoRA was not found, else hidden."""
     return [
-        gr.update(value=f"**LoRA {index + 1}:** {note}" if note else "", visible=bool(note))
+        gr.update(value=f"**LoRA {index + 1}:** {md(note)}" if note else "", visible=bool(note))
         for index, note in enumerate(notes)
     ]
 
@@ -113,9 +114,9 @@ def attempt(job: Callable[[], T]) -> T | str:
     try:
         return job()
     except GenerationCancelled as error:
-        return f"**Cancelled:** {error}. Nothing of the unfinished image was saved."
+        return f"**Cancelled:** {md(error)}. Nothing of the unfinished image was saved."
     except (GenerationError, ModelLoadError, PathNotAllowed) as error:
-        return f"**Cannot generate:** {error}"
+        return f"**Cannot generate:** {md(error)}"
     except RuntimeError as error:  # CUDA's OutOfMemoryError is one; anything else is a bug to show in full
         if "out of memory" not in str(error).lower():
             raise
@@ -195,7 +196,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         if isinstance(result, str):
             return [gr.skip(), gr.skip(), gr.skip(), result]
         items, texts = gallery_items(result.paths, [f"seed {seed}" for seed in result.seeds])
-        return [items, texts, texts[0], f"Saved {len(items)} image(s) in `{result.paths[0].parent}`."]
+        return [items, texts, texts[0], f"Saved {len(items)} image(s) in {code(result.paths[0].parent)}."]
 
     def sweep(data: dict[Component, Any], progress: gr.Progress = PROGRESS) -> list[Any]:
         def render() -> SweepResult:
@@ -223,7 +224,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
             items,
             texts,
             texts[0],
-            f"Swept {len(result.labels)} variants: {labels}. Saved in `{result.paths[-1].parent}`.",
+            f"Swept {len(result.labels)} variants: {md(labels)}. Saved in {code(result.paths[-1].parent)}.",
         ]
 
     def cancel() -> None:
@@ -258,7 +259,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
             request = request_from_form(replace(values, scalars={**values.scalars, "mode": "inpaint"}))
             region = plan_region(request)
         except GenerationError as error:
-            return gr.skip(), f"**Cannot preview the mask:** {error}"
+            return gr.skip(), f"**Cannot preview the mask:** {md(error)}"
         assert region.original is not None and region.soft_mask is not None
         return mask_overlay(region.original, region.soft_mask, region.box), ""
 
@@ -296,7 +297,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         try:
             text = read_png_parameters(path) if path else None
         except OSError as error:
-            return [*[gr.skip()] * len(restore_outputs), f"**Cannot read that file:** {error}. Drop a PNG image."]
+            return [*[gr.skip()] * len(restore_outputs), f"**Cannot read that file:** {md(error)}. Drop a PNG image."]
         return restore(text) if path else [*[gr.skip()] * len(restore_outputs), ""]
 
     lanes = {"concurrency_id": "inference", "concurrency_limit": 1}

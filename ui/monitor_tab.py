@@ -24,6 +24,7 @@ from gradio.events import Dependency
 from core.config import ConfigError
 from core.session import SessionBusy, Snapshot
 from ui.charts import loss_figure, plotly_script
+from ui.safe_text import code, md
 from ui.sample_grid import CSS as GRID_CSS
 from ui.sample_grid import sample_grid_html
 
@@ -242,9 +243,9 @@ def controls(snapshot: Snapshot, chosen: str | None) -> list[Any]:
 
 def start_message(error: Exception) -> str:
     if isinstance(error, ConfigError):
-        problems = "\n".join(f"- `{problem.field}`: {problem.message}" for problem in error.problems)
+        problems = "\n".join(f"- {code(problem.field)}: {md(problem.message)}" for problem in error.problems)
         return f"**The settings need fixing before training can start** (Training tab):\n{problems}"
-    return f"**{error}**"
+    return f"**{md(error)}**"
 
 
 def build_monitor_tab(context: AppContext, app: gr.Blocks) -> MonitorTab:
@@ -301,7 +302,7 @@ def build_monitor_tab(context: AppContext, app: gr.Blocks) -> MonitorTab:
     def use_file(path: str | None) -> tuple[str | None, str]:
         if not path:
             return None, "**Pick a LoRA file first.**"
-        return path, f"Chosen LoRA for the Inference tab: `{path}`"
+        return path, f"Chosen LoRA for the Inference tab: {code(path)}"
 
     handlers = {
         start: start_run,

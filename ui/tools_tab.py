@@ -17,6 +17,7 @@ import gradio as gr
 from core.lora_tools import parse_weighted, run
 from core.models import ModelLoadError
 from core.workspace import Workspace
+from ui.safe_text import fenced, md
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -34,14 +35,14 @@ def run_tool(command: str, options: Callable[[], dict[str, object]]) -> str:
     try:
         report = run(argparse.Namespace(command=command, **options()))
     except (ValueError, ModelLoadError, OSError) as error:
-        return f"**{command} failed:** {error}"
-    summary = f"```\n{report.summary}\n```"
+        return f"**{md(command)} failed:** {md(error)}"
+    summary = fenced(report.summary)
     if not report.details:
         return summary
     count = len(report.details.splitlines())
     return (
         f"{summary}\n\n<details><summary>Per-module details ({count} modules, lowest energy kept first)</summary>"
-        f"\n\n```\n{report.details}\n```\n\n</details>"
+        f"\n\n{fenced(report.details)}\n\n</details>"
     )
 
 

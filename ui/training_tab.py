@@ -24,6 +24,7 @@ from core.preflight import RunPlan, check_run, plan_run
 from core.workspace import PathNotAllowed
 from ui.config_store import ConfigStore
 from ui.form import ConfigForm, FormField, build_form, field_label, field_path, from_widget, humanise, range_text
+from ui.safe_text import code, md
 
 if TYPE_CHECKING:
     from ui.shell import AppContext
@@ -44,7 +45,7 @@ def describe_preset(name: str | None, demo: bool = False) -> str:
     for preset in picker_presets():
         if preset.name == name:
             changes = preset_changes([preset.name, DEMO_PRESET] if demo else [preset.name])
-            return "\n\n".join([f"**{preset.name}** — {preset.description}.", *changes])
+            return "\n\n".join([f"**{md(preset.name)}** — {md(preset.description)}.", *changes])
     return NO_PRESET
 
 
@@ -58,10 +59,10 @@ def preset_changes(names: list[str]) -> list[str]:
     last = {path: layer for layer, settings in layers for path in settings}
     lines = []
     for layer, settings in layers:
-        items = [f"{labels[path]} {json.dumps(value)}" for path, value in settings.items()]
+        items = [md(f"{labels[path]} {json.dumps(value)}") for path, value in settings.items()]
         shown = [item if last[path] == layer else f"~~{item}~~" for item, path in zip(items, settings, strict=True)]
         where = " (on top, in demo mode)" if layer == DEMO_PRESET else ""
-        lines.append(f"`{layer}`{where} sets: {', '.join(shown)}.")
+        lines.append(f"{code(layer)}{where} sets: {', '.join(shown)}.")
     return lines
 
 
@@ -135,16 +136,16 @@ class Estimator:
 
 def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem], notes: Sequence[Problem] = ()) -> str:
     """Whether the run can start, why not, and what to know first (a download, captions that disagree)."""
-    worth_knowing = [f"- ℹ {form.label(note)}: {note.message}" for note in notes]
+    worth_knowing = [f"- ℹ {md(form.label(note))}: {md(note.message)}" for note in notes]
     if not refused and not problems:
         return "\n".join(["✓ **Ready to train** with these settings.", *worth_knowing])
     lines = []
     if refused:
-        names = ", ".join(form.label(problem) for problem in refused)
+        names = md(", ".join(form.label(problem) for problem in refused))
         lines.append(f"⚠ **Fix the marked fields first** (their values are not saved): {names}.")
     if problems:
         lines.append(f"⚠ **{len(problems)} problem(s) would stop the run:**")
-        lines += [f"- {form.label(problem)}: {problem.message}" for problem in problems]
+        lines += [f"- {md(form.label(problem))}: {md(problem.message)}" for problem in problems]
     return "\n".join(lines + worth_knowing)
 
 
@@ -219,16 +220,16 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             config = context.preset_config(name)
             context.store.set(config)
         except ConfigError as error:
-            return [describe_preset(name, context.demo), *unchanged, f"⚠ Preset not applied — {error}"]
-        return [describe_preset(name, context.demo), *filled(config), f"Filled the form from preset `{name}`."]
+            return [describe_preset(name, context.demo), *unchanged, f"⚠ Preset not applied — {md(error)}"]
+        return [describe_preset(name, context.demo), *filled(config), f"Filled the form from preset {code(name)}."]
 
     def load_file(target: Path) -> list[Any]:
         try:
             config = load_config(target)
             context.store.set(config)
         except ConfigError as error:
-            return [*unchanged, f"⚠ Not loaded — {error}"]
-        return [*filled(config), f"Loaded `{target.absolute()}`."]
+            return [*unchanged, f"⚠ Not loaded — {md(error)}"]
+        return [*filled(config), f"Loaded {code(target.absolute())}."]
 
     def on_load_typed(path: str) -> list[Any]:
         if not path.strip():
@@ -236,7 +237,7 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
         try:
             return load_file(context.workspace.path(path, "output", "Config file path"))
         except PathNotAllowed as error:
-            return [*unchanged, f"⚠ {error}"]
+            return [*unchanged, f"⚠ {md(error)}"]
 
     def on_upload(path: str | None) -> list[Any]:
         """A file the browser uploaded: the user picked it on their own machine, so it may come from anywhere."""
@@ -251,12 +252,12 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
         try:
             target = context.workspace.path(path, "output", "Config file path")
         except PathNotAllowed as error:
-            return f"⚠ Not saved. {error}"
+            return f"⚠ Not saved. {md(error)}"
         try:
             save_config(context.store.get(), target)
         except OSError as error:
-            return f"⚠ Config file path: cannot write `{target}` ({error.strerror}) — choose another folder."
-        return f"Saved `{target.absolute()}`."
+            return f"⚠ Config file path: cannot write {code(target)} ({md(error.strerror)}) — choose another folder."
+        return f"Saved {code(target.absolute())}."
 
     def on_check(*payloads: Any) -> list[Any]:
         """Preflight the stored config (what training would use) and show it; refused values stay shown."""
