@@ -30,7 +30,7 @@ def import_images(files: list[str], folder: Path, caption_extension: str) -> tup
     clashes = [name for name in names if (folder / name).exists()]
     if clashes:
         raise ValueError(
-            f"`{folder}` already has {', '.join(clashes)}; nothing was copied — "
+            f"{folder} already has {', '.join(clashes)}; nothing was copied — "
             "choose another folder name, or rename those files"
         )
     folder.mkdir(parents=True, exist_ok=True)
