@@ -132,7 +132,8 @@ def test_progress_buttons_and_files_follow_the_status() -> None:
 def test_errors_are_shown_in_plain_words() -> None:
     problem = Problem("dataset.path", "/nowhere", "folder not found")
     assert start_message(ConfigError([problem])) == (
-        "**The settings need fixing before training can start** (Training tab):\n- `dataset.path`: folder not found"
+        "**The settings need fixing before training can start** (Training tab):\n"
+        "- <code>dataset.path</code>: folder not found"
     )
     assert "already running" in start_message(SessionBusy("A training run is already running: stop it first."))
     assert error_html(snapshot()) == ""
