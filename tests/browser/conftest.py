@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    """`python app.py --demo` on a free port, with its own output folder and its own copy of the demo dataset.
+@contextmanager
+def running_app(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Iterator[AppServer]:
+    """`python app.py --demo` with `flags` on a free port, with its own output folder and its own copy of the demo
+    dataset; stopped on exit.
 
     The prebuilt demo model is linked into a fresh cache folder, so the app finds it instead of building it.
     """
@@ -61,7 +63,7 @@ def app_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     env = {**os.environ, "ATELIER_CACHE": str(cache), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "0"}
     command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(output)]
     tests_folder = str(tmp_path_factory.getbasetemp())  # where the tests put the datasets and LoRAs they type in
-    command += ["--datasets-dir", tests_folder, "--models-dir", tests_folder]
+    command += ["--datasets-dir", tests_folder, "--models-dir", tests_folder, *flags]
     log = open(output / "server.log", "w")  # noqa: SIM115 - closed when the server stops
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -75,10 +77,19 @@ def app_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 log.close()
                 pytest.fail(f"the app did not start:\n{(output / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-    yield AppServer(url, output, cache / "demo-dataset", process)
-    process.terminate()
-    process.wait(30)
-    log.close()
+    try:
+        yield AppServer(url, output, cache / "demo-dataset", process)
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def app_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """The app for one test module: its own output folder and training session."""
+    with running_app(demo_model, tmp_path_factory) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.browser.conftest import AppServer
+from tests.browser.conftest import AppServer, running_app
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -128,5 +129,38 @@ def test_another_page_cannot_frame_the_app(browser, app_server: AppServer) -> No
         page.wait_for_timeout(3000)
         assert any("frame-ancestors" in text or "X-Frame-Options" in text for text in messages), messages
         assert page.frames[1].evaluate("document.querySelector('gradio-app')") is None
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def auth_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    with running_app(demo_model, tmp_path_factory, "--auth", "alice:s3cret") as server:
+        yield server
+
+
+def test_the_login_page_of_auth_carries_the_headers_and_logs_in_under_the_policy(
+    browser, auth_server: AppServer
+) -> None:
+    headers = _headers(auth_server.url)
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff"
+    policy = _policy(headers)
+    assert policy["frame-ancestors"] == ["'none'"] and policy["img-src"] == ["'self'", "data:", "blob:"]
+    assert "'unsafe-inline'" not in policy["script-src"]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.add_init_script(RECORD_VIOLATIONS)
+    try:
+        page = context.new_page()
+        messages: list[str] = []
+        page.on("console", lambda message: messages.append(message.text))
+        page.goto(auth_server.url)
+        page.get_by_label("username").fill("alice")  # the login form, not the app: the tabs are not there yet
+        assert page.get_by_role("tab", name="Dataset").count() == 0
+        page.get_by_label("password").fill("s3cret")
+        page.get_by_role("button", name="Login").click()
+        expect(page.get_by_role("tab", name="Dataset")).to_be_visible()
+        assert _csp_messages(messages) == []
+        assert page.evaluate("window.__violations") == []
     finally:
         context.close()
