@@ -3,7 +3,8 @@
 One `Trainer` is one run. It reports through `TrainingCallbacks`, obeys `TrainingCommands` at step
 boundaries, and writes everything into its run folder (config, metrics, TensorBoard, samples, LoRA
 files, checkpoint). Under `accelerate launch` each process trains on its share of the batches and
-only the main process validates, samples and saves.
+validates on the whole validation set (the same weights give every rank the same loss, so all stop
+early together); only the main process writes files: samples, LoRA files, checkpoints, the run log.
 """
 
 from __future__ import annotations
@@ -106,13 +107,45 @@ class Trainer:
     # ----- the run -------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        """One run, top to bottom: setup, the epoch loop, the final save.
+
+        Setup is split so a bad config or a damaged checkpoint stops before the model loads. The run log
+        is closed on every exit, an error included, so the folder's history is whole for a later resume.
+        """
+        state = self._open_run()
+        self._load_model()
+        progress = self._start_position(state)
+        self.callbacks.on_status("training")
+        try:
+            status = self._train(progress)
+            self._finish(progress, status)
+        finally:
+            if self.run_log:
+                self.run_log.close()
+        self.callbacks.on_status(status)
+        return RunResult(
+            self.run_dir,
+            status,
+            progress.step,
+            min(progress.epoch, self.plan.epochs),
+            progress.best_epoch,
+            progress.best_val_loss,
+            self.loras.files if self.loras else [],
+        )
+
+    def _open_run(self) -> dict | None:
+        """Check the config, read the checkpoint and fix the run folder, all before anything heavy loads.
+
+        Returns the checkpoint to resume from, if any. Every process writes under the folder the main one
+        chose, so a fresh run's `<name>-2` is never picked twice.
+        """
         cfg = self.config
         # The app runs many trainings in one process, but accelerate keeps its precision setting in a
         # process-wide singleton; reset that part (not the distributed state) so each run gets its own.
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=cfg.performance.mixed_precision)
         self.weight_dtype = WEIGHT_DTYPES[cfg.performance.mixed_precision]
-        plan = self._check()
+        self.plan = plan = self._check()
         state = load_checkpoint(self.resume_dir) if self.resume_dir else None
         chosen = [str(self.resume_dir or new_run_dir(Path(cfg.run.output_dir), cfg.run.name))]
         self.run_dir = Path(broadcast_object_list(chosen)[0])  # every process agrees on the main one's folder
@@ -124,95 +157,109 @@ class Trainer:
             f"{plan.train_images} training and {plan.validation_images} validation images, "
             f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in {plan.epochs} epochs"
         )
+        return state
 
+    def _load_model(self) -> None:
+        """Load the model with its adapters, cache the features, and wrap what trains for accelerate.
+
+        Two views of the UNet are kept because they differ: `self.unet` is what the training forward runs
+        (wrapped, maybe compiled), `self.lora_unet` the plain module that LoRA files, checkpoints,
+        validation and samples read.
+        """
+        cfg = self.config
         self.callbacks.on_status("loading")
-        device = self.accelerator.device
-        components, self.unet_params, self.text_params = load_for_training(cfg, device, self.weight_dtype)
-        train_set, validation = self._cache_features(components)
+        components, self.unet_params, self.text_params = load_for_training(
+            cfg, self.accelerator.device, self.weight_dtype
+        )
+        self.train_set, self.validation = self._cache_features(components)
         optimizer = make_optimizer(cfg.optimizer, self.unet_params, self.text_params)
-        lr_scheduler = make_lr_scheduler(cfg.schedule, optimizer, plan.total_steps)
-        unet, optimizer = self.accelerator.prepare(components.unet, optimizer)
+        self.lr_scheduler = make_lr_scheduler(cfg.schedule, optimizer, self.plan.total_steps)
+        self.unet, self.optimizer = self.accelerator.prepare(components.unet, optimizer)
         if cfg.performance.compile:  # the training forward only: validation and samples run the plain module
-            unet = torch.compile(unet)
-        text_encoder = self.accelerator.prepare(components.text_encoder) if self.text_params else None
-        # The unwrapped modules whose adapters train: what LoRA files, checkpoints and validation read.
+            self.unet = torch.compile(self.unet)
+        self.text_encoder = self.accelerator.prepare(components.text_encoder) if self.text_params else None
         self.lora_unet = self.accelerator.unwrap_model(components.unet)
         self.lora_text_encoder = components.text_encoder if self.text_params else None
-        self.components, self.plan, self.validation = components, plan, validation
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.components = components
 
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+    def _start_position(self, state: dict | None) -> Progress:
+        """Seed this process's batch order and noise, then move them, the weights and the history to `state`.
+
+        Each rank gets its own seeds so the ranks draw different noise. Only the main process writes files,
+        so only it gets a run log and a LoRA saver; every process replays the history to its callbacks.
+        """
+        cfg, rank = self.config, self.accelerator.process_index
         self.order = BatchOrder(cfg.run.seed + rank)
-        self.noise = torch.Generator(device).manual_seed(cfg.run.seed + 10_000 + rank)
+        self.noise = torch.Generator(self.accelerator.device).manual_seed(cfg.run.seed + 10_000 + rank)
         progress, history = self._restore(state) if state is not None else (Progress(), [])
         main = self.accelerator.is_main_process
         self.run_log = RunLog(self.run_dir, history) if main else None
         self.loras = (
-            LoraSaver(cfg, self.run_dir, plan.train_images, self.lora_unet, self.lora_text_encoder, self.callbacks)
+            LoraSaver(cfg, self.run_dir, self.plan.train_images, self.lora_unet, self.lora_text_encoder, self.callbacks)
             if main
             else None
         )
         replay(history, self.callbacks)
+        return progress
 
-        self.callbacks.on_status("training")
-        started, status = time.perf_counter(), "finished"
-        step_times: list[float] = []
-        self.losses = LossReadback(cfg.performance.loss_readback_seconds)
-        try:
-            while progress.epoch <= plan.epochs and progress.step < plan.total_steps:
-                if progress.next_batch == 0:
-                    progress.epoch_losses = []
-                batches = self.order.epoch_batches(train_set, world, rank, mid_epoch=progress.next_batch > 0)
-                while progress.next_batch < len(batches) and progress.step < plan.total_steps:
-                    if self._obey_commands(progress):
-                        status = "stopped"
-                        break
-                    group = batches[progress.next_batch : progress.next_batch + cfg.schedule.gradient_accumulation]
-                    tick = time.perf_counter()
-                    loss = self._optimizer_step(unet, text_encoder, train_set, group)
-                    progress.next_batch += len(group)
-                    progress.step += 1
-                    step_times = [*step_times[-19:], time.perf_counter() - tick]
-                    self.losses.add(self._step_record(progress, step_times, started), loss)
-                    every = cfg.validation.every_n_steps
-                    validate = self.validation is not None and every > 0 and progress.step % every == 0
-                    if validate or self.losses.due():
-                        self._read_losses(progress)
-                    if validate:
-                        self._validate_and_track(progress)
-                        if self._patience_exhausted(progress):
-                            status = "early_stopped"
-                            break
-                self._read_losses(progress)  # the epoch end, a stop and the final save need every loss
-                if status != "finished":
-                    break
-                progress.next_batch = 0
-                if self._end_of_epoch(progress):
-                    status = "early_stopped"
-                    break
-                progress.epoch += 1
-            self._finish(progress, status)
-        finally:
-            if self.run_log:
-                self.run_log.close()
-        self.callbacks.on_status(status)
-        return RunResult(
-            self.run_dir,
-            status,
-            progress.step,
-            min(progress.epoch, plan.epochs),
-            progress.best_epoch,
-            progress.best_val_loss,
-            self.loras.files if self.loras else [],
-        )
+    def _train(self, progress: Progress) -> str:
+        """The epoch loop, from wherever `progress` stands; returns how the run ended.
 
-    def _optimizer_step(
-        self,
-        unet: torch.nn.Module,
-        text_encoder: torch.nn.Module | None,
-        train_set: TrainingSet,
-        group: list[list[int]],
-    ) -> torch.Tensor:
+        Every loss is read back before an epoch end or a stop, because the epoch record, the checkpoint and
+        the final LoRA must account for each step taken.
+        """
+        self.started, self.step_times = time.perf_counter(), []
+        self.losses = LossReadback(self.config.performance.loss_readback_seconds)
+        while progress.epoch <= self.plan.epochs and progress.step < self.plan.total_steps:
+            ended = self._train_epoch(progress)
+            self._read_losses(progress)  # the epoch end, a stop and the final save need every loss
+            if ended:
+                return ended
+            progress.next_batch = 0
+            if self._end_of_epoch(progress):
+                return "early_stopped"
+            progress.epoch += 1
+        return "finished"
+
+    def _train_epoch(self, progress: Progress) -> str | None:
+        """The step loop over this process's batches of one epoch, from `progress.next_batch` on a resume.
+
+        Returns "stopped" or "early_stopped" when the run ends inside the epoch, None when its batches or
+        the run's steps ran out. Commands are obeyed only between steps, so a manual save or a stop always
+        lands on a step boundary that a resume can continue from.
+        """
+        if progress.next_batch == 0:
+            progress.epoch_losses = []
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batches = self.order.epoch_batches(self.train_set, world, rank, mid_epoch=progress.next_batch > 0)
+        accumulation, every = self.config.schedule.gradient_accumulation, self.config.validation.every_n_steps
+        while progress.next_batch < len(batches) and progress.step < self.plan.total_steps:
+            if self._obey_commands(progress):
+                return "stopped"
+            self._train_step(progress, batches[progress.next_batch : progress.next_batch + accumulation])
+            validate = self.validation is not None and every > 0 and progress.step % every == 0
+            if validate or self.losses.due():
+                self._read_losses(progress)  # a validation is reported after every step before it
+            if validate:
+                self._validate_and_track(progress)
+                if self._patience_exhausted(progress):
+                    return "early_stopped"
+        return None
+
+    def _train_step(self, progress: Progress, group: list[list[int]]) -> None:
+        """One timed optimizer step over `group`; its loss is queued on the device, not read back.
+
+        Reading the loss at every step would make the CPU wait for the GPU each time; `_read_losses`
+        reports the queued steps when a validation, a command or an epoch end needs them, or when due.
+        """
+        tick = time.perf_counter()
+        loss = self._optimizer_step(group)
+        progress.next_batch += len(group)
+        progress.step += 1
+        self.step_times = [*self.step_times[-19:], time.perf_counter() - tick]  # the speed of the last 20 steps
+        self.losses.add(self._step_record(progress, self.step_times, self.started), loss)
+
+    def _optimizer_step(self, group: list[list[int]]) -> torch.Tensor:
         """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step;
         returns the loss, averaged over processes, still on the device.
 
@@ -225,7 +272,7 @@ class Trainer:
         scheduler = self.components.noise_scheduler
         total = torch.zeros((), device=device)
         for index, indices in enumerate(group):
-            batch = train_set.batch(indices, self.order.generator, self.noise, cfg.dataset.flip)
+            batch = self.train_set.batch(indices, self.order.generator, self.noise, cfg.dataset.flip)
             latents = batch.latents
             noise = torch.randn(latents.shape, generator=self.noise, device=device)
             if cfg.loss.noise_offset:
@@ -238,11 +285,11 @@ class Trainer:
             if batch.embeddings is not None:
                 hidden = batch.embeddings
             else:
-                hidden = text_encoder(tokenize(batch.captions, self.components.tokenizer).to(device))[0]
+                hidden = self.text_encoder(tokenize(batch.captions, self.components.tokenizer).to(device))[0]
             last = index == len(group) - 1
-            sync = self.accelerator.no_sync(unet) if not last else contextlib.nullcontext()
+            sync = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
             with sync, self.accelerator.autocast():
-                prediction = unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
+                prediction = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
                 target = training_target(scheduler, latents, noise, timesteps)
                 loss = diffusion_loss(prediction, target, scheduler, timesteps, cfg.loss.min_snr_gamma) / len(group)
                 self.accelerator.backward(loss)
