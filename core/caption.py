@@ -8,7 +8,7 @@ images that failed and the backup to restore go to stderr. `--list-backups` and 
 
 from __future__ import annotations
 
-import core.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
+import core.common.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
 
 # isort: split
 import argparse

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from core.fsutil import build_folder_once
+from core.common.fsutil import build_folder_once
 
 log = logging.getLogger(__name__)
 

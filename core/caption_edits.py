@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.caption_files import BackupInfo, CaptioningError, create_backup, link_escape, scan_dataset
-from core.fsutil import atomic_write_text, write_advice
+from core.common.fsutil import atomic_write_text, write_advice
 
 log = logging.getLogger(__name__)
 

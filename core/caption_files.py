@@ -8,7 +8,7 @@ Restoring puts those bytes back and removes the created captions, after backing 
 replace, so a restore can itself be undone.
 
 A dataset may come from a stranger and ship a `.caption-backups` of its own. So the manifest records
-each copy's SHA-256 and is signed with this install's key (`core.install_key`, kept outside every
+each copy's SHA-256 and is signed with this install's key (`core.common.install_key`, kept outside every
 dataset): a backup without a valid signature, including those made before signing existed, is not
 listed and never restored (its copies stay in its folder, to copy back by hand if trusted). A restore
 also checks that every caption it writes or deletes resolves to itself inside the dataset (no link
@@ -29,11 +29,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from core.captions import caption_path
+from core.common.fsutil import atomic_path, atomic_write_bytes, atomic_write_text, write_advice
+from core.common.install_key import KEY_FILE, STATE_DIR_ENV, sign, signed, signing_key, state_folder
 from core.config import DatasetSection
 from core.dataset import DatasetError, load_dataset
-from core.fsutil import atomic_path, atomic_write_bytes, atomic_write_text, write_advice
 from core.images import is_image_file
-from core.install_key import KEY_FILE, STATE_DIR_ENV, sign, signed, signing_key, state_folder
 
 log = logging.getLogger(__name__)
 

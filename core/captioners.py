@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from core.caption_files import CaptioningError
+from core.common.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,9 @@ def load_captioner(
         processor = transformers.AutoProcessor.from_pretrained(source, revision=revision)
         network = classes[family].from_pretrained(source, revision=revision, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise CaptioningError("model", f"{model!r} could not be loaded: {_first_line(error)}") from None
+        raise CaptioningError(
+            "model", f"{model!r} could not be loaded: {first_line(error, type(error).__name__)}"
+        ) from None
     if family == "blip2":
         _upgrade_legacy_blip2(network, processor)
     try:
@@ -227,7 +230,8 @@ def _family(model: str, source: str, revision: str | None) -> Family:
         raise CaptioningError(
             "model",
             f"{model!r} is not a model folder here and could not be fetched from the Hugging Face hub "
-            f"({_first_line(error)}): check the id or path, or connect to the internet once to download it",
+            f"({first_line(error, type(error).__name__)}): check the id or path, or connect to the internet once "
+            "to download it",
         ) from None
     model_type = config.get("model_type", "")
     if model_type == "florence2" and "auto_map" in config:
@@ -265,7 +269,3 @@ def _one_line(text: str) -> str:
     """A caption file holds one line of printable text; generated text can hold newlines or control bytes."""
     printable = "".join(char if char.isprintable() else " " for char in text)
     return " ".join(printable.split())
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -15,7 +15,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.optim.lr_scheduler import LRScheduler
 
-from core.fsutil import atomic_path
+from core.common.fsutil import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import tomli_w
 
+from core.common.fsutil import atomic_write_text, backup
 from core.config import ConfigError, Problem, TrainConfig, config_fields, parse_config
 from core.dataset import trigger_words
-from core.fsutil import atomic_write_text, backup
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 PRESET_TABLE = "preset"

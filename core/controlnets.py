@@ -21,6 +21,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+from core.common.errors import first_line
 from core.inference_types import ControlSpec
 from core.models import ModelLoadError, _from_hub
 
@@ -90,10 +91,9 @@ def _guarded(path: Path, load: Callable[[], ControlNetModel]) -> ControlNetModel
     try:
         return load()
     except _LOAD_ERRORS as error:
-        first = (str(error).strip().splitlines() or [""])[0]
         raise ModelLoadError(
-            f"could not load {path} as an SD 1.5 ControlNet ({type(error).__name__}: {first}). Is it an SD 1.5 "
-            "ControlNet (not SDXL, not a LoRA or a checkpoint) and completely downloaded?"
+            f"could not load {path} as an SD 1.5 ControlNet ({type(error).__name__}: {first_line(error)}). "
+            "Is it an SD 1.5 ControlNet (not SDXL, not a LoRA or a checkpoint) and completely downloaded?"
         ) from error
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from core.fsutil import atomic_path
+from core.common.fsutil import atomic_path
 from core.images import IMAGE_EXTENSIONS, is_image_file
 
 

@@ -25,7 +25,7 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from core.fsutil import atomic_path, atomic_write_text, build_folder_once
+from core.common.fsutil import atomic_path, atomic_write_text, build_folder_once
 from core.models import SD15_CONFIG_DIR
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.common.fsutil import atomic_path
 from core.dataset import ImageRecord
-from core.fsutil import atomic_path
 from core.images import fit_to_bucket, open_image
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from core.fsutil import atomic_path
+from core.common.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 

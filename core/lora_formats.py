@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from core.fsutil import atomic_path, backup
+from core.common.fsutil import atomic_path, backup
 from core.ldm_convert import LDM_UNET_PREFIX, unet_to_ldm
 from core.lora_files import TEXT_ENCODER_PREFIX, UNET_PREFIX, tensor_data_hash
 from core.lora_svd import LoraModule

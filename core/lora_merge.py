@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.fsutil import make_staging_folder, set_usual_modes
+from core.common.fsutil import make_staging_folder, set_usual_modes
 from core.ldm_convert import save_ldm_checkpoint
 from core.lora import UNET_BLOCK_PREFIXES
 from core.lora_files import DTYPES, SavePrecision

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
+from core.common.errors import first_line
 from core.inference_types import GenerationError, LoraSpec
 from core.lora_files import data_hash
 from core.lora_formats import diffusers_tensors, read_lora, sd15_index
@@ -128,10 +129,9 @@ class LoraStack:
             self._load(path, name)
         except _LOAD_ERRORS as error:
             self._drop_partial(name)
-            first = (str(error).strip().splitlines() or [""])[0]
             raise GenerationError(
-                f"could not load LoRA {path} ({type(error).__name__}: {first}). Is it an SD 1.5 LoRA in the "
-                "kohya/A1111 or diffusers format (not SDXL, not a full checkpoint)?"
+                f"could not load LoRA {path} ({type(error).__name__}: {first_line(error)}). "
+                "Is it an SD 1.5 LoRA in the kohya/A1111 or diffusers format (not SDXL, not a full checkpoint)?"
             ) from error
         log.info("loaded LoRA %s as adapter %s", path, name)
         self._adapters[key] = name

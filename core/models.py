@@ -32,6 +32,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from core.common.errors import first_line
+
 log = logging.getLogger(__name__)
 
 SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15"
@@ -156,7 +158,7 @@ def _read_json(path: Path) -> str:
     except FileNotFoundError:
         return f"{path} is missing"
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        return f"{path} cannot be read as JSON ({_first_line(error)})"
+        return f"{path} cannot be read as JSON ({first_line(error)})"
     return "" if isinstance(data, dict) else f"{path} is not a JSON object"
 
 
@@ -188,7 +190,7 @@ def _single_file_problem(path: Path, role: str) -> str:
             (length,) = struct.unpack("<Q", file.read(8))
             keys = json.loads(file.read(length)).keys()
     except (OSError, struct.error, ValueError, AttributeError) as error:
-        reason = _first_line(error)
+        reason = first_line(error)
         return f"{path} is not a readable .safetensors file ({reason}); it may be truncated: download it again."
     expected = SINGLE_FILE_KEYS[role]
     if role == "vae" and any(key.startswith("first_stage_model.") for key in keys):
@@ -322,7 +324,7 @@ def _offline_message(repo_id: str) -> str:
 
 def _hub_failure(repo_id: str, exc: Exception) -> str:
     return (
-        f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {_first_line(exc)}). "
+        f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {first_line(exc)}). "
         "Check the model id (gated models need `hf auth login`) and your connection, or point to a local "
         "diffusers folder / .safetensors file."
     )
@@ -334,14 +336,9 @@ def _guarded(path: Path, load: Callable[[], T]) -> T:
         return load()
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
         raise ModelLoadError(
-            f"could not load {path} as a Stable Diffusion 1.5 model ({type(exc).__name__}: {_first_line(exc)}). "
+            f"could not load {path} as a Stable Diffusion 1.5 model ({type(exc).__name__}: {first_line(exc)}). "
             "Is it an SD 1.5 model (not SDXL / SD 2 / a LoRA) and completely downloaded?"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    """The gist of a library error; the full text stays in the exception chain."""
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _diffusers_parts(source: str, dtype: torch.dtype, local_files_only: bool) -> dict[str, Any]:

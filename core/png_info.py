@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from core.fsutil import atomic_path
+from core.common.fsutil import atomic_path
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from core.common.fsutil import atomic_write_text
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, ValidationRecord
-from core.fsutil import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -13,7 +13,7 @@ import pytest
 
 from core.caption_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
 from core.caption_files import BACKUP_FOLDER, MANIFEST, CaptioningError, list_backups, restore_backup
-from core.install_key import KEY_FILE, STATE_DIR_ENV
+from core.common.install_key import KEY_FILE, STATE_DIR_ENV
 
 
 def captions(folder: Path) -> dict[str, str]:

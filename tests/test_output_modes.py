@@ -16,8 +16,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from training_helpers import Recorder, demo_config
 
+from core.common.fsutil import FILE_MODE, FOLDER_MODE
 from core.config import LoraSection
-from core.fsutil import FILE_MODE, FOLDER_MODE
 from core.lora import add_training_loras
 from core.lora_files import save_lora
 from core.lora_merge import merge_loras

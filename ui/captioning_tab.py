@@ -23,8 +23,8 @@ from core.caption_edits import AddTag, BulkEdit, CaptionChange, FindReplace, Rem
 from core.caption_files import CaptioningError, list_backups, restore_backup
 from core.captioners import FLORENCE_TASKS, PRESETS, preset_family
 from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
+from core.common.workspace import PathNotAllowed, Workspace
 from core.demo import default_cache_dir
-from core.workspace import PathNotAllowed, Workspace
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:

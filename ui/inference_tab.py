@@ -22,6 +22,7 @@ from gradio.components import Component
 from gradio.events import Dependency
 from PIL import Image
 
+from core.common.workspace import PathNotAllowed
 from core.inference import GenerationResult
 from core.inference_params import restore_parameters
 from core.inference_types import ControlSpec, GenerationCancelled, GenerationError, GenerationRequest, LoraSpec
@@ -30,7 +31,6 @@ from core.models import ModelLoadError
 from core.png_info import read_png_parameters
 from core.preprocessors import make_control_image
 from core.sweep import SweepResult
-from core.workspace import PathNotAllowed
 from ui.inference_form import (
     SCALARS,
     default_models,
