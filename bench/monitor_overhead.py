@@ -109,7 +109,7 @@ def write_settings(output: Path, cache: Path, epochs: int) -> None:
 
     The app loads an existing store instead of building its own, so every run trains exactly this.
     """
-    from core.config_files import build_config, config_to_toml
+    from core.config.files import build_config, config_to_toml
     from ui.shell import SETTINGS_FILE
 
     config = build_config(

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_args
 
-from core.config import LoraTargets
+from core.config.schema import LoraTargets
 
 log = logging.getLogger("bench.train_speed")
 WARMUP_STEPS = 3
@@ -117,7 +117,7 @@ def make_dataset(folder: Path, count: int, resolution: int) -> Path:
 def run_ours(args: argparse.Namespace, model: str, dataset: Path, output: Path) -> Measurement:
     import torch
 
-    from core.config_files import build_config
+    from core.config.files import build_config
     from core.events import StepRecord, TrainingCallbacks
     from core.trainer import Trainer
 

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from core.captions import caption_path
 from core.common.fsutil import atomic_path, atomic_write_bytes, atomic_write_text, write_advice
 from core.common.install_key import KEY_FILE, STATE_DIR_ENV, sign, signed, signing_key, state_folder
-from core.config import DatasetSection
+from core.config.schema import DatasetSection
 from core.dataset import DatasetError, load_dataset
 from core.images import is_image_file
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.buckets import assign_bucket
-from core.config import DatasetSection
+from core.config.schema import DatasetSection
 from core.images import (
     GONE,
     IMAGE_EXTENSIONS,
@@ -90,7 +90,7 @@ class Dataset:
 class DatasetError(ValueError):
     """The dataset cannot train at all.
 
-    `field`, `value` and `message` mirror `core.config.Problem`, so a form can show the error at the
+    `field`, `value` and `message` mirror `core.config.schema.Problem`, so a form can show the error at the
     setting to fix; `problems` holds the file problems behind "no usable images".
     """
 

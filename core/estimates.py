@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import LoraTargets, Optimizer, TrainConfig
+from core.config.schema import LoraTargets, Optimizer, TrainConfig
 from core.run_log import METRICS_FILE
 
 GIB = 2**30

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from core.config import LoraSection, LoraTargets
+from core.config.schema import LoraSection, LoraTargets
 
 ADAPTER = "default"
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")

@@ -25,8 +25,8 @@ from safetensors.torch import save, save_file
 from torch import nn
 
 from core.common.fsutil import atomic_path, make_staging_folder, set_usual_modes
-from core.config import TrainConfig
-from core.config_files import config_to_toml
+from core.config.files import config_to_toml
+from core.config.schema import TrainConfig
 from core.lora import ADAPTER, UNET_ATTENTION, UNET_FEED_FORWARD, text_encoder_target_modules
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from core.config import TrainConfig
+from core.config.schema import TrainConfig
 from core.events import TrainingCallbacks
 from core.lora_files import save_diffusers_lora, save_lora, training_metadata
 from core.run_state import Progress

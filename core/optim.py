@@ -10,7 +10,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
-from core.config import OptimizerSection, ScheduleSection
+from core.config.schema import OptimizerSection, ScheduleSection
 
 
 def parameter_groups(

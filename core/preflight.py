@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import Problem, TrainConfig
-from core.config_files import preset_triggers
+from core.config.files import preset_triggers
+from core.config.schema import Problem, TrainConfig
 from core.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
 from core.models import check_model
 

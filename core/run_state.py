@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from core.config import TrainConfig
+from core.config.schema import TrainConfig
 
 
 @dataclass

@@ -12,7 +12,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from core.config import Sampler
+from core.config.schema import Sampler
 
 SAMPLER_LABELS: dict[Sampler, str] = {
     "ddim": "DDIM",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import CheckpointError
-from core.config import ConfigError, TrainConfig
+from core.config.schema import ConfigError, TrainConfig
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.models import ModelLoadError, SD15Components
 from core.preflight import preflight

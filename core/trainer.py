@@ -21,8 +21,8 @@ from accelerate.utils import broadcast_object_list
 
 from core.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from core.common.fsutil import remove_leftovers
-from core.config import ConfigError, Problem, TrainConfig
-from core.config_files import save_config
+from core.config.files import save_config
+from core.config.schema import ConfigError, Problem, TrainConfig
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.feature_cache import FeatureCache, tokenize
 from core.lora_saver import LoraSaver

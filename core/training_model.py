@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from core.config import TrainConfig
+from core.config.schema import TrainConfig
 from core.lora import add_training_loras
 from core.models import SD15Components, load_sd15
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from core.captions import CaptionError, caption_path, preview, read_caption, undo, write_caption
-from core.config import DatasetSection
+from core.config.schema import DatasetSection
 from core.dataset import load_dataset
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from core.config import DatasetSection
+from core.config.schema import DatasetSection
 from core.dataset import Dataset, DatasetError, FileProblem, load_dataset, summarize
 from core.images import UnusableImage, open_image
 from tests.bad_files import write_image

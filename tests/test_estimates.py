@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from core.config import LoraSection, TrainConfig
-from core.config_files import build_config
+from core.config.files import build_config
+from core.config.schema import LoraSection, TrainConfig
 from core.estimates import (
     TEXT_ENCODER_PARAMETERS,
     UNET_PARAMETERS,

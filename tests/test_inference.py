@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 import core.inpaint
-from core.config import LoraSection
+from core.config.schema import LoraSection
 from core.inference import InferenceEngine
 from core.inference_params import request_from_parameters, split_lora_tags
 from core.inference_types import (

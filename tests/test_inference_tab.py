@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from core.common.workspace import Workspace
-from core.config_files import build_config
+from core.config.files import build_config
 from core.inference import InferenceEngine
 from core.inference_params import generation_parameters, request_from_parameters, restore_parameters
 from core.inference_types import ControlSpec, GenerationError, GenerationRequest, LoraSpec

@@ -18,7 +18,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from training_helpers import Recorder, demo_config
 
-from core.config import LoraSection, TrainConfig
+from core.config.schema import LoraSection, TrainConfig
 from core.lora import add_training_loras
 from core.lora_files import (
     kohya_state_dict,

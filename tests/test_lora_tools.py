@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from core.config import LoraSection
+from core.config.schema import LoraSection
 from core.lora import add_training_loras
 from core.lora_files import save_diffusers_lora, save_lora
 from core.lora_formats import kohya_tensors, read_lora

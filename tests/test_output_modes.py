@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from training_helpers import Recorder, demo_config
 
 from core.common.fsutil import FILE_MODE, FOLDER_MODE
-from core.config import LoraSection
+from core.config.schema import LoraSection
 from core.lora import add_training_loras
 from core.lora_files import save_lora
 from core.lora_merge import merge_loras

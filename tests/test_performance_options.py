@@ -11,7 +11,7 @@ import torch
 from diffusers.models.autoencoders.vae import Encoder
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer
 
-from core.config_files import build_config
+from core.config.files import build_config
 from core.dataset import load_dataset
 from core.feature_cache import bucket_pixels
 from core.trainer import Trainer

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.config import SamplingSection
+from core.config.schema import SamplingSection
 from core.png_info import format_parameters, parse_parameters, read_png_parameters, save_png_with_parameters
 from core.sampling import generation_parameters
 

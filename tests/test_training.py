@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from training_helpers import Recorder, demo_config, read_metrics
 
-from core.config import ConfigError, TrainConfig
+from core.config.schema import ConfigError, TrainConfig
 from core.events import EpochRecord, TrainingCommands
 from core.lora import add_training_loras
 from core.models import load_sd15

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 from training_helpers import Recorder, demo_config, read_metrics
 
-from core.config import OptimizerSection, ScheduleSection
+from core.config.schema import OptimizerSection, ScheduleSection
 from core.losses import min_snr_weights, training_target
 from core.optim import make_lr_scheduler, make_optimizer
 from core.trainer import Trainer

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from core.common.workspace import PathNotAllowed, Workspace
-from core.config import ConfigError
-from core.config_files import build_config
+from core.config.files import build_config
+from core.config.schema import ConfigError
 from ui.config_store import ConfigStore
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.config import TrainConfig
-from core.config_files import build_config
+from core.config.files import build_config
+from core.config.schema import TrainConfig
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 
 

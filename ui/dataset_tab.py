@@ -16,7 +16,7 @@ import gradio as gr
 
 from core.captions import CaptionEdit, CaptionError, caption_path, preview, read_caption, undo, write_caption
 from core.common.workspace import PathNotAllowed
-from core.config import DatasetSection
+from core.config.schema import DatasetSection
 from core.dataset import Dataset, DatasetError, load_dataset, summarize
 from core.dataset_import import import_images
 from core.images import UnusableImage, is_image_file

@@ -20,8 +20,8 @@ from urllib.parse import quote
 import gradio as gr
 from gradio.utils import is_static_file
 
-from core.config import ConfigError
-from core.config_files import load_config
+from core.config.files import load_config
+from core.config.schema import ConfigError
 from core.session import Snapshot
 
 PROMPT_CHARS = 60

@@ -14,8 +14,8 @@ from pathlib import Path
 import gradio as gr
 
 from core.common.workspace import Workspace
-from core.config import TrainConfig
-from core.config_files import build_config
+from core.config.files import build_config
+from core.config.schema import TrainConfig
 from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
 from core.inference import InferenceEngine
 from core.session import TrainingSession

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from core.config import ConfigError, Problem, TrainConfig
+from core.config.schema import ConfigError, Problem, TrainConfig
 
 Kind = Literal["datasets", "models", "output"]
 

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 from PIL import Image
 
-from core.config_files import load_config
+from core.config.files import load_config
 from core.dataset import load_dataset
 from tests.browser.conftest import AppServer, screenshot
 from ui.shell import SETTINGS_FILE

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from playwright.sync_api import Locator, Page, expect
 
-from core.config import LoraSection
+from core.config.schema import LoraSection
 from core.inference_params import generation_parameters
 from core.inference_types import ControlSpec, GenerationRequest, LoraSpec
 from core.lora import add_training_loras

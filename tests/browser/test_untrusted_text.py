@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from playwright.sync_api import Page, expect
 
-from core.config import LoraSection
+from core.config.schema import LoraSection
 from core.lora import add_lora, unet_target_modules
 from core.lora_files import save_lora
 from core.png_info import save_png_with_parameters

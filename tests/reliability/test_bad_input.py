@@ -19,7 +19,7 @@ from training_helpers import demo_config
 
 import core.lora_tools
 import core.train
-from core.config_files import save_config
+from core.config.files import save_config
 from core.inference import InferenceEngine
 from core.inference_types import GenerationError, GenerationRequest, LoraSpec
 from core.models import ModelLoadError, load_sd15

@@ -27,7 +27,7 @@ from training_helpers import Recorder, demo_config, read_metrics
 
 import core.lora_files
 import core.session
-from core.config import ConfigError
+from core.config.schema import ConfigError
 from core.events import StepRecord
 from core.preflight import preflight
 from core.session import TrainingSession, explain_error
