@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from core.config.files import build_config
-    from core.dataset import load_dataset
+    from core.data.dataset import load_dataset
     from core.demo import default_cache_dir
 
     cache = default_cache_dir()

@@ -32,8 +32,8 @@ from core.captions import caption_path
 from core.common.fsutil import atomic_path, atomic_write_bytes, atomic_write_text, write_advice
 from core.common.install_key import KEY_FILE, STATE_DIR_ENV, sign, signed, signing_key, state_folder
 from core.config.schema import DatasetSection
-from core.dataset import DatasetError, load_dataset
-from core.images import is_image_file
+from core.data.dataset import DatasetError, load_dataset
+from core.data.images import is_image_file
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Literal, get_args
 from core.caption_files import BackupInfo, CaptioningError, DatasetCaptions, create_backup, scan_dataset
 from core.captioners import FLORENCE_TASKS, Captioner, open_captioner
 from core.common.fsutil import atomic_write_text, write_advice
-from core.images import UnusableImage, open_image
+from core.data.images import UnusableImage, open_image
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.common.fsutil import atomic_write_bytes, backup, write_advice
-from core.images import is_image_file, open_image
+from core.data.images import is_image_file, open_image
 
 DEFAULT_EXTENSION = ".txt"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from core.config.files import preset_triggers
 from core.config.schema import Problem, TrainConfig
-from core.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
+from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
 from core.models import check_model
 
 LORA_PARAMS_PER_RANK = 600_000

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from core.checkpoint import CheckpointError
 from core.config.files import build_config, list_presets
 from core.config.schema import ConfigError, TrainConfig
-from core.dataset import Dataset, summarize
+from core.data.dataset import Dataset, summarize
 from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
 from core.events import EpochRecord, StepRecord, TrainingCallbacks
 from core.preflight import preflight

@@ -23,8 +23,8 @@ from core.checkpoint import load_checkpoint, restore_training_state, save_checkp
 from core.common.fsutil import remove_leftovers
 from core.config.files import save_config
 from core.config.schema import ConfigError, Problem, TrainConfig
+from core.data.feature_cache import FeatureCache, tokenize
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
-from core.feature_cache import FeatureCache, tokenize
 from core.lora_saver import LoraSaver
 from core.loss_readback import LossReadback
 from core.losses import diffusion_loss, training_target

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from core.dataset import Dataset, ImageRecord
-from core.feature_cache import FeatureCache, LatentDistribution, bucket_pixels, encode_images
+from core.data.dataset import Dataset, ImageRecord
+from core.data.feature_cache import FeatureCache, LatentDistribution, bucket_pixels, encode_images
 from core.models import SD15Components
 from core.validation import ValidationSet, build_validation_set
 

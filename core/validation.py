@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from core.feature_cache import encode_captions
+from core.data.feature_cache import encode_captions
 from core.losses import training_target
 from core.training_model import eval_mode
 

@@ -37,7 +37,7 @@ from core.caption_demo import ensure_demo_captioner
 from core.caption_files import BACKUP_FOLDER, CaptioningError, list_backups, restore_backup
 from core.captioners import BLIP2_MODEL, BLIP2_REVISION, Captioner, open_captioner
 from core.captioning import CaptionJob, CaptionOptions, CaptionProgress, caption_folder
-from core.images import open_image
+from core.data.images import open_image
 
 PREFIX, SUFFIX = "bauhaus style building, ", ", façade 東京"
 

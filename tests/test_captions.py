@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.captions import CaptionError, caption_path, preview, read_caption, undo, write_caption
 from core.config.schema import DatasetSection
-from core.dataset import load_dataset
+from core.data.dataset import load_dataset
 
 
 @pytest.fixture

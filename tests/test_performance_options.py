@@ -12,8 +12,8 @@ from diffusers.models.autoencoders.vae import Encoder
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer
 
 from core.config.files import build_config
-from core.dataset import load_dataset
-from core.feature_cache import bucket_pixels
+from core.data.dataset import load_dataset
+from core.data.feature_cache import bucket_pixels
 from core.trainer import Trainer
 from core.training_model import load_for_training
 from tests.training_helpers import Recorder, demo_config

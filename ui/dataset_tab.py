@@ -17,9 +17,9 @@ import gradio as gr
 from core.captions import CaptionEdit, CaptionError, caption_path, preview, read_caption, undo, write_caption
 from core.common.workspace import PathNotAllowed
 from core.config.schema import DatasetSection
-from core.dataset import Dataset, DatasetError, load_dataset, summarize
-from core.dataset_import import import_images
-from core.images import UnusableImage, is_image_file
+from core.data.dataset import Dataset, DatasetError, load_dataset, summarize
+from core.data.images import UnusableImage, is_image_file
+from core.data.importing import import_images
 from ui.safe_text import code, md
 
 THUMBNAIL = 256

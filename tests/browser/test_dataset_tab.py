@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from core.config.files import load_config
-from core.dataset import load_dataset
+from core.data.dataset import load_dataset
 from tests.browser.conftest import AppServer, screenshot
 from ui.shell import SETTINGS_FILE
 

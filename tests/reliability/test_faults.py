@@ -261,7 +261,7 @@ def test_damaged_cache_files_and_an_image_changed_mid_run_are_encoded_again(
                 changed.save(victim)
 
     second = ChangeImage()
-    with caplog.at_level(logging.WARNING, logger="core.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="core.data.feature_cache"):
         result = Trainer(demo_config(demo_model, demo_dataset, tmp_path, "schedule.epochs=1", *QUIET), second).run()
     assert result.status == "finished"
     rebuilt = [r for r in caplog.records if "unreadable" in r.getMessage()]

@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.common.fsutil import atomic_path
-from core.dataset import ImageRecord
-from core.images import fit_to_bucket, open_image
+from core.data.dataset import ImageRecord
+from core.data.images import fit_to_bucket, open_image
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from core.common.fsutil import atomic_path
-from core.images import IMAGE_EXTENSIONS, is_image_file
+from core.data.images import IMAGE_EXTENSIONS, is_image_file
 
 
 def import_images(files: list[str], folder: Path, caption_extension: str) -> tuple[list[Path], list[str]]:

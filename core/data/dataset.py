@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from core.buckets import assign_bucket
 from core.config.schema import DatasetSection
-from core.images import (
+from core.data.buckets import assign_bucket
+from core.data.images import (
     GONE,
     IMAGE_EXTENSIONS,
     NotAFile,
