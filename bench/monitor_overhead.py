@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.demo import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
+from core.models.demo import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.monitor_overhead")

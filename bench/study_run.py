@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.config.files import build_config
     from core.data.dataset import load_dataset
-    from core.demo import default_cache_dir
+    from core.models.demo import default_cache_dir
 
     cache = default_cache_dir()
     log.info("preparing the model (%s) and the %d-image dataset in %s", args.model, IMAGES, cache)

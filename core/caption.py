@@ -22,7 +22,7 @@ from core.caption_demo import ensure_demo_captioner
 from core.caption_files import CaptioningError, list_backups, restore_backup
 from core.captioners import FLORENCE_TASKS, PRESETS
 from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionProgress
-from core.demo import default_cache_dir
+from core.models.demo import default_cache_dir
 
 log = logging.getLogger("atelier.caption")
 

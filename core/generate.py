@@ -19,7 +19,6 @@ from typing import cast
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from core.demo import default_cache_dir, ensure_demo_model
 from core.inference import InferenceEngine
 from core.inference_types import (
     CONTROL_KINDS,
@@ -30,7 +29,8 @@ from core.inference_types import (
     GenerationRequest,
     LoraSpec,
 )
-from core.models import ModelLoadError
+from core.models.demo import default_cache_dir, ensure_demo_model
+from core.models.loading import ModelLoadError
 from core.samplers import SAMPLER_LABELS
 from core.sweep import SweepVariant, variants_from_files, variants_from_run, variants_from_weights
 

@@ -39,7 +39,6 @@ from diffusers import (
 )
 from PIL import Image
 
-from core.controlnets import ControlNetCache
 from core.inference_params import generation_parameters
 from core.inference_types import (
     MAX_SEED,
@@ -51,9 +50,10 @@ from core.inference_types import (
 )
 from core.inpaint import Region, plan_region, soft_mask_processor
 from core.lora_stack import LoraStack
-from core.models import SD15Components, build_pipeline, load_sd15
+from core.models.controlnets import ControlNetCache
+from core.models.loading import SD15Components, build_pipeline, load_sd15
+from core.models.preprocessors import make_control_image
 from core.png_info import save_png_with_parameters
-from core.preprocessors import make_control_image
 from core.samplers import make_sampler
 from core.sweep import SweepResult, SweepVariant, sweep_grid
 

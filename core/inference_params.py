@@ -20,9 +20,9 @@ from typing import Any, cast
 
 from safetensors import SafetensorError, safe_open
 
-from core.controlnets import model_reference
 from core.inference_types import CONTROL_KINDS, MODES, ControlKind, ControlSpec, GenerationRequest, LoraSpec
 from core.lora_stack import DIFFUSERS_LORA_FILE, short_hash
+from core.models.controlnets import model_reference
 from core.png_info import format_parameters, parse_parameters
 from core.samplers import SAMPLER_LABELS
 

@@ -32,10 +32,10 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from core.common.fsutil import atomic_path, backup
-from core.ldm_convert import LDM_UNET_PREFIX, unet_to_ldm
 from core.lora_files import TEXT_ENCODER_PREFIX, UNET_PREFIX, tensor_data_hash
 from core.lora_svd import LoraModule
-from core.models import SD15_CONFIG_DIR
+from core.models.ldm_convert import LDM_UNET_PREFIX, unet_to_ldm
+from core.models.loading import SD15_CONFIG_DIR
 
 LoraFormat = Literal["kohya", "diffusers"]
 Component = Literal["unet", "text_encoder"]

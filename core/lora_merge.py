@@ -1,6 +1,6 @@
 """LoRA ↔ full model: merge LoRAs into a base checkpoint, and extract a LoRA from a fine-tuned one.
 
-Both work on the loaded models (core.models.load_sd15), so every base a user can train on works here
+Both work on the loaded models (core.models.loading.load_sd15), so every base a user can train on works here
 too: a hub id, a diffusers folder, or an A1111 single file. Weight arithmetic is done in float32 and
 cast back to the layer's dtype, so an fp16 base does not accumulate fp16 rounding per LoRA.
 """
@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from core.common.fsutil import make_staging_folder, set_usual_modes
-from core.ldm_convert import save_ldm_checkpoint
 from core.lora import UNET_BLOCK_PREFIXES
 from core.lora_files import DTYPES, SavePrecision
 from core.lora_formats import ModuleIndex, Target, derived_header, prepare_output, read_lora, write_lora
 from core.lora_svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
-from core.models import PICKLE_SUFFIXES, SD15Components, build_pipeline, load_sd15
+from core.models.ldm_convert import save_ldm_checkpoint
+from core.models.loading import PICKLE_SUFFIXES, SD15Components, build_pipeline, load_sd15
 
 log = logging.getLogger(__name__)
 

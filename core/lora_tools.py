@@ -41,7 +41,7 @@ from core.lora_formats import (
 )
 from core.lora_merge import extract_lora, merge_loras
 from core.lora_svd import LoraModule, ModuleRank, combine_modules, resize_module, uniform_alpha
-from core.models import ModelLoadError
+from core.models.loading import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from core.checkpoint import CheckpointError
 from core.config.schema import ConfigError, TrainConfig
 from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
-from core.models import ModelLoadError, SD15Components
+from core.models.loading import ModelLoadError, SD15Components
 from core.preflight import preflight
 from core.trainer import Trainer, TrainingError
 

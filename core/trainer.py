@@ -28,7 +28,7 @@ from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingComm
 from core.lora_saver import LoraSaver
 from core.loss_readback import LossReadback
 from core.losses import diffusion_loss, training_target
-from core.models import SD15Components
+from core.models.loading import SD15Components
 from core.optim import make_lr_scheduler, make_optimizer
 from core.preflight import RunPlan, plan_run, preflight
 from core.run_log import RunLog, replay

@@ -14,7 +14,7 @@ from torch import nn
 
 from core.config.schema import TrainConfig
 from core.lora import add_training_loras
-from core.models import SD15Components, load_sd15
+from core.models.loading import SD15Components, load_sd15
 
 
 def load_for_training(

@@ -35,7 +35,7 @@ from core.lora_files import read_lora_metadata, save_diffusers_lora, save_lora
 from core.lora_formats import sd15_index
 from core.lora_stack import LoraStack, short_hash
 from core.masks import prepare_mask
-from core.models import ModelLoadError, build_pipeline, load_sd15
+from core.models.loading import ModelLoadError, build_pipeline, load_sd15
 from core.png_info import read_png_parameters
 from core.samplers import SAMPLER_LABELS
 from core.sweep import label_height, sweep_grid, variants_from_files, variants_from_run, variants_from_weights

@@ -22,7 +22,7 @@ from core.lora_files import save_diffusers_lora, save_lora
 from core.lora_formats import kohya_tensors, read_lora
 from core.lora_merge import extract_lora, merge_loras
 from core.lora_tools import combine_loras, convert_lora, inspect_lora, main, parse_weighted, resize_lora, run
-from core.models import build_pipeline, load_sd15
+from core.models.loading import build_pipeline, load_sd15
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters on purpose
 TOKENS = torch.tensor([[49406, 320, 1125, 3666, 49407]])

@@ -24,7 +24,7 @@ from core.caption_files import CaptioningError, list_backups, restore_backup
 from core.captioners import FLORENCE_TASKS, PRESETS, preset_family
 from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
 from core.common.workspace import PathNotAllowed, Workspace
-from core.demo import default_cache_dir
+from core.models.demo import default_cache_dir
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:

@@ -17,10 +17,10 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.controlnets import DEFAULT_CONTROLNETS
 from core.inference_params import LoraMatch
 from core.inference_types import CONTROL_KINDS, ControlKind, ControlSpec, GenerationError, GenerationRequest, LoraSpec
 from core.masks import prepare_mask
+from core.models.controlnets import DEFAULT_CONTROLNETS
 from core.sweep import EPOCH_FILE, SweepVariant, variants_from_files, variants_from_run, variants_from_weights
 
 MAX_LORAS = 4

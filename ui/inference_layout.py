@@ -14,8 +14,8 @@ from typing import Any, cast
 import gradio as gr
 from gradio.components import Component
 
-from core.controlnets import DEFAULT_CONTROLNETS
 from core.inference_types import CONTROL_KINDS, MAX_SEED, MODES, ControlKind
+from core.models.controlnets import DEFAULT_CONTROLNETS
 from core.samplers import SAMPLER_LABELS
 from ui.inference_form import LABELS, MAX_LORAS, SWEEP_KINDS, FormValues, UnitValues, sweep_inputs_shown
 

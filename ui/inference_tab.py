@@ -27,9 +27,9 @@ from core.inference import GenerationResult
 from core.inference_params import restore_parameters
 from core.inference_types import ControlSpec, GenerationCancelled, GenerationError, GenerationRequest, LoraSpec
 from core.inpaint import plan_region
-from core.models import ModelLoadError
+from core.models.loading import ModelLoadError
+from core.models.preprocessors import make_control_image
 from core.png_info import read_png_parameters
-from core.preprocessors import make_control_image
 from core.sweep import SweepResult
 from ui.inference_form import (
     SCALARS,

@@ -16,7 +16,7 @@ import gradio as gr
 
 from core.common.workspace import Workspace
 from core.lora_tools import parse_weighted, run
-from core.models import ModelLoadError
+from core.models.loading import ModelLoadError
 from ui.safe_text import fenced, md
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import core.train
 from core.config.files import save_config
 from core.inference import InferenceEngine
 from core.inference_types import GenerationError, GenerationRequest, LoraSpec
-from core.models import ModelLoadError, load_sd15
+from core.models.loading import ModelLoadError, load_sd15
 
 pytestmark = pytest.mark.reliability
 

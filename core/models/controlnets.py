@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel
-from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-from core.common.errors import first_line
 from core.inference_types import ControlSpec
-from core.models import ModelLoadError, _from_hub
+from core.models.loading import ModelLoadError, _from_hub, guarded
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,6 @@ DEFAULT_CONTROLNETS = {
 }
 SINGLE_FILE_CONFIG = "lllyasviel/control_v11p_sd15_canny"
 _FILE_SUFFIXES = {".safetensors", ".pth", ".ckpt", ".bin", ".pt"}
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError)
 
 
 def model_reference(spec: ControlSpec) -> str:
@@ -51,7 +48,7 @@ def load_controlnet(reference: str, *, config: str = "", dtype: torch.dtype = to
                 f"ControlNet folder {path} has no config.json: point to a diffusers ControlNet folder "
                 "or to a ControlNet .safetensors file."
             )
-        return _guarded(path, lambda: ControlNetModel.from_pretrained(path, dtype=dtype))
+        return _guarded_controlnet(path, lambda: ControlNetModel.from_pretrained(path, dtype=dtype))
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise ModelLoadError(
@@ -68,7 +65,7 @@ def load_controlnet(reference: str, *, config: str = "", dtype: torch.dtype = to
 
 def _single_file(path: Path, config: str, dtype: torch.dtype) -> ControlNetModel:
     if config:
-        return _guarded(
+        return _guarded_controlnet(
             path, lambda: ControlNetModel.from_single_file(str(path), config=config, dtype=dtype, local_files_only=True)
         )
     try:
@@ -86,15 +83,13 @@ def _single_file(path: Path, config: str, dtype: torch.dtype) -> ControlNetModel
         ) from error
 
 
-def _guarded(path: Path, load: Callable[[], ControlNetModel]) -> ControlNetModel:
-    """Run a local load, naming the file and the likely cause when the library refuses it."""
-    try:
-        return load()
-    except _LOAD_ERRORS as error:
-        raise ModelLoadError(
-            f"could not load {path} as an SD 1.5 ControlNet ({type(error).__name__}: {first_line(error)}). "
-            "Is it an SD 1.5 ControlNet (not SDXL, not a LoRA or a checkpoint) and completely downloaded?"
-        ) from error
+def _guarded_controlnet(path: Path, load: Callable[[], ControlNetModel]) -> ControlNetModel:
+    return guarded(
+        path,
+        load,
+        "an SD 1.5 ControlNet",
+        "Is it an SD 1.5 ControlNet (not SDXL, not a LoRA or a checkpoint) and completely downloaded?",
+    )
 
 
 class ControlNetCache:

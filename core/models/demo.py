@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from core.common.fsutil import atomic_path, atomic_write_text, build_folder_once
-from core.models import SD15_CONFIG_DIR
+from core.models.loading import SD15_CONFIG_DIR
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from core.common.errors import first_line
 
 log = logging.getLogger(__name__)
 
-SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+SD15_CONFIG_DIR = Path(__file__).resolve().parents[2] / "assets" / "sd15"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 T = TypeVar("T")
 
@@ -81,7 +81,7 @@ def load_sd15(
     if kind == "hub":
         parts = _from_hub(source, lambda local: _diffusers_parts(source, dtype, local))
     elif kind == "folder":
-        parts = _guarded(path, lambda: _diffusers_parts(str(path), dtype, local_files_only=True))
+        parts = guarded(path, lambda: _diffusers_parts(str(path), dtype, local_files_only=True))
     else:
         parts = _single_file_parts(path, dtype, config_dir)
     if vae:
@@ -110,9 +110,9 @@ def load_vae(source: str, *, dtype: torch.dtype = torch.float32, config_dir: Pat
         )
     if kind == "folder":
         subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-        return _guarded(path, lambda: AutoencoderKL.from_pretrained(path, subfolder=subfolder, dtype=dtype))
+        return guarded(path, lambda: AutoencoderKL.from_pretrained(path, subfolder=subfolder, dtype=dtype))
     with _as_safetensors(path) as weights:
-        return _guarded(
+        return guarded(
             path,
             lambda: AutoencoderKL.from_single_file(
                 str(weights), config=str(config_dir), subfolder="vae", dtype=dtype, local_files_only=True
@@ -330,14 +330,19 @@ def _hub_failure(repo_id: str, exc: Exception) -> str:
     )
 
 
-def _guarded(path: Path, load: Callable[[], T]) -> T:
-    """Run a local load, turning library errors into a ModelLoadError naming the file."""
+def guarded(
+    path: Path,
+    load: Callable[[], T],
+    what: str = "a Stable Diffusion 1.5 model",
+    question: str = "Is it an SD 1.5 model (not SDXL / SD 2 / a LoRA) and completely downloaded?",
+) -> T:
+    """Run a local load, turning library errors into a ModelLoadError naming the file, what it should be
+    and the likely cause (`question`)."""
     try:
         return load()
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
         raise ModelLoadError(
-            f"could not load {path} as a Stable Diffusion 1.5 model ({type(exc).__name__}: {first_line(exc)}). "
-            "Is it an SD 1.5 model (not SDXL / SD 2 / a LoRA) and completely downloaded?"
+            f"could not load {path} as {what} ({type(exc).__name__}: {first_line(exc)}). {question}"
         ) from exc
 
 
@@ -358,7 +363,7 @@ def _single_file_parts(path: Path, dtype: torch.dtype, config_dir: Path) -> dict
     if not (config_dir / "model_index.json").is_file():
         raise ModelLoadError(f"config folder {config_dir} has no model_index.json; reinstall Atelier's assets.")
     with _as_safetensors(path) as weights:
-        pipe = _guarded(
+        pipe = guarded(
             path,
             lambda: StableDiffusionPipeline.from_single_file(
                 str(weights),

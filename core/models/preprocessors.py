@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.lineart_model import LineartGenerator
 from core.masks import gaussian_blur
+from core.models.lineart import LineartGenerator
 
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor, PreTrainedModel
