@@ -5,7 +5,7 @@ run dies minutes in with an out-of-memory error. It is a sum of four parts, each
 
 - frozen weights: the parameter counts of SD 1.5's UNet, VAE and CLIP-L text encoder (all three stay
   on the GPU: the VAE and text encoder draw the sample images) in the precision of the frozen model;
-- LoRA state: the adapter's parameters, gradients and optimizer state, all fp32 (core/lora.py keeps
+- LoRA state: the adapter's parameters, gradients and optimizer state, all fp32 (core/lora/adapters.py keeps
   LoRA weights in fp32), counted exactly from SD 1.5's layer shapes (`lora_parameters`);
 - activations: kept for the backward pass, proportional to batch × pixels, about 1 GB per 512 px
   image in half precision with PyTorch's SDPA attention. The constant is calibrated so the study's
@@ -152,7 +152,7 @@ def text_encoder_layers() -> Iterator[Layer]:
 
 
 def _wrapped(layer: Layer, targets: LoraTargets) -> bool:
-    """The same target sets as core/lora.py: attention, attention + feed-forward, every layer in the
+    """The same target sets as core/lora/adapters.py: attention, attention + feed-forward, every layer in the
     blocks (all), or every layer (whole_unet)."""
     if targets in ("all", "whole_unet"):
         return targets == "whole_unet" or layer.kind != "outside_blocks"
@@ -163,7 +163,7 @@ def lora_parameters(rank: int, targets: LoraTargets, text_encoder: bool) -> int:
     """Trainable parameters of the adapters: the UNet's, plus the text encoder's when it trains too."""
     count = sum(layer.lora_parameters(rank) for layer in unet_layers() if _wrapped(layer, targets))
     if text_encoder:
-        # The text encoder has no "all" set: core/lora.py wraps attention, or attention + MLP (every Linear).
+        # The text encoder has no "all" set: core/lora/adapters.py wraps attention, or attention + MLP (every Linear).
         text_targets: LoraTargets = "attention" if targets == "attention" else "attention_ff"
         count += sum(layer.lora_parameters(rank) for layer in text_encoder_layers() if _wrapped(layer, text_targets))
     return count

@@ -21,7 +21,7 @@ from typing import Any, cast
 from safetensors import SafetensorError, safe_open
 
 from core.inference_types import CONTROL_KINDS, MODES, ControlKind, ControlSpec, GenerationRequest, LoraSpec
-from core.lora_stack import DIFFUSERS_LORA_FILE, short_hash
+from core.lora.files import DIFFUSERS_WEIGHT_NAME, short_hash
 from core.models.controlnets import model_reference
 from core.png_info import format_parameters, parse_parameters
 from core.samplers import SAMPLER_LABELS
@@ -102,7 +102,7 @@ class LoraMatch:
         """The LoRA row: the file (a diffusers LoRA by its folder, as it is chosen), else the bare name."""
         if self.path is None:
             return LoraSpec(self.name, self.weight)
-        diffusers_folder = self.path.name == DIFFUSERS_LORA_FILE
+        diffusers_folder = self.path.name == DIFFUSERS_WEIGHT_NAME
         return LoraSpec(str(self.path.parent if diffusers_folder else self.path), self.weight)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from core.config.schema import TrainConfig
 from core.events import TrainingCallbacks
-from core.lora_files import save_diffusers_lora, save_lora, training_metadata
+from core.lora.files import save_diffusers_lora, save_lora, training_metadata
 from core.run_state import Progress
 
 

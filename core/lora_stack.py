@@ -10,7 +10,6 @@ LoRA layer is switched off. Rarely used adapters are unloaded past `capacity`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import warnings
@@ -22,11 +21,9 @@ from diffusers import StableDiffusionPipeline
 
 from core.common.errors import first_line
 from core.inference_types import GenerationError, LoraSpec
-from core.lora_files import data_hash
-from core.lora_formats import diffusers_tensors, read_lora, sd15_index
+from core.lora.files import DIFFUSERS_WEIGHT_NAME, diffusers_tensors, read_lora, sd15_index, short_hash
 
 log = logging.getLogger(__name__)
-DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
@@ -37,7 +34,7 @@ def resolve_lora_file(path: str | Path) -> Path:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        candidates = [path / DIFFUSERS_LORA_FILE] if (path / DIFFUSERS_LORA_FILE).is_file() else []
+        candidates = [path / DIFFUSERS_WEIGHT_NAME] if (path / DIFFUSERS_WEIGHT_NAME).is_file() else []
         candidates = candidates or sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
             raise GenerationError(
@@ -56,23 +53,6 @@ def resolve_lora_file(path: str | Path) -> Path:
 def _stamp(path: Path) -> tuple[str, int, int]:
     stat = path.stat()
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
-def short_hash(path: str | Path) -> str:
-    """A1111's short hash of a LoRA file (12 hex digits of kohya's data hash), computed once per file version.
-
-    The PNG parameters carry it under "Lora hashes", and restoring an image finds its file by it.
-    """
-    path = Path(path)
-    stat = path.stat()
-    return _cached_short_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_short_hash(path: str, size: int, mtime_ns: int) -> str:
-    """Keyed by size and mtime too, so a file rewritten by a running training is hashed again."""
-    with open(path, "rb") as handle:
-        return data_hash(handle)[:12]
 
 
 @contextlib.contextmanager
@@ -142,7 +122,7 @@ class LoraStack:
 
         diffusers' own kohya loader gives all modules one alpha, so LoCon files (conv_alpha ≠ alpha),
         block-wise alphas and resized files came out mis-scaled (issue #14). The file is read and
-        converted by `core.lora_formats` instead, whose peft `alpha_pattern`/`rank_pattern` diffusers
+        converted by `core.lora.files` instead, whose peft `alpha_pattern`/`rank_pattern` diffusers
         applies exactly; LyCORIS and DoRA files, which are not up @ down, are refused there by name.
         """
         index = sd15_index()

@@ -1,6 +1,6 @@
 """The base model set up for LoRA training: on the device, in training modes, with seeded adapters.
 
-The frozen base runs in the weight dtype while the adapters stay fp32 (see core.lora). torch is seeded
+The frozen base runs in the weight dtype while the adapters stay fp32 (see core.lora.adapters). torch is seeded
 with the run's seed just before the adapters are attached, so the same seed starts from the same LoRA.
 """
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.config.schema import TrainConfig
-from core.lora import add_training_loras
+from core.lora.adapters import add_training_loras
 from core.models.loading import SD15Components, load_sd15
 
 

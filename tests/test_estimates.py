@@ -23,8 +23,8 @@ from core.estimates import (
     memory_estimate,
     time_per_epoch,
 )
-from core.lora import add_training_loras, text_encoder_target_modules, unet_target_modules
-from core.lora_files import kohya_state_dict
+from core.lora.adapters import add_training_loras, text_encoder_target_modules, unet_target_modules
+from core.lora.files import kohya_state_dict
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
 

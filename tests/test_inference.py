@@ -30,10 +30,9 @@ from core.inference_types import (
     GenerationRequest,
     LoraSpec,
 )
-from core.lora import add_training_loras
-from core.lora_files import read_lora_metadata, save_diffusers_lora, save_lora
-from core.lora_formats import sd15_index
-from core.lora_stack import LoraStack, short_hash
+from core.lora.adapters import add_training_loras
+from core.lora.files import read_lora_metadata, save_diffusers_lora, save_lora, sd15_index, short_hash
+from core.lora_stack import LoraStack
 from core.masks import prepare_mask
 from core.models.loading import ModelLoadError, build_pipeline, load_sd15
 from core.png_info import read_png_parameters

@@ -22,7 +22,7 @@ from core.config.files import build_config
 from core.inference import InferenceEngine
 from core.inference_params import generation_parameters, request_from_parameters, restore_parameters
 from core.inference_types import ControlSpec, GenerationError, GenerationRequest, LoraSpec
-from core.lora_stack import short_hash
+from core.lora.files import short_hash
 from ui.config_store import ConfigStore
 from ui.inference_form import (
     MAX_LORAS,

@@ -18,10 +18,10 @@ from training_helpers import Recorder, demo_config
 
 from core.common.fsutil import FILE_MODE, FOLDER_MODE
 from core.config.schema import LoraSection
-from core.lora import add_training_loras
-from core.lora_files import save_lora
-from core.lora_merge import merge_loras
-from core.lora_tools import convert_lora
+from core.lora.adapters import add_training_loras
+from core.lora.files import save_lora
+from core.lora.merge import merge_loras
+from core.lora.tools import convert_lora
 from core.trainer import Trainer
 
 

@@ -15,7 +15,7 @@ from training_helpers import Recorder, demo_config, read_metrics
 
 from core.config.schema import ConfigError, TrainConfig
 from core.events import EpochRecord, TrainingCommands
-from core.lora import add_training_loras
+from core.lora.adapters import add_training_loras
 from core.models.loading import load_sd15
 from core.session import SessionBusy, TrainingSession, explain_error
 from core.trainer import Trainer, TrainingError

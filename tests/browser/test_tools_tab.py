@@ -10,8 +10,8 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from core.config.schema import LoraSection
-from core.lora import add_lora, unet_target_modules
-from core.lora_files import save_lora
+from core.lora.adapters import add_lora, unet_target_modules
+from core.lora.files import save_lora
 from tests.browser.conftest import screenshot
 
 pytestmark = pytest.mark.browser

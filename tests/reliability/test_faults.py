@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from training_helpers import Recorder, demo_config, read_metrics
 
-import core.lora_files
+import core.lora.files
 import core.session
 from core.config.schema import ConfigError
 from core.events import StepRecord
@@ -139,7 +139,7 @@ def test_disk_full_during_a_save_stops_cleanly_without_partial_files(
         Path(filename).write_bytes(b"\0" * 1000)  # part of the file made it to disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(core.lora_files, "save_file", full_disk)
+    monkeypatch.setattr(core.lora.files, "save_file", full_disk)
     session = TrainingSession()
     session.start(demo_config(demo_model, demo_dataset, tmp_path, "schedule.epochs=1", *QUIET))
     assert session.wait(300)

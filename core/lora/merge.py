@@ -19,10 +19,18 @@ import torch
 from torch import nn
 
 from core.common.fsutil import make_staging_folder, set_usual_modes
-from core.lora import UNET_BLOCK_PREFIXES
-from core.lora_files import DTYPES, SavePrecision
-from core.lora_formats import ModuleIndex, Target, derived_header, prepare_output, read_lora, write_lora
-from core.lora_svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
+from core.lora.adapters import UNET_BLOCK_PREFIXES
+from core.lora.files import (
+    DTYPES,
+    ModuleIndex,
+    SavePrecision,
+    Target,
+    derived_header,
+    prepare_output,
+    read_lora,
+    write_lora,
+)
+from core.lora.svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
 from core.models.ldm_convert import save_ldm_checkpoint
 from core.models.loading import PICKLE_SUFFIXES, SD15Components, build_pipeline, load_sd15
 
