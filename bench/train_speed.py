@@ -118,8 +118,8 @@ def run_ours(args: argparse.Namespace, model: str, dataset: Path, output: Path) 
     import torch
 
     from core.config.files import build_config
-    from core.events import StepRecord, TrainingCallbacks
-    from core.trainer import Trainer
+    from core.training.events import StepRecord, TrainingCallbacks
+    from core.training.trainer import Trainer
 
     class Timer(TrainingCallbacks):
         def __init__(self) -> None:

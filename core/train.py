@@ -17,14 +17,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.checkpoint import CheckpointError
 from core.config.files import build_config, list_presets
 from core.config.schema import ConfigError, TrainConfig
 from core.data.dataset import Dataset, summarize
-from core.events import EpochRecord, StepRecord, TrainingCallbacks
 from core.models.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
-from core.preflight import preflight
-from core.trainer import Trainer, TrainingError
+from core.training.checkpoint import CheckpointError
+from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
+from core.training.preflight import preflight
+from core.training.trainer import Trainer, TrainingError
 
 log = logging.getLogger("atelier.train")
 

@@ -18,7 +18,7 @@ from core.config.files import (
     save_config,
 )
 from core.config.schema import ConfigError, TrainConfig, config_fields, parse_config
-from core.preflight import check_run
+from core.training.preflight import check_run
 
 STYLES = ["bauhaus", "renaissance", "deconstructivist", "parametric", "neoclassical"]
 

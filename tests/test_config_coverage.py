@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from core.config.schema import Section, TrainConfig, config_fields
-from core.estimates import memory_estimate
-from core.trainer import Trainer
+from core.training.estimates import memory_estimate
+from core.training.trainer import Trainer
 from tests.test_loss_readback import NanAtCall
 from tests.training_helpers import demo_config
 

@@ -28,7 +28,7 @@ from core.lora.files import (
     save_lora,
     training_metadata,
 )
-from core.trainer import Trainer
+from core.training.trainer import Trainer
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank, so a file that stores the wrong alpha changes the outputs
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")

@@ -36,7 +36,7 @@ from core.models.loading import (
     check_model,
     load_sd15,
 )
-from core.preflight import check_run
+from core.training.preflight import check_run
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from core.lora.adapters import add_training_loras
 from core.lora.files import save_lora
 from core.lora.merge import merge_loras
 from core.lora.tools import convert_lora
-from core.trainer import Trainer
+from core.training.trainer import Trainer
 
 
 def _wrong_modes(root: Path) -> dict[str, str]:

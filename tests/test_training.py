@@ -14,12 +14,12 @@ from PIL import Image
 from training_helpers import Recorder, demo_config, read_metrics
 
 from core.config.schema import ConfigError, TrainConfig
-from core.events import EpochRecord, TrainingCommands
 from core.lora.adapters import add_training_loras
 from core.models.loading import load_sd15
-from core.session import SessionBusy, TrainingSession, explain_error
-from core.trainer import Trainer, TrainingError
-from core.validation import build_validation_set, validation_loss
+from core.training.events import EpochRecord, TrainingCommands
+from core.training.session import SessionBusy, TrainingSession, explain_error
+from core.training.trainer import Trainer, TrainingError
+from core.training.validation import build_validation_set, validation_loss
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

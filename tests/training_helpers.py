@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.config.files import build_config
 from core.config.schema import TrainConfig
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
+from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 
 
 def demo_config(model: Path, dataset: Path, output: Path, *overrides: str) -> TrainConfig:

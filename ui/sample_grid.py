@@ -22,7 +22,7 @@ from gradio.utils import is_static_file
 
 from core.config.files import load_config
 from core.config.schema import ConfigError
-from core.session import Snapshot
+from core.training.session import Snapshot
 
 PROMPT_CHARS = 60
 CSS = """

@@ -16,7 +16,7 @@ from fault_helpers import assert_files_loadable, finish, kill_when, start_traini
 
 from core.config.files import build_config
 from core.data.dataset import load_dataset
-from core.preflight import plan_run
+from core.training.preflight import plan_run
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 EPOCHS = 2

@@ -12,9 +12,9 @@ from pathlib import Path
 from torch import nn
 
 from core.config.schema import TrainConfig
-from core.events import TrainingCallbacks
 from core.lora.files import save_diffusers_lora, save_lora, training_metadata
-from core.run_state import Progress
+from core.training.events import TrainingCallbacks
+from core.training.run_state import Progress
 
 
 class LoraSaver:

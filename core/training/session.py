@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import CheckpointError
 from core.config.schema import ConfigError, TrainConfig
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.models.loading import ModelLoadError, SD15Components
-from core.preflight import preflight
-from core.trainer import Trainer, TrainingError
+from core.training.checkpoint import CheckpointError
+from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
+from core.training.preflight import preflight
+from core.training.trainer import Trainer, TrainingError
 
 log = logging.getLogger(__name__)
 ACTIVE = {"starting", "loading", "caching", "training", "paused", "validating", "sampling", "saving"}

@@ -18,7 +18,7 @@ from core.config.schema import SamplingSection
 from core.models.loading import SD15Components, build_pipeline
 from core.png_info import format_parameters
 from core.samplers import SAMPLER_LABELS, make_sampler
-from core.training_model import eval_mode
+from core.training.model_setup import eval_mode
 
 
 def generation_parameters(prompt: str, section: SamplingSection, model: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from core.common.fsutil import atomic_write_text
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, ValidationRecord
+from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, ValidationRecord
 
 METRICS_FILE = "metrics.jsonl"
 

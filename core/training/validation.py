@@ -17,8 +17,8 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from core.data.feature_cache import encode_captions
-from core.losses import training_target
-from core.training_model import eval_mode
+from core.training.losses import training_target
+from core.training.model_setup import eval_mode
 
 
 @dataclass(frozen=True)

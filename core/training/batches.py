@@ -16,7 +16,7 @@ import torch
 from core.data.dataset import Dataset, ImageRecord
 from core.data.feature_cache import FeatureCache, LatentDistribution, bucket_pixels, encode_images
 from core.models.loading import SD15Components
-from core.validation import ValidationSet, build_validation_set
+from core.training.validation import ValidationSet, build_validation_set
 
 
 @dataclass(frozen=True)

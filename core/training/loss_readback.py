@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from core.events import StepRecord
+from core.training.events import StepRecord
 
 
 class LossReadback:

@@ -3,7 +3,7 @@
 One `Trainer` is one run. It reports through `TrainingCallbacks`, obeys `TrainingCommands` at step
 boundaries, and writes everything into its run folder (config, metrics, TensorBoard, samples, LoRA
 files, checkpoint). Under `accelerate launch` each process trains on its share of the batches and
-only the main process validates, samples and saves.
+every process validates; only the main process samples, writes the run log and saves.
 """
 
 from __future__ import annotations
@@ -19,24 +19,24 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
-from core.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from core.common.fsutil import remove_leftovers
 from core.config.files import save_config
 from core.config.schema import ConfigError, Problem, TrainConfig
 from core.data.feature_cache import FeatureCache, tokenize
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
-from core.lora_saver import LoraSaver
-from core.loss_readback import LossReadback
-from core.losses import diffusion_loss, training_target
 from core.models.loading import SD15Components
-from core.optim import make_lr_scheduler, make_optimizer
-from core.preflight import RunPlan, plan_run, preflight
-from core.run_log import RunLog, replay
-from core.run_state import Progress, RunResult, model_fingerprint, new_run_dir
-from core.sampling import render_samples
-from core.training_data import BatchOrder, FeatureOptions, TrainingSet, encode_features
-from core.training_model import load_for_training
-from core.validation import ValidationSet, validation_loss
+from core.training.batches import BatchOrder, FeatureOptions, TrainingSet, encode_features
+from core.training.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
+from core.training.lora_saver import LoraSaver
+from core.training.loss_readback import LossReadback
+from core.training.losses import diffusion_loss, training_target
+from core.training.model_setup import load_for_training
+from core.training.optim import make_lr_scheduler, make_optimizer
+from core.training.preflight import RunPlan, plan_run, preflight
+from core.training.run_log import RunLog, replay
+from core.training.run_state import Progress, RunResult, model_fingerprint, new_run_dir
+from core.training.samples import render_samples
+from core.training.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
