@@ -291,7 +291,7 @@ def test_two_process_distributed_run(demo_model: Path, demo_dataset: Path, tmp_p
 def test_a_finished_run_hands_its_loaded_model_to_inference(
     demo_model: Path, demo_dataset: Path, tmp_path: Path
 ) -> None:
-    from core.inference import GenerationRequest, InferenceEngine
+    from core.inference.engine import GenerationRequest, InferenceEngine
 
     session = TrainingSession()
     session.start(demo_config(demo_model, demo_dataset, tmp_path, "schedule.epochs=1", "sampling.every_n_epochs=0"))

@@ -16,7 +16,7 @@ import gradio as gr
 from core.common.workspace import Workspace
 from core.config.files import build_config
 from core.config.schema import TrainConfig
-from core.inference import InferenceEngine
+from core.inference.engine import InferenceEngine
 from core.models.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
 from core.training.session import TrainingSession
 from ui.captioning_tab import build_captioning_tab

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel
 
-from core.inference_types import ControlSpec
+from core.inference.requests import ControlSpec
 from core.models.loading import ModelLoadError, _from_hub, guarded
 
 log = logging.getLogger(__name__)

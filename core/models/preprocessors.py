@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.masks import gaussian_blur
+from core.inference.masks import gaussian_blur
 from core.models.lineart import LineartGenerator
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 Every mode renders a *region* at the request's width × height: the whole picture, or for "only masked
 area" the box around the mask plus padding, widened to the request's aspect ratio so nothing is
 stretched. Inpainting then always composites the result onto the untouched original through the soft
-mask (`core.masks.paste`), so pixels where the mask is 0 are the original's bytes and the feathered
+mask (`core.inference.masks.paste`), so pixels where the mask is 0 are the original's bytes and the feathered
 edge blends without a seam, whatever the VAE round trip or the pipeline's own blending did. Cropping is
 done here rather than with diffusers' `padding_mask_crop`, which fails with several ControlNets.
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from core.inference_types import GenerationError, GenerationRequest
-from core.masks import Box, crop, mask_crop_box, paste, prepare_mask
+from core.inference.masks import Box, crop, mask_crop_box, paste, prepare_mask
+from core.inference.requests import GenerationError, GenerationRequest
 
 
 @dataclass(frozen=True)

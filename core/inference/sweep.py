@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from core.inference_types import GenerationError, LoraSpec
+from core.inference.requests import GenerationError, LoraSpec
 from core.lora.files import read_lora_metadata
 
 EPOCH_FILE = re.compile(r"^(?P<name>.+)-e(?P<epoch>\d{4,})\.safetensors$")

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 from PIL import Image
 
 from core.config.schema import Sampler
-from core.samplers import SAMPLER_LABELS
+from core.inference.samplers import SAMPLER_LABELS
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
 ControlKind = Literal["lineart", "depth", "canny"]

@@ -2,7 +2,8 @@
 
 Semantics everywhere in this module: a mask is mode "L", 255 = repaint, 0 = keep, values in between
 blend. The ControlNet inpaint pipeline binarises its mask and sends the whole picture through the VAE,
-which shifts colours slightly even where nothing was repainted (see FACTS.md, "ControlNet inpainting").
+which shifts colours slightly even where nothing was repainted: encoding and decoding a picture with
+the SD 1.5 VAE does not give back the same pixels.
 So the app generates with the hard mask and then `composite`s the original back through the soft mask
 from `prepare_mask`: the feather lies inside the painted area, and where the soft mask is 0 the result
 is the original photo exactly, never a VAE round trip of it.

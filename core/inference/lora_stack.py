@@ -20,7 +20,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from core.common.errors import first_line
-from core.inference_types import GenerationError, LoraSpec
+from core.inference.requests import GenerationError, LoraSpec
 from core.lora.files import DIFFUSERS_WEIGHT_NAME, diffusers_tensors, read_lora, sd15_index, short_hash
 
 log = logging.getLogger(__name__)

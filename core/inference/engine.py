@@ -39,8 +39,11 @@ from diffusers import (
 )
 from PIL import Image
 
-from core.inference_params import generation_parameters
-from core.inference_types import (
+from core.inference.a1111_params import generation_parameters
+from core.inference.inpaint import Region, plan_region, soft_mask_processor
+from core.inference.lora_stack import LoraStack
+from core.inference.png_info import save_png_with_parameters
+from core.inference.requests import (
     MAX_SEED,
     ControlSpec,
     GenerationCancelled,
@@ -48,14 +51,11 @@ from core.inference_types import (
     GenerationRequest,
     LoraSpec,
 )
-from core.inpaint import Region, plan_region, soft_mask_processor
-from core.lora_stack import LoraStack
+from core.inference.samplers import make_sampler
+from core.inference.sweep import SweepResult, SweepVariant, sweep_grid
 from core.models.controlnets import ControlNetCache
 from core.models.loading import SD15Components, build_pipeline, load_sd15
 from core.models.preprocessors import make_control_image
-from core.png_info import save_png_with_parameters
-from core.samplers import make_sampler
-from core.sweep import SweepResult, SweepVariant, sweep_grid
 
 __all__ = [  # the engine's whole surface, importable from this one module
     "ControlSpec",

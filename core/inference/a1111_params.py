@@ -20,11 +20,11 @@ from typing import Any, cast
 
 from safetensors import SafetensorError, safe_open
 
-from core.inference_types import CONTROL_KINDS, MODES, ControlKind, ControlSpec, GenerationRequest, LoraSpec
+from core.inference.png_info import format_parameters, parse_parameters
+from core.inference.requests import CONTROL_KINDS, MODES, ControlKind, ControlSpec, GenerationRequest, LoraSpec
+from core.inference.samplers import SAMPLER_LABELS
 from core.lora.files import DIFFUSERS_WEIGHT_NAME, short_hash
 from core.models.controlnets import model_reference
-from core.png_info import format_parameters, parse_parameters
-from core.samplers import SAMPLER_LABELS
 
 LORA_TAG = re.compile(r"\s*<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 _CONTROL_UNIT = re.compile(r"ControlNet \d+")
