@@ -18,10 +18,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.caption_demo import ensure_demo_captioner
-from core.caption_files import CaptioningError, list_backups, restore_backup
-from core.captioners import FLORENCE_TASKS, PRESETS
-from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionProgress
+from core.captioning.backups import CaptioningError, list_backups, restore_backup
+from core.captioning.demo import ensure_demo_captioner
+from core.captioning.job import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionProgress
+from core.captioning.models import FLORENCE_TASKS, PRESETS
 from core.models.demo import default_cache_dir
 
 log = logging.getLogger("atelier.caption")

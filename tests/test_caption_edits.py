@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core.caption_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
-from core.caption_files import BACKUP_FOLDER, MANIFEST, CaptioningError, list_backups, restore_backup
+from core.captioning.backups import BACKUP_FOLDER, MANIFEST, CaptioningError, list_backups, restore_backup
+from core.captioning.bulk_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
 from core.common.install_key import KEY_FILE, STATE_DIR_ENV
 
 

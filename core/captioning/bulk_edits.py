@@ -2,7 +2,7 @@
 
 Editing is two steps so the user sees every change before any file is touched: `plan_edits` returns
 each caption's old and new text, and `apply_edits` writes exactly those, after backing up the captions
-(`core.caption_files`). A caption that changed on disk since the preview is left alone and reported,
+(`core.captioning.backups`). A caption that changed on disk since the preview is left alone and reported,
 because writing the previewed text would throw that newer edit away.
 
 Tags are comma-separated, as kohya and booru-style captions write them; comparing tags ignores letter
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.caption_files import BackupInfo, CaptioningError, create_backup, link_escape, scan_dataset
+from core.captioning.backups import BackupInfo, CaptioningError, create_backup, link_escape, scan_dataset
 from core.common.fsutil import atomic_write_text, write_advice
 
 log = logging.getLogger(__name__)

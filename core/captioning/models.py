@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from core.caption_files import CaptioningError
+from core.captioning.backups import CaptioningError
 from core.common.errors import first_line
 
 log = logging.getLogger(__name__)

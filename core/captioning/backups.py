@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from core.captions import caption_path
+from core.captioning.editor import caption_path
 from core.common.fsutil import atomic_path, atomic_write_bytes, atomic_write_text, write_advice
 from core.common.install_key import KEY_FILE, STATE_DIR_ENV, sign, signed, signing_key, state_folder
 from core.config.schema import DatasetSection

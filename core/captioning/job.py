@@ -1,7 +1,7 @@
 """Caption a dataset folder with a BLIP, BLIP-2 or Florence-2 model, safely and interruptibly.
 
 Nobody writes 64 captions by hand, but the captions a run replaces may well have been. So before the
-first write, every caption the run may replace is backed up (`core.caption_files`), each new
+first write, every caption the run may replace is backed up (`core.captioning.backups`), each new
 caption is written atomically (a cancel or crash leaves every file old or new, never half-written), and
 a caption that changed on disk since the backup (edited in the Dataset tab meanwhile) is left alone.
 Images go through the model in batches; progress reports count and ETA after each, and a cancel stops
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from core.caption_files import BackupInfo, CaptioningError, DatasetCaptions, create_backup, scan_dataset
-from core.captioners import FLORENCE_TASKS, Captioner, open_captioner
+from core.captioning.backups import BackupInfo, CaptioningError, DatasetCaptions, create_backup, scan_dataset
+from core.captioning.models import FLORENCE_TASKS, Captioner, open_captioner
 from core.common.fsutil import atomic_write_text, write_advice
 from core.data.images import UnusableImage, open_image
 
