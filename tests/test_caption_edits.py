@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from core.captioning.backups import BACKUP_FOLDER, MANIFEST, CaptioningError, list_backups, restore_backup
+from core.captioning.backups import (
+    BACKUP_FOLDER,
+    MANIFEST,
+    CaptioningError,
+    list_backups,
+    restore_backup,
+    survey_backups,
+)
 from core.captioning.bulk_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
 from core.common.install_key import KEY_FILE, STATE_DIR_ENV
 
@@ -149,6 +156,9 @@ def test_restore_refuses_unknown_or_damaged_backups(demo_dataset: Path) -> None:
     assert all("tagged" in text for text in captions(demo_dataset).values())
     (report.backup.folder / "backup.json").write_text("{not json", encoding="utf-8")
     assert list_backups(demo_dataset) == []
+    assert survey_backups(demo_dataset).hidden == {report.backup.id: "has a damaged backup.json (JSONDecodeError)"}
+    with pytest.raises(CaptioningError, match=r"has a damaged backup\.json \(JSONDecodeError\), so it is not restored"):
+        restore_backup(demo_dataset, report.backup.id)
     assert (demo_dataset / BACKUP_FOLDER).is_dir()
 
 
@@ -184,6 +194,11 @@ def test_a_backup_shipped_with_the_dataset_is_never_listed_or_restored(
         with pytest.raises(CaptioningError, match=f"backup {name}: was not made by Atelier on this machine"):
             restore_backup(demo_dataset, name)
     assert [backup.id for backup in list_backups(demo_dataset)] == [real.id]
+    survey = survey_backups(demo_dataset)
+    assert [backup.id for backup in survey.offered] == [real.id]
+    assert survey.hidden == {
+        f"9999-12-31_23-59-5{n}": "was not made by Atelier on this machine (no valid signature)" for n in (7, 8, 9)
+    }
     unsigned = [record.getMessage() for record in caplog.records if "not made by Atelier" in record.getMessage()]
     assert {message.split()[4] for message in unsigned} == {
         str(demo_dataset / BACKUP_FOLDER / f"9999-12-31_23-59-5{n}") for n in (7, 8, 9)

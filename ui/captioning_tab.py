@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from core.captioning.backups import CaptioningError, list_backups, restore_backup
+from core.captioning.backups import BACKUP_FOLDER, BackupSurvey, CaptioningError, restore_backup, survey_backups
 from core.captioning.bulk_edits import AddTag, BulkEdit, CaptionChange, FindReplace, RemoveTag, apply_edits, plan_edits
 from core.captioning.demo import ensure_demo_captioner
 from core.captioning.job import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
@@ -70,6 +70,19 @@ class LastRun:
 
     root: Path
     report: CaptionReport
+
+
+def hidden_backups_notice(hidden: dict[str, str]) -> str:
+    """Under the backups list: the folders that are not offered and why, so a dataset's own backups are not
+    silently missing (a downloaded dataset can ship a `.caption-backups` that would overwrite files).
+
+    Gradio 6.31 shows a dropdown's `info` as plain text, so names go in unescaped (the hostile-corpus
+    browser test fails if that changes and a name's HTML becomes an element)."""
+    if not hidden:
+        return ""
+    named = "; ".join(f"{name} {why}" for name, why in list(hidden.items())[:3])
+    more = f" and {len(hidden) - 3} more" if len(hidden) > 3 else ""
+    return f"Not offered: {named}{more}. Their copies stay in {BACKUP_FOLDER}: copy back by hand only those you trust."
 
 
 def model_choices(demo: bool) -> list[tuple[str, str]]:
@@ -196,12 +209,13 @@ def build_captioning_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> No
 
     def backup_choices(path: str, chosen: str | None = None) -> gr.Dropdown:
         try:
-            found = list_backups(dataset_folder(path)) if path.strip() else []
+            survey = survey_backups(dataset_folder(path)) if path.strip() else BackupSurvey([], {})
         except PathNotAllowed:
-            found = []  # the folder box's actions say why
-        ids = [backup.id for backup in found]
+            survey = BackupSurvey([], {})  # the folder box's actions say why
+        ids = [backup.id for backup in survey.offered]
         value = chosen if chosen in ids else (ids[0] if ids else None)
-        return gr.Dropdown(choices=[(backup.label, backup.id) for backup in found], value=value)
+        choices = [(backup.label, backup.id) for backup in survey.offered]
+        return gr.Dropdown(choices=choices, value=value, info=hidden_backups_notice(survey.hidden))
 
     def on_start(path: str, *values: Any) -> Iterator[tuple[Any, ...]]:
         busy = "**A captioning run is going already:** wait for it, or cancel it."

@@ -160,12 +160,38 @@ def create_backup(
 
 def list_backups(root: Path | str) -> list[BackupInfo]:
     """The dataset's complete backups, newest first."""
+    return survey_backups(root).offered
+
+
+@dataclass(frozen=True)
+class BackupSurvey:
+    """What a dataset's backup folder holds: the backups a restore may use, and the others with the reason."""
+
+    offered: list[BackupInfo]
+    hidden: dict[str, str]
+
+
+def survey_backups(root: Path | str) -> BackupSurvey:
+    """Every backup folder of the dataset, sorted into the restorable ones (newest first) and the rest.
+
+    The rest are named with why they are not offered (no valid signature, a damaged manifest), so the
+    UI can say that a dataset shipped backups of its own rather than hide them silently.
+    """
     base = Path(root) / BACKUP_FOLDER
     if not base.is_dir():
-        return []
+        return BackupSurvey([], {})
     key = _key()
-    backups = [info for folder in base.iterdir() if (info := _read_backup(folder, key)) is not None]
-    return sorted(backups, key=lambda info: (info.created_at, info.id), reverse=True)
+    offered, hidden = [], {}
+    for folder in sorted(base.iterdir()):
+        try:
+            info = _read_backup(folder, key)
+        except UnusableBackup as why:
+            hidden[folder.name] = str(why)
+            continue
+        if info is not None:
+            offered.append(info)
+    offered.sort(key=lambda info: (info.created_at, info.id), reverse=True)
+    return BackupSurvey(offered, hidden)
 
 
 def restore_backup(root: Path | str, backup_id: str) -> RestoreReport:
@@ -175,13 +201,14 @@ def restore_backup(root: Path | str, backup_id: str) -> RestoreReport:
     that way), then replaced atomically; captions the change created are removed.
     """
     root = Path(root)
-    info = _read_backup(root / BACKUP_FOLDER / backup_id, _key()) if _plain_name(backup_id) else None
-    if info is None and _plain_name(backup_id) and (root / BACKUP_FOLDER / backup_id / MANIFEST).is_file():
+    folder = root / BACKUP_FOLDER / backup_id
+    try:
+        info = _read_backup(folder, _key()) if _plain_name(backup_id) else None
+    except UnusableBackup as why:
         raise CaptioningError(
             f"backup {backup_id}",
-            "was not made by Atelier on this machine (no valid signature), so it is not restored: its caption "
-            f"copies are in {root / BACKUP_FOLDER / backup_id}; copy back by hand only those you trust",
-        )
+            f"{why}, so it is not restored: its caption copies are in {folder}; copy back by hand only those you trust",
+        ) from None
     if info is None:
         known = ", ".join(backup.id for backup in list_backups(root)[:5]) or "none"
         raise CaptioningError("backup", f"no backup {backup_id!r} in {root / BACKUP_FOLDER} (latest: {known})")
@@ -244,10 +271,15 @@ def _new_backup_folder(root: Path) -> Path:
     raise CaptioningError(str(base), "holds too many backups from this second: wait a moment and try again")
 
 
-def _read_backup(folder: Path, key: bytes) -> BackupInfo | None:
-    """The backup in `folder`, or None for an interrupted, damaged or unsigned one (logged, never restored from).
+class UnusableBackup(Exception):
+    """A backup folder with a manifest that must not be restored from; the message says why."""
 
-    The signature is checked before anything in the manifest is used.
+
+def _read_backup(folder: Path, key: bytes) -> BackupInfo | None:
+    """The backup in `folder`, or None for an interrupted one (no manifest yet).
+
+    UnusableBackup for a damaged or unsigned one, which is never restored from. The signature is
+    checked before anything in the manifest is used.
     """
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -256,7 +288,7 @@ def _read_backup(folder: Path, key: bytes) -> BackupInfo | None:
         return None
     except (OSError, ValueError, TypeError, AttributeError) as error:
         log.warning("ignoring damaged caption backup %s: %s", folder, error)
-        return None
+        raise UnusableBackup(f"has a damaged {MANIFEST} ({type(error).__name__})") from None
     if not signed(key, manifest, signature):
         log.warning(
             "not offering caption backup %s for restore: it was not made by Atelier on this machine (no valid "
@@ -264,7 +296,7 @@ def _read_backup(folder: Path, key: bytes) -> BackupInfo | None:
             "them back by hand if you trust them",
             folder,
         )
-        return None
+        raise UnusableBackup("was not made by Atelier on this machine (no valid signature)")
     replaced = {str(path): str(digest) for path, digest in manifest["replaced"].items()}
     created = tuple(str(path) for path in manifest["created"])
     return BackupInfo(
