@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import core.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
+import core.common.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
 
 # isort: split
 import argparse

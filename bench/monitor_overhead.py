@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.demo import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
+from core.models.demo import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.monitor_overhead")
@@ -109,7 +109,7 @@ def write_settings(output: Path, cache: Path, epochs: int) -> None:
 
     The app loads an existing store instead of building its own, so every run trains exactly this.
     """
-    from core.config_files import build_config, config_to_toml
+    from core.config.files import build_config, config_to_toml
     from ui.shell import SETTINGS_FILE
 
     config = build_config(

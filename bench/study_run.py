@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from bench.train_speed import make_dataset, model_path
 
 if TYPE_CHECKING:
-    from core.config import TrainConfig
+    from core.config.schema import TrainConfig
 
 log = logging.getLogger("bench.study_run")
 
@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from core.config_files import build_config
-    from core.dataset import load_dataset
-    from core.demo import default_cache_dir
+    from core.config.files import build_config
+    from core.data.dataset import load_dataset
+    from core.models.demo import default_cache_dir
 
     cache = default_cache_dir()
     log.info("preparing the model (%s) and the %d-image dataset in %s", args.model, IMAGES, cache)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_args
 
-from core.config import LoraTargets
+from core.config.schema import LoraTargets
 
 log = logging.getLogger("bench.train_speed")
 WARMUP_STEPS = 3
@@ -58,7 +58,7 @@ def peak_memory_gb(device: str) -> tuple[float, str]:
 
 def model_path(name: str, cache: Path) -> str:
     if name == "demo":
-        from core.demo import ensure_demo_model
+        from core.models.demo import ensure_demo_model
 
         return str(ensure_demo_model(cache))
     if name == "sd15-random":
@@ -72,7 +72,7 @@ def ensure_random_sd15(cache: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from core.models import SD15_CONFIG_DIR
+    from core.models.loading import SD15_CONFIG_DIR
 
     target = cache / "sd15-random"
     if (target / "model_index.json").is_file():
@@ -117,9 +117,9 @@ def make_dataset(folder: Path, count: int, resolution: int) -> Path:
 def run_ours(args: argparse.Namespace, model: str, dataset: Path, output: Path) -> Measurement:
     import torch
 
-    from core.config_files import build_config
-    from core.events import StepRecord, TrainingCallbacks
-    from core.trainer import Trainer
+    from core.config.files import build_config
+    from core.training.events import StepRecord, TrainingCallbacks
+    from core.training.trainer import Trainer
 
     class Timer(TrainingCallbacks):
         def __init__(self) -> None:
@@ -163,7 +163,7 @@ def run_reference(args: argparse.Namespace, model: str, dataset: Path) -> Measur
     from peft import LoraConfig, inject_adapter_in_model
     from PIL import Image
 
-    from core.models import load_sd15
+    from core.models.loading import load_sd15
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
@@ -251,7 +251,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    from core.demo import default_cache_dir
+    from core.models.demo import default_cache_dir
 
     cache = default_cache_dir()
     model = model_path(args.model, cache)

@@ -8,7 +8,7 @@ images that failed and the backup to restore go to stderr. `--list-backups` and 
 
 from __future__ import annotations
 
-import core.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
+import core.common.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
 
 # isort: split
 import argparse
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.caption_demo import ensure_demo_captioner
-from core.caption_files import CaptioningError, list_backups, restore_backup
-from core.captioners import FLORENCE_TASKS, PRESETS
-from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionProgress
-from core.demo import default_cache_dir
+from core.captioning.backups import CaptioningError, list_backups, restore_backup
+from core.captioning.demo import ensure_demo_captioner
+from core.captioning.job import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionProgress
+from core.captioning.models import FLORENCE_TASKS, PRESETS
+from core.models.demo import default_cache_dir
 
 log = logging.getLogger("atelier.caption")
 

@@ -7,7 +7,7 @@ demo model and its ControlNets (units without a model get the demo's; canny borr
 
 from __future__ import annotations
 
-import core.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
+import core.common.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
 
 # isort: split
 import argparse
@@ -19,9 +19,8 @@ from typing import cast
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from core.demo import default_cache_dir, ensure_demo_model
-from core.inference import InferenceEngine
-from core.inference_types import (
+from core.inference.engine import InferenceEngine
+from core.inference.requests import (
     CONTROL_KINDS,
     MODES,
     ControlKind,
@@ -30,9 +29,10 @@ from core.inference_types import (
     GenerationRequest,
     LoraSpec,
 )
-from core.models import ModelLoadError
-from core.samplers import SAMPLER_LABELS
-from core.sweep import SweepVariant, variants_from_files, variants_from_run, variants_from_weights
+from core.inference.samplers import SAMPLER_LABELS
+from core.inference.sweep import SweepVariant, variants_from_files, variants_from_run, variants_from_weights
+from core.models.demo import default_cache_dir, ensure_demo_model
+from core.models.loading import ModelLoadError
 
 log = logging.getLogger("atelier.generate")
 # What the real SD 1.5 models expect, and what the tiny demo model renders in a second on a CPU.

@@ -6,7 +6,7 @@ Settings come from the same schema as the UI: defaults ← --preset ← --config
 
 from __future__ import annotations
 
-import core.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
+import core.common.quiet  # noqa: F401 - first: drops known import-time noise before the libraries load
 
 # isort: split
 import argparse
@@ -17,14 +17,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.checkpoint import CheckpointError
-from core.config import ConfigError, TrainConfig
-from core.config_files import build_config, list_presets
-from core.dataset import Dataset, summarize
-from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
-from core.events import EpochRecord, StepRecord, TrainingCallbacks
-from core.preflight import preflight
-from core.trainer import Trainer, TrainingError
+from core.config.files import build_config, list_presets
+from core.config.schema import ConfigError, TrainConfig
+from core.data.dataset import Dataset, summarize
+from core.models.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
+from core.training.checkpoint import CheckpointError
+from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
+from core.training.preflight import preflight
+from core.training.trainer import Trainer, TrainingError
 
 log = logging.getLogger("atelier.train")
 

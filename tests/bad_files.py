@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.dataset import ProblemKind
+from core.data.dataset import ProblemKind
 
 Reported = ProblemKind | None
 

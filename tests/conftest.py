@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.demo import ensure_demo_dataset, ensure_demo_model
-from core.install_key import STATE_DIR_ENV
+from core.common.install_key import STATE_DIR_ENV
+from core.models.demo import ensure_demo_dataset, ensure_demo_model
 
 # The test machine has 2 shared cores; a second torch thread made a tiny UNet forward 35x slower.
 torch.set_num_threads(1)

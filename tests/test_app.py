@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from app import check_exposure, parse_args, parse_auth
-from core.config import DatasetSection
-from core.dataset import DatasetError, load_dataset
+from core.config.schema import DatasetSection
+from core.data.dataset import DatasetError, load_dataset
 from ui.dataset_tab import describe_dataset, explain_error
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import pytest
 from test_captioning import build_tiny_blip2, build_tiny_florence2
 
 from core.caption import EXIT_CANCELLED, EXIT_ERROR, main
-from core.caption_files import list_backups
-from core.captioning import CaptionJob
+from core.captioning.backups import list_backups
+from core.captioning.job import CaptionJob
 
 
 @pytest.fixture(autouse=True)

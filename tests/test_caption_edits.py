@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.caption_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
-from core.caption_files import (
+from core.captioning.backups import (
     BACKUP_FOLDER,
     MANIFEST,
     CaptioningError,
@@ -20,7 +19,8 @@ from core.caption_files import (
     restore_backup,
     survey_backups,
 )
-from core.install_key import KEY_FILE, STATE_DIR_ENV
+from core.captioning.bulk_edits import AddTag, FindReplace, RemoveTag, apply_edits, plan_edits, split_tags
+from core.common.install_key import KEY_FILE, STATE_DIR_ENV
 
 
 def captions(folder: Path) -> dict[str, str]:

@@ -32,12 +32,12 @@ from transformers import (
     GPT2Tokenizer,
 )
 
-import core.captioners
-from core.caption_demo import ensure_demo_captioner
-from core.caption_files import BACKUP_FOLDER, CaptioningError, list_backups, restore_backup
-from core.captioners import BLIP2_MODEL, BLIP2_REVISION, Captioner, open_captioner
-from core.captioning import CaptionJob, CaptionOptions, CaptionProgress, caption_folder
-from core.images import open_image
+import core.captioning.models
+from core.captioning.backups import BACKUP_FOLDER, CaptioningError, list_backups, restore_backup
+from core.captioning.demo import ensure_demo_captioner
+from core.captioning.job import CaptionJob, CaptionOptions, CaptionProgress, caption_folder
+from core.captioning.models import BLIP2_MODEL, BLIP2_REVISION, Captioner, open_captioner
+from core.data.images import open_image
 
 PREFIX, SUFFIX = "bauhaus style building, ", ", façade 東京"
 
@@ -284,14 +284,14 @@ def test_the_model_is_freed_after_the_run(
     tiny_models: dict[str, Path], demo_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded: list[weakref.ref] = []
-    real_load = core.captioners.load_captioner
+    real_load = core.captioning.models.load_captioner
 
     def tracking_load(*args: Any, **kwargs: Any) -> Captioner:
         captioner = real_load(*args, **kwargs)
         loaded.append(weakref.ref(captioner.model))
         return captioner
 
-    monkeypatch.setattr(core.captioners, "load_captioner", tracking_load)
+    monkeypatch.setattr(core.captioning.models, "load_captioner", tracking_load)
     caption_folder(demo_dataset, CaptionOptions(model=str(tiny_models["blip"]), mode="overwrite"))
     gc.collect()
     assert len(loaded) == 1 and loaded[0]() is None

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.captions import CaptionError, caption_path, preview, read_caption, undo, write_caption
-from core.config import DatasetSection
-from core.dataset import load_dataset
+from core.captioning.editor import CaptionError, caption_path, preview, read_caption, undo, write_caption
+from core.config.schema import DatasetSection
+from core.data.dataset import load_dataset
 
 
 @pytest.fixture

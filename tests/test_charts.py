@@ -6,9 +6,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
-from core.config import ConfigError, Problem
-from core.events import EpochRecord, ValidationRecord
-from core.session import SessionBusy, Snapshot
+from core.config.schema import ConfigError, Problem
+from core.training.events import EpochRecord, ValidationRecord
+from core.training.session import SessionBusy, Snapshot
 from ui.charts import MAX_POINTS, ema, loss_figure, thin
 from ui.monitor_tab import (
     button_updates,

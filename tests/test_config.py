@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, TrainConfig, config_fields, parse_config
-from core.config_files import (
+from core.config.files import (
     build_config,
     config_to_toml,
     list_presets,
@@ -18,7 +17,8 @@ from core.config_files import (
     read_toml,
     save_config,
 )
-from core.preflight import check_run
+from core.config.schema import ConfigError, TrainConfig, config_fields, parse_config
+from core.training.preflight import check_run
 
 STYLES = ["bauhaus", "renaissance", "deconstructivist", "parametric", "neoclassical"]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from core.buckets import assign_bucket, bucket_resolutions
-from core.config import DatasetSection
-from core.dataset import Dataset, DatasetError, load_dataset, summarize
-from core.images import UnusableImage, check_image, fit_to_bucket, is_image_file, open_image
+from core.config.schema import DatasetSection
+from core.data.buckets import assign_bucket, bucket_resolutions
+from core.data.dataset import Dataset, DatasetError, load_dataset, summarize
+from core.data.images import UnusableImage, check_image, fit_to_bucket, is_image_file, open_image
 from tests.bad_files import SIZE, Case, write_bad_files, write_image
 from tests.guards import within
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.demo import ensure_demo_dataset
+from core.models.demo import ensure_demo_dataset
 
 
 def test_a_second_start_keeps_edited_captions_and_restores_only_missing_files(tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from core.config import LoraSection, TrainConfig
-from core.config_files import build_config
-from core.estimates import (
+from core.config.files import build_config
+from core.config.schema import LoraSection, TrainConfig
+from core.lora.adapters import add_training_loras, text_encoder_target_modules, unet_target_modules
+from core.lora.files import kohya_state_dict
+from core.training.estimates import (
     TEXT_ENCODER_PARAMETERS,
     UNET_PARAMETERS,
     VAE_PARAMETERS,
@@ -23,8 +25,6 @@ from core.estimates import (
     memory_estimate,
     time_per_epoch,
 )
-from core.lora import add_training_loras, text_encoder_target_modules, unet_target_modules
-from core.lora_files import kohya_state_dict
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from core.fsutil import atomic_path, atomic_write_bytes, remove_leftovers
+from core.common.fsutil import atomic_path, atomic_write_bytes, remove_leftovers
 
 OLD, NEW = b"old settings\n" * 10, b"new settings\n" * 1000
 ROOT = Path(__file__).resolve().parent.parent
 FULL_DISK_WRITE = """
 import resource, signal, sys
 from pathlib import Path
-from core.fsutil import atomic_write_bytes
+from core.common.fsutil import atomic_write_bytes
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:

@@ -12,8 +12,8 @@ from test_inference import make_loras
 
 from core import train
 from core.generate import main, parse_args, parse_control, parse_lora
-from core.inference_types import ControlSpec, GenerationError, LoraSpec
-from core.png_info import read_png_parameters
+from core.inference.png_info import read_png_parameters
+from core.inference.requests import ControlSpec, GenerationError, LoraSpec
 
 TINY = ["--steps", "2", "--width", "64", "--height", "64", "--sampler", "ddim", "--seed", "5"]
 

@@ -19,26 +19,25 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-import core.inpaint
-from core.config import LoraSection
-from core.inference import InferenceEngine
-from core.inference_params import request_from_parameters, split_lora_tags
-from core.inference_types import (
+import core.inference.inpaint
+from core.config.schema import LoraSection
+from core.inference.a1111_params import request_from_parameters, split_lora_tags
+from core.inference.engine import InferenceEngine
+from core.inference.lora_stack import LoraStack
+from core.inference.masks import prepare_mask
+from core.inference.png_info import read_png_parameters
+from core.inference.requests import (
     ControlSpec,
     GenerationCancelled,
     GenerationError,
     GenerationRequest,
     LoraSpec,
 )
-from core.lora import add_training_loras
-from core.lora_files import read_lora_metadata, save_diffusers_lora, save_lora
-from core.lora_formats import sd15_index
-from core.lora_stack import LoraStack, short_hash
-from core.masks import prepare_mask
-from core.models import ModelLoadError, build_pipeline, load_sd15
-from core.png_info import read_png_parameters
-from core.samplers import SAMPLER_LABELS
-from core.sweep import label_height, sweep_grid, variants_from_files, variants_from_run, variants_from_weights
+from core.inference.samplers import SAMPLER_LABELS
+from core.inference.sweep import label_height, sweep_grid, variants_from_files, variants_from_run, variants_from_weights
+from core.lora.adapters import add_training_loras
+from core.lora.files import read_lora_metadata, save_diffusers_lora, save_lora, sd15_index, short_hash
+from core.models.loading import ModelLoadError, build_pipeline, load_sd15
 
 BASE = GenerationRequest("bauhaus style building", seed=11, steps=3, width=64, height=64, sampler="ddim")
 
@@ -222,13 +221,13 @@ def test_feathered_inpaint_keeps_the_photo_outside_and_blends_the_seam(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     generated: list[Image.Image] = []
-    original_paste = core.inpaint.paste
+    original_paste = core.inference.inpaint.paste
 
     def spy(base: Image.Image, patch: Image.Image, box: tuple[int, int, int, int], soft: Image.Image) -> Image.Image:
         generated.append(patch.resize(base.size, Image.Resampling.LANCZOS))
         return original_paste(base, patch, box, soft)
 
-    monkeypatch.setattr(core.inpaint, "paste", spy)
+    monkeypatch.setattr(core.inference.inpaint, "paste", spy)
     result = engine.generate(replace(inpaint, mask_feather=6)).images[0]
     assert result.size == photo.size
     soft = np.asarray(prepare_mask(mask, photo.size, feather=6))

@@ -17,12 +17,12 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from core.config_files import build_config
-from core.inference import InferenceEngine
-from core.inference_params import generation_parameters, request_from_parameters, restore_parameters
-from core.inference_types import ControlSpec, GenerationError, GenerationRequest, LoraSpec
-from core.lora_stack import short_hash
-from core.workspace import Workspace
+from core.common.workspace import Workspace
+from core.config.files import build_config
+from core.inference.a1111_params import generation_parameters, request_from_parameters, restore_parameters
+from core.inference.engine import InferenceEngine
+from core.inference.requests import ControlSpec, GenerationError, GenerationRequest, LoraSpec
+from core.lora.files import short_hash
 from ui.config_store import ConfigStore
 from ui.inference_form import (
     MAX_LORAS,

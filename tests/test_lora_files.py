@@ -18,17 +18,17 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from training_helpers import Recorder, demo_config
 
-from core.config import LoraSection, TrainConfig
-from core.lora import add_training_loras
-from core.lora_files import (
+from core.config.schema import LoraSection, TrainConfig
+from core.lora.adapters import add_training_loras
+from core.lora.files import (
     kohya_state_dict,
+    read_lora,
     read_lora_metadata,
     save_diffusers_lora,
     save_lora,
     training_metadata,
 )
-from core.lora_formats import read_lora
-from core.trainer import Trainer
+from core.training.trainer import Trainer
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank, so a file that stores the wrong alpha changes the outputs
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.lora_svd import (
+from core.lora.svd import (
     LoraModule,
     choose_rank,
     combine_modules,

@@ -2,7 +2,7 @@
 
 A merged model must give the outputs of base + LoRA loaded by diffusers; a combined LoRA those of the
 LoRAs loaded side by side; a converted file must load in diffusers with the same alpha. Files are made
-the way training makes them (core.lora adapters with random lora_B, saved by core.lora_files).
+the way training makes them (core.lora.adapters adapters with random lora_B, saved by core.lora.files).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from core.config import LoraSection
-from core.lora import add_training_loras
-from core.lora_files import save_diffusers_lora, save_lora
-from core.lora_formats import kohya_tensors, read_lora
-from core.lora_merge import extract_lora, merge_loras
-from core.lora_tools import combine_loras, convert_lora, inspect_lora, main, parse_weighted, resize_lora, run
-from core.models import build_pipeline, load_sd15
+from core.config.schema import LoraSection
+from core.lora.adapters import add_training_loras
+from core.lora.files import kohya_tensors, read_lora, save_diffusers_lora, save_lora
+from core.lora.merge import extract_lora, merge_loras
+from core.lora.tools import combine_loras, convert_lora, inspect_lora, parse_weighted, resize_lora, run
+from core.lora_tools import main
+from core.models.loading import build_pipeline, load_sd15
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters on purpose
 TOKENS = torch.tensor([[49406, 320, 1125, 3666, 49407]])
@@ -53,7 +53,7 @@ def _trained(model: Path, section: LoraSection, seed: int) -> StableDiffusionPip
 @pytest.fixture(scope="module")
 def loras(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`all`: every UNet layer + text encoder, rank 4, alpha 2; `attn`: attention + TE, rank 2, alpha 3;
-    `diffusers`: `all`'s adapters in diffusers format (core.lora_files.save_diffusers_lora)."""
+    `diffusers`: `all`'s adapters in diffusers format (core.lora.files.save_diffusers_lora)."""
     folder = tmp_path_factory.mktemp("loras")
     meta = {"ss_sd_model_name": "demo-sd15", "ss_base_model_version": "sd_v1", "ss_epoch": "3"}
     big = _trained(demo_model, LoraSection(rank=4, alpha=2.0, targets="all", train_text_encoder=True), 7)

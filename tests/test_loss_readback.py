@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.events import StepRecord
-from core.loss_readback import LossReadback
-from core.trainer import Trainer, TrainingError
+from core.training.events import StepRecord
+from core.training.loss_readback import LossReadback
+from core.training.trainer import Trainer, TrainingError
 from tests.training_helpers import Recorder, demo_config
 
 DEFERRED = "performance.loss_readback_seconds=60"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from core.losses import diffusion_loss, min_snr_weights
+from core.training.losses import diffusion_loss, min_snr_weights
 
 GAMMA = 5.0
 # SNR from ~1175 (t=0) down to ~0.005 (t=999): both sides of γ, so the clamp and the division both show.

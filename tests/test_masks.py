@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from core.masks import composite, crop, gaussian_blur, mask_crop_box, paste, prepare_mask
+from core.inference.masks import composite, crop, gaussian_blur, mask_crop_box, paste, prepare_mask
 
 SIZE = (200, 136)
 
@@ -117,7 +117,7 @@ def test_an_empty_transparent_layer_is_an_empty_mask() -> None:
 
 
 def test_feather_wider_than_the_mask_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="core.masks"):
+    with caplog.at_level(logging.WARNING, logger="core.inference.masks"):
         soft = prepare_mask(_rect_mask((60, 30, 70, 110)), SIZE, feather=8)
     assert "lower the feather" in caplog.text
     assert np.asarray(soft).max() < 255

@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from training_helpers import demo_config
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from core.demo import CONTROLNET_NAMES, ensure_demo_model
-from core.ldm_convert import save_ldm_checkpoint, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from core.models import (
+from core.models.demo import CONTROLNET_NAMES, ensure_demo_model
+from core.models.ldm_convert import save_ldm_checkpoint, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from core.models.loading import (
     SD15_CONFIG_DIR,
     ModelCheck,
     ModelLoadError,
@@ -36,7 +36,7 @@ from core.models import (
     check_model,
     load_sd15,
 )
-from core.preflight import check_run
+from core.training.preflight import check_run
 
 
 @pytest.fixture(autouse=True)

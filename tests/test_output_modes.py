@@ -16,13 +16,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from training_helpers import Recorder, demo_config
 
-from core.config import LoraSection
-from core.fsutil import FILE_MODE, FOLDER_MODE
-from core.lora import add_training_loras
-from core.lora_files import save_lora
-from core.lora_merge import merge_loras
-from core.lora_tools import convert_lora
-from core.trainer import Trainer
+from core.common.fsutil import FILE_MODE, FOLDER_MODE
+from core.config.schema import LoraSection
+from core.lora.adapters import add_training_loras
+from core.lora.files import save_lora
+from core.lora.merge import merge_loras
+from core.lora.tools import convert_lora
+from core.training.trainer import Trainer
 
 
 def _wrong_modes(root: Path) -> dict[str, str]:

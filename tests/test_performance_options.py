@@ -11,11 +11,11 @@ import torch
 from diffusers.models.autoencoders.vae import Encoder
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer
 
-from core.config_files import build_config
-from core.dataset import load_dataset
-from core.feature_cache import bucket_pixels
-from core.trainer import Trainer
-from core.training_model import load_for_training
+from core.config.files import build_config
+from core.data.dataset import load_dataset
+from core.data.feature_cache import bucket_pixels
+from core.training.model_setup import load_for_training
+from core.training.trainer import Trainer
 from tests.training_helpers import Recorder, demo_config
 
 pytestmark = pytest.mark.slow

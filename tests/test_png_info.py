@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.config import SamplingSection
-from core.png_info import format_parameters, parse_parameters, read_png_parameters, save_png_with_parameters
-from core.sampling import generation_parameters
+from core.config.schema import SamplingSection
+from core.inference.png_info import format_parameters, parse_parameters, read_png_parameters, save_png_with_parameters
+from core.training.samples import generation_parameters
 
 PROMPT = "photo of a brick townhouse, (ivy facade:1.2), <lora:archi:0.8>\nwarm evening light\n"
 NEGATIVE = "lowres, blurry\n(worst quality:1.4)"

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from core import preprocessors
-from core.lineart_model import LineartGenerator
-from core.preprocessors import (
+from core.models import preprocessors
+from core.models.lineart import LineartGenerator
+from core.models.preprocessors import (
     canny,
     depth,
     depth_fallback,

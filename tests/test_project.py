@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -48,3 +50,20 @@ def test_engine_has_no_ui_and_ui_has_no_torch() -> None:
     for path in (ROOT / "ui").rglob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(import|from) (torch|diffusers|transformers|peft)\b", text, flags=re.M), path
+
+
+ENTRY_MODULES = {"__init__.py", "train.py", "generate.py", "caption.py", "lora_tools.py", "config_docs.py"}
+
+
+def test_core_holds_packages_and_the_entry_modules_only() -> None:
+    """core/ is one package per capability; the modules left at its top are the documented commands."""
+    assert {path.name for path in (ROOT / "core").glob("*.py")} == ENTRY_MODULES
+    for package in (path for path in (ROOT / "core").iterdir() if path.is_dir() and path.name != "__pycache__"):
+        init = package / "__init__.py"
+        assert init.is_file() and init.read_text().startswith('"""'), f"{package} needs a docstring __init__.py"
+
+
+def test_config_and_training_events_load_without_torch() -> None:
+    for module in ("core.config", "core.config.files", "core.training.events"):
+        code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(sys.modules)"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from core.quiet import HARMLESS, install
+from core.common.quiet import HARMLESS, install
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["core.train", "core.generate", "core.caption", "core.lora_tools", "core.config_docs", "app"]

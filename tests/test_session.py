@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from core.events import StepRecord, ValidationRecord
-from core.session import TrainingSession, _Recorder
+from core.training.events import StepRecord, ValidationRecord
+from core.training.session import TrainingSession, _Recorder
 from tests.training_helpers import demo_config
 
 

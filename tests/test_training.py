@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from training_helpers import Recorder, demo_config, read_metrics
 
-from core.config import ConfigError, TrainConfig
-from core.events import EpochRecord, TrainingCommands
-from core.lora import add_training_loras
-from core.models import load_sd15
-from core.session import SessionBusy, TrainingSession, explain_error
-from core.trainer import Trainer, TrainingError
-from core.validation import build_validation_set, validation_loss
+from core.config.schema import ConfigError, TrainConfig
+from core.lora.adapters import add_training_loras
+from core.models.loading import load_sd15
+from core.training.events import EpochRecord, TrainingCommands
+from core.training.session import SessionBusy, TrainingSession, explain_error
+from core.training.trainer import Trainer, TrainingError
+from core.training.validation import build_validation_set, validation_loss
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,7 +291,7 @@ def test_two_process_distributed_run(demo_model: Path, demo_dataset: Path, tmp_p
 def test_a_finished_run_hands_its_loaded_model_to_inference(
     demo_model: Path, demo_dataset: Path, tmp_path: Path
 ) -> None:
-    from core.inference import GenerationRequest, InferenceEngine
+    from core.inference.engine import GenerationRequest, InferenceEngine
 
     session = TrainingSession()
     session.start(demo_config(demo_model, demo_dataset, tmp_path, "schedule.epochs=1", "sampling.every_n_epochs=0"))

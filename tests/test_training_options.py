@@ -12,10 +12,10 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 from training_helpers import Recorder, demo_config, read_metrics
 
-from core.config import OptimizerSection, ScheduleSection
-from core.losses import min_snr_weights, training_target
-from core.optim import make_lr_scheduler, make_optimizer
-from core.trainer import Trainer
+from core.config.schema import OptimizerSection, ScheduleSection
+from core.training.losses import min_snr_weights, training_target
+from core.training.optim import make_lr_scheduler, make_optimizer
+from core.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 QUICK = ("sampling.every_n_epochs=0", "saving.every_n_epochs=0")

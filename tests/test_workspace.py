@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError
-from core.config_files import build_config
-from core.workspace import PathNotAllowed, Workspace
+from core.common.workspace import PathNotAllowed, Workspace
+from core.config.files import build_config
+from core.config.schema import ConfigError
 from ui.config_store import ConfigStore
 
 

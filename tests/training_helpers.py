@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.config import TrainConfig
-from core.config_files import build_config
-from core.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
+from core.config.files import build_config
+from core.config.schema import TrainConfig
+from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 
 
 def demo_config(model: Path, dataset: Path, output: Path, *overrides: str) -> TrainConfig:

@@ -1,6 +1,6 @@
 """Captioning tab: auto-caption a dataset with BLIP, BLIP-2 or Florence-2, restore backups, bulk-edit captions.
 
-A thin layer over `core.captioning`, `core.caption_files` and `core.caption_edits`: the run goes on a
+A thin layer over `core.captioning.job`, `core.captioning.backups` and `core.captioning.bulk_edits`: the run goes on a
 background `CaptionJob` (one per app, since it holds a model on the GPU) that Start polls for count and
 ETA and Cancel stops within a token. Every caption a run or an edit may replace is backed up first, and
 the backups list restores any of them. Bulk edits are previewed as an old → new table and Apply writes
@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from core.caption_demo import ensure_demo_captioner
-from core.caption_edits import AddTag, BulkEdit, CaptionChange, FindReplace, RemoveTag, apply_edits, plan_edits
-from core.caption_files import BACKUP_FOLDER, BackupSurvey, CaptioningError, restore_backup, survey_backups
-from core.captioners import FLORENCE_TASKS, PRESETS, preset_family
-from core.captioning import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
-from core.demo import default_cache_dir
-from core.workspace import PathNotAllowed, Workspace
+from core.captioning.backups import BACKUP_FOLDER, BackupSurvey, CaptioningError, restore_backup, survey_backups
+from core.captioning.bulk_edits import AddTag, BulkEdit, CaptionChange, FindReplace, RemoveTag, apply_edits, plan_edits
+from core.captioning.demo import ensure_demo_captioner
+from core.captioning.job import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
+from core.captioning.models import FLORENCE_TASKS, PRESETS, preset_family
+from core.common.workspace import PathNotAllowed, Workspace
+from core.models.demo import default_cache_dir
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ import plotly
 import plotly.graph_objects as go
 from gradio.utils import is_static_file
 
-from core.events import ValidationRecord
-from core.session import ACTIVE, Snapshot
+from core.training.events import ValidationRecord
+from core.training.session import ACTIVE, Snapshot
 
 MAX_POINTS = 1000
 SMOOTHING = 0.9

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError, Problem, TrainConfig, parse_config
-from core.config_files import config_to_toml, load_config, merge, parse_override
-from core.fsutil import atomic_write_text
+from core.common.fsutil import atomic_write_text
+from core.config.files import config_to_toml, load_config, merge, parse_override
+from core.config.schema import ConfigError, Problem, TrainConfig, parse_config
 
 
 class ConfigStore:

@@ -3,7 +3,7 @@
 The folder is read with the shared config's dataset settings and seed, so the counts, buckets and
 train/validation split shown here are exactly what training will use; a successful load makes the
 folder the config's `dataset.path`, which the Training and Monitor tabs read. Caption edits go
-through `core.captions` (atomic writes, `.bak` of the replaced text, undo of the last edit).
+through `core.captioning.editor` (atomic writes, `.bak` of the replaced text, undo of the last edit).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from core.captions import CaptionEdit, CaptionError, caption_path, preview, read_caption, undo, write_caption
-from core.config import DatasetSection
-from core.dataset import Dataset, DatasetError, load_dataset, summarize
-from core.dataset_import import import_images
-from core.images import UnusableImage, is_image_file
-from core.workspace import PathNotAllowed
+from core.captioning.editor import CaptionEdit, CaptionError, caption_path, preview, read_caption, undo, write_caption
+from core.common.workspace import PathNotAllowed
+from core.config.schema import DatasetSection
+from core.data.dataset import Dataset, DatasetError, load_dataset, summarize
+from core.data.images import UnusableImage, is_image_file
+from core.data.importing import import_images
 from ui.safe_text import code, md
 
 THUMBNAIL = 256

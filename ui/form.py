@@ -1,9 +1,9 @@
 """A Gradio form generated from the config schema, so no setting is listed by hand a second time.
 
-Each `FieldSpec` from `core.config.config_fields()` becomes one widget (label, help, unit, choices and
+Each `FieldSpec` from `core.config.schema.config_fields()` becomes one widget (label, help, unit, choices and
 range come from the spec) with a hidden problem message right under it. Sections become accordions,
 advanced settings fold into a closed "Advanced" accordion inside their section. Adding a field to
-`core/config.py` adds it here with no edit.
+`core/config/schema.py` adds it here with no edit.
 
 Event handlers get the widgets' raw payloads (`preprocess=False`): Gradio's own range check would
 reject an out-of-range number with a pop-up before our handler runs, and the message belongs next
@@ -20,7 +20,7 @@ from typing import Any
 
 import gradio as gr
 
-from core.config import FieldSpec, Problem, TrainConfig
+from core.config.schema import FieldSpec, Problem, TrainConfig
 from ui.safe_text import md
 
 # Words that a plain capitalisation would get wrong in labels.

@@ -17,11 +17,18 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.controlnets import DEFAULT_CONTROLNETS
-from core.inference_params import LoraMatch
-from core.inference_types import CONTROL_KINDS, ControlKind, ControlSpec, GenerationError, GenerationRequest, LoraSpec
-from core.masks import prepare_mask
-from core.sweep import EPOCH_FILE, SweepVariant, variants_from_files, variants_from_run, variants_from_weights
+from core.inference.a1111_params import LoraMatch
+from core.inference.masks import prepare_mask
+from core.inference.requests import (
+    CONTROL_KINDS,
+    ControlKind,
+    ControlSpec,
+    GenerationError,
+    GenerationRequest,
+    LoraSpec,
+)
+from core.inference.sweep import EPOCH_FILE, SweepVariant, variants_from_files, variants_from_run, variants_from_weights
+from core.models.controlnets import DEFAULT_CONTROLNETS
 
 MAX_LORAS = 4
 NATIVE_AREA = 512 * 512  # the pixel count SD 1.5 was trained at

@@ -14,9 +14,9 @@ from typing import Any, cast
 import gradio as gr
 from gradio.components import Component
 
-from core.controlnets import DEFAULT_CONTROLNETS
-from core.inference_types import CONTROL_KINDS, MAX_SEED, MODES, ControlKind
-from core.samplers import SAMPLER_LABELS
+from core.inference.requests import CONTROL_KINDS, MAX_SEED, MODES, ControlKind
+from core.inference.samplers import SAMPLER_LABELS
+from core.models.controlnets import DEFAULT_CONTROLNETS
 from ui.inference_form import LABELS, MAX_LORAS, SWEEP_KINDS, FormValues, UnitValues, sweep_inputs_shown
 
 # A translucent brush shows the facade through the strokes; any paint counts as mask, whatever its alpha.

@@ -22,15 +22,15 @@ from gradio.components import Component
 from gradio.events import Dependency
 from PIL import Image
 
-from core.inference import GenerationResult
-from core.inference_params import restore_parameters
-from core.inference_types import ControlSpec, GenerationCancelled, GenerationError, GenerationRequest, LoraSpec
-from core.inpaint import plan_region
-from core.models import ModelLoadError
-from core.png_info import read_png_parameters
-from core.preprocessors import make_control_image
-from core.sweep import SweepResult
-from core.workspace import PathNotAllowed
+from core.common.workspace import PathNotAllowed
+from core.inference.a1111_params import restore_parameters
+from core.inference.engine import GenerationResult
+from core.inference.inpaint import plan_region
+from core.inference.png_info import read_png_parameters
+from core.inference.requests import ControlSpec, GenerationCancelled, GenerationError, GenerationRequest, LoraSpec
+from core.inference.sweep import SweepResult
+from core.models.loading import ModelLoadError
+from core.models.preprocessors import make_control_image
 from ui.inference_form import (
     SCALARS,
     default_models,

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from gradio.events import Dependency
 
-from core.config import ConfigError
-from core.session import SessionBusy, Snapshot
+from core.config.schema import ConfigError
+from core.training.session import SessionBusy, Snapshot
 from ui.charts import loss_figure, plotly_script
 from ui.safe_text import code, md
 from ui.sample_grid import CSS as GRID_CSS

@@ -20,9 +20,9 @@ from urllib.parse import quote
 import gradio as gr
 from gradio.utils import is_static_file
 
-from core.config import ConfigError
-from core.config_files import load_config
-from core.session import Snapshot
+from core.config.files import load_config
+from core.config.schema import ConfigError
+from core.training.session import Snapshot
 
 PROMPT_CHARS = 60
 CSS = """

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.config import TrainConfig
-from core.config_files import build_config
-from core.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
-from core.inference import InferenceEngine
-from core.session import TrainingSession
-from core.workspace import Workspace
+from core.common.workspace import Workspace
+from core.config.files import build_config
+from core.config.schema import TrainConfig
+from core.inference.engine import InferenceEngine
+from core.models.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
+from core.training.session import TrainingSession
 from ui.captioning_tab import build_captioning_tab
 from ui.config_store import ConfigStore
 from ui.dataset_tab import build_dataset_tab

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from core.lora_tools import parse_weighted, run
-from core.models import ModelLoadError
-from core.workspace import Workspace
+from core.common.workspace import Workspace
+from core.lora.tools import parse_weighted, run
+from core.models.loading import ModelLoadError
 from ui.safe_text import fenced, md
 
 if TYPE_CHECKING:

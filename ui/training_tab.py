@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from core.config import ConfigError, Problem, TrainConfig, config_fields
-from core.config_files import PresetInfo, list_presets, load_config, preset_layers, save_config
-from core.dataset import Dataset
-from core.estimates import latest_measured_its, memory_estimate, time_per_epoch
-from core.preflight import RunPlan, check_run, plan_run
-from core.workspace import PathNotAllowed
+from core.common.workspace import PathNotAllowed
+from core.config.files import PresetInfo, list_presets, load_config, preset_layers, save_config
+from core.config.schema import ConfigError, Problem, TrainConfig, config_fields
+from core.data.dataset import Dataset
+from core.training.estimates import latest_measured_its, memory_estimate, time_per_epoch
+from core.training.preflight import RunPlan, check_run, plan_run
 from ui.config_store import ConfigStore
 from ui.form import ConfigForm, FormField, build_form, field_label, field_path, from_widget, humanise, range_text
 from ui.safe_text import code, md

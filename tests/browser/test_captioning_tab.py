@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from core.caption_files import list_backups
+from core.captioning.backups import list_backups
 from tests.browser.conftest import AppServer, screenshot
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from urllib.parse import quote
 import pytest
 from PIL import Image
 
-from core.config_files import load_config
-from core.dataset import load_dataset
+from core.config.files import load_config
+from core.data.dataset import load_dataset
 from tests.browser.conftest import AppServer, screenshot
 from ui.shell import SETTINGS_FILE
 

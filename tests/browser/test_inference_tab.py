@@ -17,14 +17,13 @@ import torch
 from PIL import Image, ImageDraw
 from playwright.sync_api import Locator, Page, expect
 
-from core.config import LoraSection
-from core.inference_params import generation_parameters
-from core.inference_types import ControlSpec, GenerationRequest, LoraSpec
-from core.lora import add_training_loras
-from core.lora_files import save_lora
-from core.lora_stack import short_hash
-from core.models import load_sd15
-from core.png_info import read_png_parameters, save_png_with_parameters
+from core.config.schema import LoraSection
+from core.inference.a1111_params import generation_parameters
+from core.inference.png_info import read_png_parameters, save_png_with_parameters
+from core.inference.requests import ControlSpec, GenerationRequest, LoraSpec
+from core.lora.adapters import add_training_loras
+from core.lora.files import save_lora, short_hash
+from core.models.loading import load_sd15
 from tests.browser.conftest import AppServer, screenshot
 
 pytestmark = pytest.mark.browser

@@ -9,9 +9,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
-from core.config import LoraSection
-from core.lora import add_lora, unet_target_modules
-from core.lora_files import save_lora
+from core.config.schema import LoraSection
+from core.lora.adapters import add_lora, unet_target_modules
+from core.lora.files import save_lora
 from tests.browser.conftest import screenshot
 
 pytestmark = pytest.mark.browser

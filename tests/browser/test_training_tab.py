@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from core.config_files import load_config
-from core.preflight import plan_run, preflight
+from core.config.files import load_config
+from core.training.preflight import plan_run, preflight
 from tests.browser.conftest import AppServer, screenshot
 from ui.shell import SETTINGS_FILE
 

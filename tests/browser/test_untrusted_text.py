@@ -25,11 +25,11 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from playwright.sync_api import Page, expect
 
-from core.caption_files import BACKUP_FOLDER, MANIFEST
-from core.config import LoraSection
-from core.lora import add_lora, unet_target_modules
-from core.lora_files import save_lora
-from core.png_info import save_png_with_parameters
+from core.captioning.backups import BACKUP_FOLDER, MANIFEST
+from core.config.schema import LoraSection
+from core.inference.png_info import save_png_with_parameters
+from core.lora.adapters import add_lora, unet_target_modules
+from core.lora.files import save_lora
 from tests.browser.conftest import AppServer, screenshot
 from ui.shell import SETTINGS_FILE
 

@@ -19,10 +19,10 @@ from training_helpers import demo_config
 
 import core.lora_tools
 import core.train
-from core.config_files import save_config
-from core.inference import InferenceEngine
-from core.inference_types import GenerationError, GenerationRequest, LoraSpec
-from core.models import ModelLoadError, load_sd15
+from core.config.files import save_config
+from core.inference.engine import InferenceEngine
+from core.inference.requests import GenerationError, GenerationRequest, LoraSpec
+from core.models.loading import ModelLoadError, load_sd15
 
 pytestmark = pytest.mark.reliability
 

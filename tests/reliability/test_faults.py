@@ -25,13 +25,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from training_helpers import Recorder, demo_config, read_metrics
 
-import core.lora_files
-import core.session
-from core.config import ConfigError
-from core.events import StepRecord
-from core.preflight import preflight
-from core.session import TrainingSession, explain_error
-from core.trainer import Trainer, TrainingError
+import core.lora.files
+import core.training.session
+from core.config.schema import ConfigError
+from core.training.events import StepRecord
+from core.training.preflight import preflight
+from core.training.session import TrainingSession, explain_error
+from core.training.trainer import Trainer, TrainingError
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 QUIET = ("sampling.every_n_epochs=0",)
@@ -108,14 +108,14 @@ def wait_for(session: TrainingSession, ready, what: str, timeout: float = 300) -
 def test_out_of_memory_mid_run_says_what_to_lower_and_keeps_the_checkpoint(
     demo_model: Path, demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    on_step = core.session._Recorder.on_step
+    on_step = core.training.session._Recorder.on_step
 
-    def out_of_memory_at_step_9(self: core.session._Recorder, record: StepRecord) -> None:
+    def out_of_memory_at_step_9(self: core.training.session._Recorder, record: StepRecord) -> None:
         on_step(self, record)
         if record.step == 9:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(core.session._Recorder, "on_step", out_of_memory_at_step_9)
+    monkeypatch.setattr(core.training.session._Recorder, "on_step", out_of_memory_at_step_9)
     session = TrainingSession()
     config = demo_config(
         demo_model, demo_dataset, tmp_path, "saving.checkpoint_every_n_epochs=1", "schedule.epochs=2", *QUIET
@@ -139,7 +139,7 @@ def test_disk_full_during_a_save_stops_cleanly_without_partial_files(
         Path(filename).write_bytes(b"\0" * 1000)  # part of the file made it to disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(core.lora_files, "save_file", full_disk)
+    monkeypatch.setattr(core.lora.files, "save_file", full_disk)
     session = TrainingSession()
     session.start(demo_config(demo_model, demo_dataset, tmp_path, "schedule.epochs=1", *QUIET))
     assert session.wait(300)
@@ -261,7 +261,7 @@ def test_damaged_cache_files_and_an_image_changed_mid_run_are_encoded_again(
                 changed.save(victim)
 
     second = ChangeImage()
-    with caplog.at_level(logging.WARNING, logger="core.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="core.data.feature_cache"):
         result = Trainer(demo_config(demo_model, demo_dataset, tmp_path, "schedule.epochs=1", *QUIET), second).run()
     assert result.status == "finished"
     rebuilt = [r for r in caplog.records if "unreadable" in r.getMessage()]
@@ -278,7 +278,7 @@ def test_start_twice_and_stop_during_sampling_leave_a_consistent_session(
     )
     session = TrainingSession()
     session.start(config)
-    with pytest.raises(core.session.SessionBusy):
+    with pytest.raises(core.training.session.SessionBusy):
         session.start(config)
     wait_for(session, lambda snap: snap.status == "sampling", "sampling")
     session.stop()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from fault_helpers import assert_files_loadable, finish, kill_when, start_training, step_rows, temp_files
 
-from core.config_files import build_config
-from core.dataset import load_dataset
-from core.preflight import plan_run
+from core.config.files import build_config
+from core.data.dataset import load_dataset
+from core.training.preflight import plan_run
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 EPOCHS = 2

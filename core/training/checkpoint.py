@@ -1,0 +1,72 @@
+"""Resumable training state, written atomically.
+
+A checkpoint holds everything needed to continue the same curve: the LoRA weights, optimizer and
+scheduler states, the position in the epoch (with the RNG state the epoch's order was drawn from),
+the current RNG states and the metrics so far. It is plain tensors and numbers, saved with
+torch.save and read back with `weights_only=True`, so loading one can never run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch.optim.lr_scheduler import LRScheduler
+
+from core.common.fsutil import atomic_path
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    path = Path(run_dir) / CHECKPOINT_FILE
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint in {run_dir}: resume needs a run folder with {CHECKPOINT_FILE}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for damaged or unsafe files
+        raise CheckpointError(f"{path} cannot be read ({error}); resume from another run or start anew") from error
+
+
+def training_state(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRScheduler,
+    **position: Any,
+) -> dict[str, Any]:
+    """The LoRA weights and optimizer/scheduler states, plus the run's position (progress, RNG states, history)."""
+    return {
+        "unet_lora": get_peft_model_state_dict(unet),
+        "text_lora": get_peft_model_state_dict(text_encoder) if text_encoder is not None else {},
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        **position,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRScheduler,
+) -> None:
+    set_peft_model_state_dict(unet, state["unet_lora"])
+    if text_encoder is not None:
+        set_peft_model_state_dict(text_encoder, state["text_lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])

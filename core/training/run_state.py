@@ -1,0 +1,64 @@
+"""Bookkeeping of one run: where it is, where it writes, what it produced."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.config.schema import TrainConfig
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished, stopped, early_stopped
+    step: int
+    epoch: int
+    best_epoch: int | None
+    best_val_loss: float | None
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """Where the run is; everything here goes into a checkpoint."""
+
+    step: int = 0
+    epoch: int = 1
+    next_batch: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    validations_without_improvement: int = 0
+
+    def record_validation(self, val_loss: float) -> bool:
+        """Note a validation loss; True when it is the lowest so far, which restarts the early-stop count."""
+        is_best = self.best_val_loss is None or val_loss < self.best_val_loss
+        if is_best:
+            self.best_epoch, self.best_val_loss = self.epoch, val_loss
+            self.validations_without_improvement = 0
+        else:
+            self.validations_without_improvement += 1
+        return is_best
+
+
+def new_run_dir(output_dir: Path, name: str) -> Path:
+    """`output/<name>`, or `<name>-2`, `-3`… so an earlier run is never overwritten."""
+    candidate, number = Path(output_dir) / name, 1
+    while candidate.exists():
+        number += 1
+        candidate = Path(output_dir) / f"{name}-{number}"
+    return candidate
+
+
+def model_fingerprint(config: TrainConfig, dtype: torch.dtype) -> str:
+    """Identifies the encoders behind cached features; a local file's size and time stand in for its bytes."""
+    parts = [str(dtype)]
+    for reference in (config.model.base, config.model.vae):
+        path = Path(reference).expanduser()
+        stat = f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else ""
+        parts.append(f"{reference}:{stat}")
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:16]
