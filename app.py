@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     check_exposure(args.host, args.share, auth)
 
+    from ui.context import AppContext
     from ui.dataset_tab import CSS
     from ui.http_headers import security_middleware
-    from ui.shell import AppContext, build_app
+    from ui.shell import build_app
 
     context = AppContext.create(
         output_dir=args.output_dir,

@@ -55,7 +55,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.models.demo import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
+from core.common.workspace import default_cache_dir
+from core.models.demo import DEMO_MODEL_NAME, ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.monitor_overhead")
@@ -110,7 +111,7 @@ def write_settings(output: Path, cache: Path, epochs: int) -> None:
     The app loads an existing store instead of building its own, so every run trains exactly this.
     """
     from core.config.files import build_config, config_to_toml
-    from ui.shell import SETTINGS_FILE
+    from ui.context import SETTINGS_FILE
 
     config = build_config(
         ["sd15", "demo"],

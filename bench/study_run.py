@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from core.common.workspace import default_cache_dir
     from core.config.files import build_config
     from core.data.dataset import load_dataset
-    from core.models.demo import default_cache_dir
 
     cache = default_cache_dir()
     log.info("preparing the model (%s) and the %d-image dataset in %s", args.model, IMAGES, cache)

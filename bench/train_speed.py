@@ -251,7 +251,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    from core.models.demo import default_cache_dir
+    from core.common.workspace import default_cache_dir
 
     cache = default_cache_dir()
     model = model_path(args.model, cache)

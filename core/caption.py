@@ -21,8 +21,8 @@ from tqdm import tqdm
 from core.captioning.backups import CaptioningError, list_backups, restore_backup
 from core.captioning.demo import ensure_demo_captioner
 from core.captioning.job import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionProgress
-from core.captioning.models import FLORENCE_TASKS, PRESETS
-from core.models.demo import default_cache_dir
+from core.captioning.presets import FLORENCE_TASKS, PRESETS
+from core.common.workspace import default_cache_dir
 
 log = logging.getLogger("atelier.caption")
 

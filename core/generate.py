@@ -19,20 +19,21 @@ from typing import cast
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from core.common.workspace import default_cache_dir
 from core.inference.engine import InferenceEngine
 from core.inference.requests import (
     CONTROL_KINDS,
     MODES,
+    SAMPLER_LABELS,
     ControlKind,
     ControlSpec,
     GenerationError,
     GenerationRequest,
     LoraSpec,
 )
-from core.inference.samplers import SAMPLER_LABELS
 from core.inference.sweep import SweepVariant, variants_from_files, variants_from_run, variants_from_weights
-from core.models.demo import default_cache_dir, ensure_demo_model
-from core.models.loading import ModelLoadError
+from core.models.check import ModelLoadError
+from core.models.demo import ensure_demo_model
 
 log = logging.getLogger("atelier.generate")
 # What the real SD 1.5 models expect, and what the tiny demo model renders in a second on a CPU.

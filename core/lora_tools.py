@@ -24,7 +24,7 @@ from pathlib import Path
 
 from core.lora.files import DTYPES
 from core.lora.tools import FORMAT_NAMES, parse_weighted, run
-from core.models.loading import ModelLoadError
+from core.models.check import ModelLoadError
 
 log = logging.getLogger(__name__)
 

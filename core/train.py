@@ -17,10 +17,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from core.common.workspace import default_cache_dir
 from core.config.files import build_config, list_presets
 from core.config.schema import ConfigError, TrainConfig
 from core.data.dataset import Dataset, summarize
-from core.models.demo import default_cache_dir, ensure_demo_dataset, ensure_demo_model
+from core.models.demo import ensure_demo_dataset, ensure_demo_model
 from core.training.checkpoint import CheckpointError
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
 from core.training.preflight import preflight

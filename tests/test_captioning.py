@@ -36,7 +36,8 @@ import core.captioning.models
 from core.captioning.backups import BACKUP_FOLDER, CaptioningError, list_backups, restore_backup
 from core.captioning.demo import ensure_demo_captioner
 from core.captioning.job import CaptionJob, CaptionOptions, CaptionProgress, caption_folder
-from core.captioning.models import BLIP2_MODEL, BLIP2_REVISION, Captioner, open_captioner
+from core.captioning.models import Captioner, open_captioner
+from core.captioning.presets import BLIP2_MODEL, BLIP2_REVISION
 from core.data.images import open_image
 
 PREFIX, SUFFIX = "bauhaus style building, ", ", façade 東京"

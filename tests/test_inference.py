@@ -27,17 +27,18 @@ from core.inference.lora_stack import LoraStack
 from core.inference.masks import prepare_mask
 from core.inference.png_info import read_png_parameters
 from core.inference.requests import (
+    SAMPLER_LABELS,
     ControlSpec,
     GenerationCancelled,
     GenerationError,
     GenerationRequest,
     LoraSpec,
 )
-from core.inference.samplers import SAMPLER_LABELS
 from core.inference.sweep import label_height, sweep_grid, variants_from_files, variants_from_run, variants_from_weights
 from core.lora.adapters import add_training_loras
 from core.lora.files import read_lora_metadata, save_diffusers_lora, save_lora, sd15_index, short_hash
-from core.models.loading import ModelLoadError, build_pipeline, load_sd15
+from core.models.check import ModelLoadError
+from core.models.loading import build_pipeline, load_sd15
 
 BASE = GenerationRequest("bauhaus style building", seed=11, steps=3, width=64, height=64, sampler="ddim")
 

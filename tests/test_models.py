@@ -25,17 +25,10 @@ from safetensors.torch import save_file
 from training_helpers import demo_config
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from core.models.check import ModelCheck, ModelLoadError, check_model
 from core.models.demo import CONTROLNET_NAMES, ensure_demo_model
 from core.models.ldm_convert import save_ldm_checkpoint, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from core.models.loading import (
-    SD15_CONFIG_DIR,
-    ModelCheck,
-    ModelLoadError,
-    SD15Components,
-    build_pipeline,
-    check_model,
-    load_sd15,
-)
+from core.models.loading import SD15_CONFIG_DIR, SD15Components, build_pipeline, load_sd15
 from core.training.preflight import check_run
 
 

@@ -20,15 +20,13 @@ import gradio as gr
 
 from core.captioning.backups import BACKUP_FOLDER, BackupSurvey, CaptioningError, restore_backup, survey_backups
 from core.captioning.bulk_edits import AddTag, BulkEdit, CaptionChange, FindReplace, RemoveTag, apply_edits, plan_edits
-from core.captioning.demo import ensure_demo_captioner
 from core.captioning.job import MODE_HELP, MODES, CaptionJob, CaptionOptions, CaptionReport
-from core.captioning.models import FLORENCE_TASKS, PRESETS, preset_family
-from core.common.workspace import PathNotAllowed, Workspace
-from core.models.demo import default_cache_dir
+from core.captioning.presets import FLORENCE_TASKS, PRESETS, preset_family
+from core.common.workspace import PathNotAllowed, Workspace, default_cache_dir
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:
-    from ui.shell import AppContext
+    from ui.context import AppContext
 
 DEMO_CAPTIONER = "demo-captioner"
 TASK_LABELS = dict(zip(FLORENCE_TASKS, ("Caption", "Detailed caption", "More detailed caption"), strict=True))
@@ -339,6 +337,8 @@ def _options(values: tuple[Any, ...], extension: str, workspace: Workspace) -> C
     model, task, prompt, mode, prefix, suffix, max_length, batch_size, device = values
     model = str(model or "").strip()
     if model == DEMO_CAPTIONER:
+        from core.captioning.demo import ensure_demo_captioner  # heavy (torch): loads on first use
+
         model = str(ensure_demo_captioner(default_cache_dir()))
     elif model:
         model = workspace.model(model, "Captioning model")

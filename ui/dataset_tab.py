@@ -36,7 +36,7 @@ CSS = """
 """
 
 if TYPE_CHECKING:
-    from ui.shell import AppContext
+    from ui.context import AppContext
 
 
 @dataclass(frozen=True)

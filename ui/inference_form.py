@@ -12,15 +12,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.inference.a1111_params import LoraMatch
 from core.inference.masks import prepare_mask
 from core.inference.requests import (
     CONTROL_KINDS,
+    DEFAULT_CONTROLNETS,
     ControlKind,
     ControlSpec,
     GenerationError,
@@ -28,7 +28,9 @@ from core.inference.requests import (
     LoraSpec,
 )
 from core.inference.sweep import EPOCH_FILE, SweepVariant, variants_from_files, variants_from_run, variants_from_weights
-from core.models.controlnets import DEFAULT_CONTROLNETS
+
+if TYPE_CHECKING:
+    from core.inference.a1111_params import LoraMatch
 
 MAX_LORAS = 4
 NATIVE_AREA = 512 * 512  # the pixel count SD 1.5 was trained at

@@ -14,9 +14,7 @@ from typing import Any, cast
 import gradio as gr
 from gradio.components import Component
 
-from core.inference.requests import CONTROL_KINDS, MAX_SEED, MODES, ControlKind
-from core.inference.samplers import SAMPLER_LABELS
-from core.models.controlnets import DEFAULT_CONTROLNETS
+from core.inference.requests import CONTROL_KINDS, DEFAULT_CONTROLNETS, MAX_SEED, MODES, SAMPLER_LABELS, ControlKind
 from ui.inference_form import LABELS, MAX_LORAS, SWEEP_KINDS, FormValues, UnitValues, sweep_inputs_shown
 
 # A translucent brush shows the facade through the strokes; any paint counts as mask, whatever its alpha.

@@ -23,14 +23,9 @@ from gradio.events import Dependency
 from PIL import Image
 
 from core.common.workspace import PathNotAllowed
-from core.inference.a1111_params import restore_parameters
-from core.inference.engine import GenerationResult
-from core.inference.inpaint import plan_region
 from core.inference.png_info import read_png_parameters
 from core.inference.requests import ControlSpec, GenerationCancelled, GenerationError, GenerationRequest, LoraSpec
-from core.inference.sweep import SweepResult
-from core.models.loading import ModelLoadError
-from core.models.preprocessors import make_control_image
+from core.models.check import ModelLoadError
 from ui.inference_form import (
     SCALARS,
     default_models,
@@ -50,7 +45,9 @@ from ui.inference_layout import Defaults, InferenceWidgets, build_widgets
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:
-    from ui.shell import AppContext
+    from core.inference.engine import GenerationResult
+    from core.inference.sweep import SweepResult
+    from ui.context import AppContext
 
 IMAGES_FOLDER = "inference"
 T = TypeVar("T")
@@ -128,7 +125,7 @@ def attempt(job: Callable[[], T]) -> T | str:
 
 def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> InferenceTab:
     """The tab's widgets and events; every image goes through `context.engine` and into the output folder."""
-    engine, store = context.engine, context.store
+    store = context.store
     cancelled = threading.Event()  # Cancel during a model load: the engine only listens once rendering starts
     models = default_models(context.demo_model)
 
@@ -178,8 +175,8 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         config = store.get().model
         progress(0, desc=f"Loading {override or config.base}")
         if not override and (trained := context.session.take_loaded_model(config.base)) is not None:
-            engine.adopt(trained, vae=config.vae)  # the model the finished run loaded: no second load
-        engine.load_base(override or config.base, vae="" if override else config.vae)
+            context.engine.adopt(trained, vae=config.vae)  # the model the finished run loaded: no second load
+        context.engine.load_base(override or config.base, vae="" if override else config.vae)
         if cancelled.is_set():
             raise GenerationCancelled("cancelled while the model was loading")
         return request
@@ -190,7 +187,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
 
     def generate(data: dict[Component, Any], progress: gr.Progress = PROGRESS) -> list[Any]:
         def render() -> GenerationResult:
-            return engine.generate(start(data, progress), folder(), lambda f: progress(f, desc="Rendering"))
+            return context.engine.generate(start(data, progress), folder(), lambda f: progress(f, desc="Rendering"))
 
         result = attempt(render)
         if isinstance(result, str):
@@ -211,7 +208,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
             for variant in variants:
                 confine(variant.loras)
             request = start(data, progress)
-            return engine.sweep(request, variants, folder(), lambda f: progress(f, desc="Rendering the sweep"))
+            return context.engine.sweep(request, variants, folder(), lambda f: progress(f, desc="Rendering the sweep"))
 
         result = attempt(render)
         if isinstance(result, str):
@@ -230,7 +227,7 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
     def cancel() -> None:
         """A toast, not the status line: the render's own "Cancelled" may reach the page first and must stay."""
         cancelled.set()
-        engine.cancel()
+        context.engine.cancel()
         gr.Info("Cancelling after the current step…")
 
     def refresh() -> list[Any]:
@@ -243,6 +240,8 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         ]
 
     def preview(kind: str, editor: dict[str, Any] | None) -> Image.Image | None:
+        from core.models.preprocessors import make_control_image  # heavy: loads on first use
+
         photo = photo_from_editor(editor)
         return None if photo is None else make_control_image(kind, photo)
 
@@ -256,6 +255,8 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         if photo_from_editor(values.editor) is None:
             return gr.skip(), "**Preview the soft mask:** upload a photo under Photo and paint the area to redraw."
         try:
+            from core.inference.inpaint import plan_region  # heavy: loads on first use
+
             request = request_from_form(replace(values, scalars={**values.scalars, "mode": "inpaint"}))
             region = plan_region(request)
         except GenerationError as error:
@@ -274,6 +275,8 @@ def build_inference_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Inf
         folders and the demo model, so images made here restore with their files."""
         if not text or not text.strip():
             return [*[gr.skip()] * len(restore_outputs), "**Nothing to restore:** this image has no parameters."]
+        from core.inference.a1111_params import restore_parameters  # heavy: loads on first use
+
         dirs = [context.demo_model] if context.demo_model else []
         lora_dirs = list(dict.fromkeys([output_dir(), *context.workspace.folders("models")]))
         found = restore_parameters(text, lora_dirs=lora_dirs, controlnet_dirs=dirs)

@@ -29,7 +29,7 @@ from ui.sample_grid import CSS as GRID_CSS
 from ui.sample_grid import sample_grid_html
 
 if TYPE_CHECKING:
-    from ui.shell import AppContext
+    from ui.context import AppContext
 
 LOG_LINES = 200
 LOOP = {"training", "validating", "sampling", "saving"}

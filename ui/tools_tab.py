@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from core.common.workspace import Workspace
-from core.lora.tools import parse_weighted, run
-from core.models.loading import ModelLoadError
+from core.models.check import ModelLoadError
 from ui.safe_text import fenced, md
 
 if TYPE_CHECKING:
-    from ui.shell import AppContext
+    from ui.context import AppContext
 
 PRECISIONS = ["keep", "fp16", "bf16", "fp32"]
 FORMATS = ["kohya", "diffusers"]
@@ -32,6 +31,8 @@ def run_tool(command: str, options: Callable[[], dict[str, object]]) -> str:
     `options` builds the command's arguments from the form, so a missing field is reported the same way.
     The summary comes first; the per-module lines (hundreds for SD 1.5) are folded so they cannot bury it.
     """
+    from core.lora.tools import run  # torch and diffusers load with the first tool run, not with the app
+
     try:
         report = run(argparse.Namespace(command=command, **options()))
     except (ValueError, ModelLoadError, OSError) as error:
@@ -72,6 +73,8 @@ def _precision(value: str) -> str | None:
 
 
 def _weighted(workspace: Workspace, lines: str) -> list[tuple[Path, float]]:
+    from core.lora.tools import parse_weighted
+
     entries = [parse_weighted(line.strip()) for line in lines.splitlines() if line.strip()]
     if not entries:
         raise ValueError("list at least one LoRA file, one per line, as PATH or PATH:WEIGHT")

@@ -27,7 +27,7 @@ from ui.form import ConfigForm, FormField, build_form, field_label, field_path, 
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:
-    from ui.shell import AppContext
+    from ui.context import AppContext
 
 DEMO_PRESET = "demo"  # stacked on top by AppContext in demo mode; a size, not a recipe to pick
 NO_PRESET = "Choosing a preset replaces every setting except the base model, dataset folder and output folder."

@@ -16,12 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from core.captioning.backups import BackupInfo, CaptioningError, DatasetCaptions, create_backup, scan_dataset
-from core.captioning.models import FLORENCE_TASKS, Captioner, open_captioner
+from core.captioning.presets import FLORENCE_TASKS
 from core.common.fsutil import atomic_write_text, write_advice
 from core.data.images import UnusableImage, open_image
+
+if TYPE_CHECKING:
+    from core.captioning.models import Captioner
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,8 @@ def caption_folder(
     backup = None
     if not run.cancelled():
         run.report("loading")
+        from core.captioning.models import open_captioner  # torch loads with the first captioning run
+
         with open_captioner(
             options.model, revision=options.revision, device=options.device, task=options.task, prompt=options.prompt
         ) as captioner:

@@ -14,64 +14,17 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
 
 from core.captioning.backups import CaptioningError
+from core.captioning.presets import FAMILIES, FLORENCE_TASKS, Family, pinned_revision
 from core.common.errors import first_line
 
 log = logging.getLogger(__name__)
-
-Family = Literal["blip", "blip2", "florence2"]
-
-# BLIP-2 as published, pinned to one commit so captions do not drift when the hub repository changes:
-# 51572668… is the 2023 commit that research code captioning with this model pins. It predates the
-# image-token layout transformers >= 4.47 expects; `_upgrade_legacy_blip2` fills that in at load.
-BLIP2_MODEL = "Salesforce/blip2-opt-2.7b"
-BLIP2_REVISION = "51572668da0eb669e01a189dc22abe6088589a24"
-
-FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
-
-_FAMILIES: dict[str, Family] = {"blip": "blip", "blip-2": "blip2", "florence2": "florence2"}
-
-
-@dataclass(frozen=True)
-class CaptionerPreset:
-    """A known-good captioner for the model picker; `revision` pins the hub commit where it matters, and
-    `family` says which options steer it (Florence-2 a task, BLIP and BLIP-2 a prompt) before it is loaded."""
-
-    label: str
-    model: str
-    note: str
-    family: Family
-    revision: str | None = None
-
-
-PRESETS = (
-    CaptionerPreset("BLIP base", "Salesforce/blip-image-captioning-base", "short captions, fast even on a CPU", "blip"),
-    CaptionerPreset("BLIP large", "Salesforce/blip-image-captioning-large", "short captions, a little better", "blip"),
-    CaptionerPreset("BLIP-2 OPT-2.7b", BLIP2_MODEL, "the study's captioner; 3.7B parameters", "blip2", BLIP2_REVISION),
-    CaptionerPreset(
-        "Florence-2 base", "florence-community/Florence-2-base", "caption or detailed caption, fast", "florence2"
-    ),
-    CaptionerPreset(
-        "Florence-2 large", "florence-community/Florence-2-large", "caption or detailed caption", "florence2"
-    ),
-)
-
-
-def preset_family(model: str) -> Family | None:
-    """The family of a preset model id; None for any other model, whose family shows only once it is loaded."""
-    return next((preset.family for preset in PRESETS if preset.model == model), None)
-
-
-def pinned_revision(model: str) -> str | None:
-    """The pinned commit for a preset's hub id, None for anything else (its latest version is used)."""
-    return next((preset.revision for preset in PRESETS if preset.model == model), None)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -240,11 +193,11 @@ def _family(model: str, source: str, revision: str | None) -> Family:
             f"{model!r} is a remote-code Florence-2 checkpoint: use the native florence-community/Florence-2-base "
             "or -large",
         )
-    if model_type not in _FAMILIES:
+    if model_type not in FAMILIES:
         raise CaptioningError(
             "model", f"{model!r} is a {model_type or 'unknown'} model: choose a BLIP, BLIP-2 or Florence-2 captioner"
         )
-    return _FAMILIES[model_type]
+    return FAMILIES[model_type]
 
 
 def _upgrade_legacy_blip2(model: Any, processor: Any) -> None:

@@ -12,6 +12,7 @@ already has the shell.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ from pathlib import Path
 from typing import Literal
 
 from core.config.schema import ConfigError, Problem, TrainConfig
+
+
+def default_cache_dir() -> Path:
+    """Where Atelier keeps generated assets: ``$ATELIER_CACHE`` or ``~/.cache/atelier``."""
+    return Path(os.environ.get("ATELIER_CACHE") or Path.home() / ".cache" / "atelier").expanduser()
+
 
 Kind = Literal["datasets", "models", "output"]
 

@@ -21,10 +21,16 @@ from typing import Any, cast
 from safetensors import SafetensorError, safe_open
 
 from core.inference.png_info import format_parameters, parse_parameters
-from core.inference.requests import CONTROL_KINDS, MODES, ControlKind, ControlSpec, GenerationRequest, LoraSpec
-from core.inference.samplers import SAMPLER_LABELS
+from core.inference.requests import (
+    CONTROL_KINDS,
+    MODES,
+    SAMPLER_LABELS,
+    ControlKind,
+    ControlSpec,
+    GenerationRequest,
+    LoraSpec,
+)
 from core.lora.files import DIFFUSERS_WEIGHT_NAME, short_hash
-from core.models.controlnets import model_reference
 
 LORA_TAG = re.compile(r"\s*<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 _CONTROL_UNIT = re.compile(r"ControlNet \d+")
@@ -69,7 +75,7 @@ def generation_parameters(
         settings["Lora hashes"] = ", ".join(f"{lora.name}: {digest}" for lora, digest in pairs)
     for index, unit in enumerate(request.controls):
         settings[f"ControlNet {index}"] = (
-            f"Module: {unit.kind}, Model: {display_name(model_reference(unit))}, Weight: {unit.weight:g}, "
+            f"Module: {unit.kind}, Model: {display_name(unit.model_reference)}, Weight: {unit.weight:g}, "
             f"Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}"
         )
     settings.update(extra or {})

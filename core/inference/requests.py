@@ -16,13 +16,23 @@ from typing import Literal, get_args
 from PIL import Image
 
 from core.config.schema import Sampler
-from core.inference.samplers import SAMPLER_LABELS
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
 ControlKind = Literal["lineart", "depth", "canny"]
 MODES: tuple[str, ...] = get_args(Mode)
 CONTROL_KINDS: tuple[str, ...] = get_args(ControlKind)
 MAX_SEED = 2**32 - 1  # A1111's range, so seeds copy between the two tools
+SAMPLER_LABELS: dict[Sampler, str] = {  # each sampler as A1111 names it, in PNG parameters and the UI
+    "ddim": "DDIM",
+    "euler_a": "Euler a",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "unipc": "UniPC",
+}
+DEFAULT_CONTROLNETS: dict[ControlKind, str] = {  # the ControlNet 1.1 model a unit of each kind uses by default
+    "lineart": "lllyasviel/control_v11p_sd15_lineart",
+    "depth": "lllyasviel/control_v11f1p_sd15_depth",
+    "canny": "lllyasviel/control_v11p_sd15_canny",
+}
 
 
 class GenerationError(ValueError):
@@ -65,6 +75,11 @@ class ControlSpec:
     end: float = 1.0
     preprocessor: str | None = None
     config: str = ""
+
+    @property
+    def model_reference(self) -> str:
+        """The model this unit uses: its own, or the standard ControlNet 1.1 of its kind."""
+        return self.model or DEFAULT_CONTROLNETS[self.kind]
 
 
 @dataclass(frozen=True)

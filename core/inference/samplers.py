@@ -14,13 +14,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from core.config.schema import Sampler
 
-SAMPLER_LABELS: dict[Sampler, str] = {
-    "ddim": "DDIM",
-    "euler_a": "Euler a",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "unipc": "UniPC",
-}
-
 
 def make_sampler(name: Sampler, scheduler_config: dict[str, Any]) -> SchedulerMixin:
     if name == "ddim":

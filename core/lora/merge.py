@@ -31,8 +31,9 @@ from core.lora.files import (
     write_lora,
 )
 from core.lora.svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
+from core.models.check import PICKLE_SUFFIXES
 from core.models.ldm_convert import save_ldm_checkpoint
-from core.models.loading import PICKLE_SUFFIXES, SD15Components, build_pipeline, load_sd15
+from core.models.loading import SD15Components, build_pipeline, load_sd15
 
 log = logging.getLogger(__name__)
 

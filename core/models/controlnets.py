@@ -21,22 +21,13 @@ import torch
 from diffusers import ControlNetModel
 
 from core.inference.requests import ControlSpec
-from core.models.loading import ModelLoadError, _from_hub, guarded
+from core.models.check import ModelLoadError
+from core.models.loading import _from_hub, guarded
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTROLNETS = {
-    "lineart": "lllyasviel/control_v11p_sd15_lineart",
-    "depth": "lllyasviel/control_v11f1p_sd15_depth",
-    "canny": "lllyasviel/control_v11p_sd15_canny",
-}
 SINGLE_FILE_CONFIG = "lllyasviel/control_v11p_sd15_canny"
 _FILE_SUFFIXES = {".safetensors", ".pth", ".ckpt", ".bin", ".pt"}
-
-
-def model_reference(spec: ControlSpec) -> str:
-    """The model a unit uses: its own, or the standard ControlNet 1.1 of its kind."""
-    return spec.model or DEFAULT_CONTROLNETS[spec.kind]
 
 
 def load_controlnet(reference: str, *, config: str = "", dtype: torch.dtype = torch.float32) -> ControlNetModel:
@@ -100,7 +91,7 @@ class ControlNetCache:
         self._models: OrderedDict[tuple[str, str, str], ControlNetModel] = OrderedDict()
 
     def get(self, spec: ControlSpec, *, dtype: torch.dtype, device: torch.device) -> ControlNetModel:
-        reference = model_reference(spec)
+        reference = spec.model_reference
         key = (reference, _stamp(reference), spec.config)
         model = self._models.pop(key, None)
         if model is None:

@@ -10,7 +10,6 @@ seconds on one CPU thread. Its images are noise: it proves the plumbing, not the
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -33,11 +32,6 @@ log = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "demo-sd15-v1"  # bump the suffix whenever the build below changes
 CONTROLNET_NAMES = ("controlnet-lineart", "controlnet-depth")
 _SEED = 1234
-
-
-def default_cache_dir() -> Path:
-    """Where Atelier keeps generated assets: ``$ATELIER_CACHE`` or ``~/.cache/atelier``."""
-    return Path(os.environ.get("ATELIER_CACHE") or Path.home() / ".cache" / "atelier").expanduser()
 
 
 def _tiny_unet() -> UNet2DConditionModel:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config.schema import LoraTargets, Optimizer, TrainConfig
-from core.training.run_log import METRICS_FILE
+from core.training.events import METRICS_FILE
 
 GIB = 2**30
 

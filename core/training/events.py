@@ -11,6 +11,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+METRICS_FILE = "metrics.jsonl"  # in each run folder: every record below as one JSON line, for later readers
+
 
 @dataclass(frozen=True)
 class StepRecord:

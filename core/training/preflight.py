@@ -17,7 +17,7 @@ from pathlib import Path
 from core.config.files import preset_triggers
 from core.config.schema import Problem, TrainConfig
 from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
-from core.models.loading import check_model
+from core.models.check import check_model
 
 LORA_PARAMS_PER_RANK = 600_000
 """About an SD 1.5 LoRA's parameters per unit of rank (a rank-32 kohya file with the text encoder is ~38 MB in fp16)."""

@@ -10,9 +10,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from core.common.fsutil import atomic_write_text
-from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, ValidationRecord
-
-METRICS_FILE = "metrics.jsonl"
+from core.training.events import METRICS_FILE, EpochRecord, StepRecord, TrainingCallbacks, ValidationRecord
 
 
 class RunLog:

@@ -16,7 +16,8 @@ from PIL import Image, PngImagePlugin
 from core.common.fsutil import atomic_path
 from core.config.schema import SamplingSection
 from core.inference.png_info import format_parameters
-from core.inference.samplers import SAMPLER_LABELS, make_sampler
+from core.inference.requests import SAMPLER_LABELS
+from core.inference.samplers import make_sampler
 from core.models.loading import SD15Components, build_pipeline
 from core.training.model_setup import eval_mode
 

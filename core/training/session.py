@@ -13,15 +13,16 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from core.config.schema import ConfigError, TrainConfig
-from core.models.loading import ModelLoadError, SD15Components
-from core.training.checkpoint import CheckpointError
+from core.models.check import ModelLoadError
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.preflight import preflight
-from core.training.trainer import Trainer, TrainingError
+
+if TYPE_CHECKING:
+    from core.models.loading import SD15Components
+    from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 ACTIVE = {"starting", "loading", "caching", "training", "paused", "validating", "sampling", "saving"}
@@ -60,6 +61,11 @@ class Snapshot:
 
 def explain_error(error: BaseException) -> str:
     """One plain sentence a user can act on."""
+    import torch  # here, not at the top: the UI imports this module and must start without torch
+
+    from core.training.checkpoint import CheckpointError
+    from core.training.trainer import TrainingError
+
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return (
             "The GPU ran out of memory. Lower schedule.batch_size or dataset.resolution or lora.rank, turn on "
@@ -199,6 +205,8 @@ class TrainingSession:
             self._commands = TrainingCommands()
             self._finished = None
             self._recording = _Recording("starting", self._recording.fields.run + 1)
+            from core.training.trainer import Trainer  # the first run loads torch and the models' libraries
+
             trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)
             self._thread = threading.Thread(target=self._run, args=(trainer,), name="atelier-training", daemon=True)
             self._thread.start()

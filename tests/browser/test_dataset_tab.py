@@ -13,7 +13,7 @@ from PIL import Image
 from core.config.files import load_config
 from core.data.dataset import load_dataset
 from tests.browser.conftest import AppServer, screenshot
-from ui.shell import SETTINGS_FILE
+from ui.context import SETTINGS_FILE
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page

@@ -20,7 +20,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import AppServer, screenshot
-from ui.shell import SETTINGS_FILE
+from ui.context import SETTINGS_FILE
 
 pytestmark = pytest.mark.browser
 

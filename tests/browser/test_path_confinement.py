@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.browser.conftest import AppServer, screenshot
 from tests.browser.test_training_tab import check, field, open_training, problem, stored
-from ui.shell import SETTINGS_FILE
+from ui.context import SETTINGS_FILE
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page

@@ -19,7 +19,7 @@ from playwright.sync_api import Locator, Page, expect
 from core.config.files import load_config
 from core.training.preflight import plan_run, preflight
 from tests.browser.conftest import AppServer, screenshot
-from ui.shell import SETTINGS_FILE
+from ui.context import SETTINGS_FILE
 
 pytestmark = pytest.mark.browser
 

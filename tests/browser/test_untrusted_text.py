@@ -31,7 +31,7 @@ from core.inference.png_info import save_png_with_parameters
 from core.lora.adapters import add_lora, unet_target_modules
 from core.lora.files import save_lora
 from tests.browser.conftest import AppServer, screenshot
-from ui.shell import SETTINGS_FILE
+from ui.context import SETTINGS_FILE
 
 pytestmark = pytest.mark.browser
 

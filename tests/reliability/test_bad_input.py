@@ -22,7 +22,8 @@ import core.train
 from core.config.files import save_config
 from core.inference.engine import InferenceEngine
 from core.inference.requests import GenerationError, GenerationRequest, LoraSpec
-from core.models.loading import ModelLoadError, load_sd15
+from core.models.check import ModelLoadError
+from core.models.loading import load_sd15
 
 pytestmark = pytest.mark.reliability
 

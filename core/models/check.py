@@ -1,0 +1,179 @@
+"""Whether a base model or VAE can be loaded, answered without loading it, and the errors loading gives.
+
+Check runs on every press of the Training tab's button, and the UI process must start without torch; so this
+module reads configs, safetensors headers and the Hugging Face cache only, and imports no ML library.
+`core.models.loading` does the loading, with the same classification of a reference and the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+
+from core.common.errors import first_line
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+class ModelLoadError(RuntimeError):
+    """A base model or VAE could not be loaded; the message tells the user what to do."""
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """A quick look at a model reference without loading it: `problem` would stop a run, `note` is worth
+    knowing first (a download). Check runs it on every press, so it reads configs and headers, never weights."""
+
+    problem: str = ""
+    note: str = ""
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+NETWORKS = ("unet", "vae", "text_encoder")
+SINGLE_FILE_KEYS = {  # where an LDM/A1111 checkpoint keeps each network; a lone VAE file drops the prefix
+    "base": {"UNet": "model.diffusion_model.", "VAE": "first_stage_model.", "text encoder": "cond_stage_model."},
+    "vae": {"VAE encoder": "encoder.", "VAE decoder": "decoder."},
+}
+
+
+def check_model(source: str, role: str = "base") -> ModelCheck:
+    """What `load_sd15` (role "base") or `load_vae` (role "vae") would meet at `source`, in milliseconds."""
+    markers = ("model_index.json",) if role == "base" else ("config.json", "vae/config.json")
+    try:
+        kind, path = classify_source(source, markers=markers)
+    except ModelLoadError as error:
+        return ModelCheck(problem=str(error))
+    if kind == "hub":
+        return _check_hub(source, markers, role)
+    if kind == "folder":
+        return ModelCheck(problem=_folder_problem(path, role))
+    return ModelCheck(problem=_single_file_problem(path, role) if path.suffix.lower() == ".safetensors" else "")
+
+
+def _read_json(path: Path) -> str:
+    """Why `path` is not a readable JSON object, or "" when it is."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"{path} cannot be read as JSON ({first_line(error)})"
+    return "" if isinstance(data, dict) else f"{path} is not a JSON object"
+
+
+def _folder_problem(path: Path, role: str) -> str:
+    """The first missing or unreadable part of a diffusers folder: its configs parse, its weights exist."""
+    if role == "vae":
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        configs, weights = [folder / "config.json"], [folder]
+    else:
+        weights = [path / network for network in NETWORKS]
+        configs = [path / "model_index.json", *(folder / "config.json" for folder in weights)]
+        configs.append(path / "scheduler" / "scheduler_config.json")
+    for config in configs:
+        if problem := _read_json(config):
+            return f"{problem}: the model folder is incomplete or damaged; download or copy it again."
+    for folder in weights:
+        if not any(file.name.endswith(WEIGHT_SUFFIXES) for file in folder.iterdir()):
+            return f"{folder} has no weights (.safetensors or .bin): the download is incomplete; get it again."
+    tokenizer = path / "tokenizer"
+    if role == "base" and not any((tokenizer / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return f"{tokenizer} has no tokenizer.json or vocab.json: the model folder is incomplete; get it again."
+    return ""
+
+
+def _single_file_problem(path: Path, role: str) -> str:
+    """Read only the safetensors header (8-byte length, then JSON) and look for each network's keys."""
+    try:
+        with path.open("rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            keys = json.loads(file.read(length)).keys()
+    except (OSError, struct.error, ValueError, AttributeError) as error:
+        reason = first_line(error)
+        return f"{path} is not a readable .safetensors file ({reason}); it may be truncated: download it again."
+    expected = SINGLE_FILE_KEYS[role]
+    if role == "vae" and any(key.startswith("first_stage_model.") for key in keys):
+        return ""
+    missing = [name for name, prefix in expected.items() if not any(key.startswith(prefix) for key in keys)]
+    if not missing:
+        return ""
+    return (
+        f"{path} has no {' or '.join(missing)} weights ({', '.join(expected[name] + '*' for name in missing)} keys): "
+        f"it is not a complete SD 1.5 {'checkpoint' if role == 'base' else 'VAE'} (a LoRA, SDXL or another model?)."
+    )
+
+
+def _check_hub(repo_id: str, markers: tuple[str, ...], role: str) -> ModelCheck:
+    """A cached model is checked like a folder; otherwise say that Start downloads it, how much, over the network."""
+    for marker in markers:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, marker)
+        if isinstance(cached, str):
+            return ModelCheck(problem=_folder_problem(Path(cached).parent, role))
+    if hub_offline():
+        return ModelCheck(problem=offline_message(repo_id))
+    try:
+        info = huggingface_hub.model_info(repo_id, timeout=15, files_metadata=True)
+    except Exception as exc:  # network, auth and missing-repo errors come in many unrelated types
+        return ModelCheck(problem=hub_failure(repo_id, exc))
+    size = sum(file.size or 0 for file in info.siblings or [] if _downloaded(file.rfilename))
+    return ModelCheck(
+        note=f"{repo_id!r} is not in the Hugging Face cache: Start downloads about {size / 2**30:.1f} GB, "
+        "which needs the network (once; later runs use the cache)."
+    )
+
+
+def _downloaded(name: str) -> bool:
+    """Files `from_pretrained` fetches: the components' configs, tokenizer and safetensors weights, no variants."""
+    folder, _, file = name.rpartition("/")
+    variant = any(tag in file for tag in (".fp16.", ".ema.", ".non_ema."))
+    return folder in {*NETWORKS, "tokenizer", "scheduler"} and not variant and not file.endswith((".bin", ".ckpt"))
+
+
+def classify_source(source: str, markers: tuple[str, ...] = ("model_index.json",)) -> tuple[str, Path]:
+    """Decide what ``source`` is: "folder", "single_file" or "hub" (an id that is not a path).
+
+    A folder counts as a diffusers model when it holds one of ``markers``.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any((path / marker).is_file() for marker in markers):
+            raise ModelLoadError(
+                f"{path} is a folder but not a diffusers model (no {' or '.join(markers)}). Point to a "
+                "diffusers model folder or to a .safetensors checkpoint file."
+            )
+        return "folder", path
+    if path.is_file():
+        if path.suffix.lower() not in {".safetensors"} | PICKLE_SUFFIXES:
+            raise ModelLoadError(f"{path}: unknown model file type; expected a .safetensors (or .ckpt) checkpoint.")
+        return "single_file", path
+    looks_like_path = source.startswith((".", "/", "~", "\\")) or source.count("/") > 1 or "\\" in source
+    if looks_like_path or Path(source).suffix.lower() in {".safetensors"} | PICKLE_SUFFIXES:
+        raise ModelLoadError(f"model path not found: {path}. Check the path, or give a Hugging Face model id.")
+    return "hub", path
+
+
+def hub_offline() -> bool:
+    """Offline mode, read at call time (huggingface_hub reads HF_HUB_OFFLINE only at import)."""
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return huggingface_hub.constants.HF_HUB_OFFLINE or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def offline_message(repo_id: str) -> str:
+    return (
+        f"{repo_id!r} is not a local folder or file, and the Hugging Face Hub is unreachable: offline and "
+        f"not in the cache. Download {repo_id!r} while online (e.g. `hf download {repo_id}`), or point "
+        "to a local diffusers folder / .safetensors file."
+    )
+
+
+def hub_failure(repo_id: str, exc: Exception) -> str:
+    return (
+        f"could not load {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {first_line(exc)}). "
+        "Check the model id (gated models need `hf auth login`) and your connection, or point to a local "
+        "diffusers folder / .safetensors file."
+    )
