@@ -60,7 +60,10 @@ def test_a_v_pred_key_marks_v_prediction_and_sd2_defaults_to_it() -> None:
 def test_a_file_of_no_family_is_refused_with_its_name(tmp_path: Path) -> None:
     lora = _checkpoint(tmp_path / "style.safetensors", ["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"])
     report = check_model(str(lora))
-    assert "style.safetensors" in report.problem and "SDXL" in report.problem and report.family is None
+    assert "style.safetensors" in report.problem and "a LoRA" in report.problem and report.family is None
+    unknown = _checkpoint(tmp_path / "other.safetensors", [UNET_KEY, VAE_KEY, "text_encoders.t5xxl.weight"])
+    report = check_model(str(unknown))
+    assert "other.safetensors has no text-encoder keys of SD 1.x" in report.problem and "SDXL" in report.problem
     with pytest.raises(FamilyError, match="refiner"):
         detect_keys([UNET_KEY, "conditioner.embedders.0.model.text_projection"])
 

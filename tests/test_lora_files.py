@@ -153,7 +153,7 @@ def test_a_whole_unet_run_loads_in_diffusers_and_in_our_reader(
     config = demo_config(model_dir, demo_dataset, tmp_path, *overrides)
     trainer = Trainer(config, Recorder())
     path = trainer.run().run_dir / "demo.safetensors"
-    trained_unet, trained_te = trainer.lora_unet.eval(), trainer.lora_text_encoder.eval()
+    trained_unet, trained_te = trainer.lora_unet.eval(), trainer.lora_text_encoders[0].eval()
 
     tensors = load_file(path)
     outside = ["lora_unet_conv_in", "lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2"]

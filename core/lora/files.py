@@ -50,6 +50,7 @@ from core.config.files import config_to_toml
 from core.config.schema import TrainConfig
 from core.lora.adapters import ADAPTER, UNET_ATTENTION, UNET_FEED_FORWARD, text_encoder_target_modules
 from core.lora.svd import LoraModule
+from core.models.families import SD1, ModelFamily
 from core.models.ldm_convert import LDM_UNET_PREFIX, unet_to_ldm
 from core.models.loading import SD15_CONFIG_DIR
 
@@ -114,14 +115,37 @@ def _text_model_path(path: str) -> str:
     return path if path.startswith("text_model.") else f"text_model.{path}"
 
 
-def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _kohya_unet_paths(unet: nn.Module, paths: Iterable[str], family: ModelFamily) -> dict[str, str]:
+    """diffusers module path -> the path kohya names it by: itself for SD 1.x/2.x (sd-scripts trains those on a
+    diffusers-named UNet), the LDM path for SDXL (sd-scripts' sdxl_original_unet: `input_blocks.4.1.…`)."""
+    paths = list(paths)
+    if not family.kohya_ldm_unet_names:
+        return {path: path for path in paths}
+    ldm = unet_to_ldm({f"{path}.weight": torch.empty(0) for path in paths}, _unwrap(unet).config)
+    return {
+        path: key.removeprefix(LDM_UNET_PREFIX).removesuffix(".weight") for path, key in zip(paths, ldm, strict=True)
+    }
+
+
+def kohya_state_dict(
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    dtype: torch.dtype,
+    *,
+    text_encoder_2: nn.Module | None = None,
+    family: ModelFamily = SD1,
+) -> dict[str, torch.Tensor]:
     """The adapters under kohya keys, weights cast to `dtype`, alpha an fp32 scalar (fp16 would round it).
 
     peft's shapes already are kohya's (Linear [r, in] / [out, r]; Conv2d: down keeps the layer's kernel,
     stride and padding, up is 1×1), so tensors are only renamed. A text encoder without an adapter is skipped.
+    The names follow the family: SDXL's UNet by its LDM paths, its encoders as `lora_te1_` / `lora_te2_`.
     """
-    named = [(UNET_PREFIX + path, layer) for path, layer in _unet_layers(unet).items()]
-    named += [(TEXT_ENCODER_PREFIX + _text_model_path(p), layer) for p, layer in _lora_layers(text_encoder).items()]
+    unet_layers = _unet_layers(unet)
+    kohya_paths = _kohya_unet_paths(unet, unet_layers, family)
+    named = [(UNET_PREFIX + kohya_paths[path], layer) for path, layer in unet_layers.items()]
+    for prefix, encoder in zip(family.kohya_text_prefixes, (text_encoder, text_encoder_2), strict=False):
+        named += [(prefix + _text_model_path(p), layer) for p, layer in _lora_layers(encoder).items()]
     tensors: dict[str, torch.Tensor] = {}
     for path, (down, up, alpha) in named:
         _put_kohya(tensors, path.replace(".", "_"), down.detach().to("cpu", dtype), up.detach().to("cpu", dtype), alpha)
@@ -143,10 +167,13 @@ def training_metadata(
     step: int,
     resolution: int | tuple[int, int] | None = None,
     trigger_phrase: str | None = None,
+    family: ModelFamily = SD1,
+    prediction_type: str | None = None,
 ) -> dict[str, str]:
     """kohya's `ss_*` header (its spellings and value formats, so metadata viewers and civitai read it),
     the modelspec keys A1111/Forge show, and the full config as TOML so the file alone reproduces the run.
-    The trigger phrase defaults to the caption prefix, the usual place for a trigger word."""
+    The trigger phrase defaults to the caption prefix, the usual place for a trigger word. `family` gives kohya's
+    base-model version and the modelspec architecture; `prediction_type` is the one the run trained with."""
     lora, opt, schedule = config.lora, config.optimizer, config.schedule
     resolution = resolution or config.dataset.resolution
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -169,8 +196,8 @@ def training_metadata(
         "ss_network_dropout": lora.dropout,
         "ss_network_args": json.dumps(network_args),
         "ss_network_train_unet_only": not lora.train_text_encoder,
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": False,
+        "ss_base_model_version": family.base_model_version,
+        "ss_v2": family.key.startswith("sd2"),
         "ss_sd_model_name": Path(config.model.base).name if Path(config.model.base).exists() else config.model.base,
         "ss_vae_name": Path(config.model.vae).name if config.model.vae else None,
         "ss_output_name": config.run.name,
@@ -195,12 +222,14 @@ def training_metadata(
         "ss_flip_aug": config.dataset.flip,
         "ss_training_comment": f"trigger words: {trigger}" if trigger else None,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": f"{family.architecture}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": f"{config.run.name} epoch {epoch}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "v" if config.model.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": "v"
+        if (prediction_type or family.prediction_type) == "v_prediction"
+        else "epsilon",
         "modelspec.trigger_phrase": trigger or None,
         "atelier_config": config_to_toml(config),
         "atelier_targets": json.dumps(targets),
@@ -245,7 +274,14 @@ def tensor_data_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_lora(
-    path: Path, unet: nn.Module, text_encoder: nn.Module | None, *, precision: SavePrecision, metadata: dict[str, str]
+    path: Path,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    *,
+    precision: SavePrecision,
+    metadata: dict[str, str],
+    text_encoder_2: nn.Module | None = None,
+    family: ModelFamily = SD1,
 ) -> Path:
     """Write the kohya-format `.safetensors` atomically, so a crash never leaves a truncated LoRA behind."""
     path = Path(path)
@@ -254,7 +290,7 @@ def save_lora(
     not_text = sorted(k for k, v in metadata.items() if not isinstance(v, str))
     if not_text:
         raise TypeError(f"safetensors metadata values must be strings; convert {', '.join(not_text)} with str()")
-    tensors = kohya_state_dict(unet, text_encoder, _dtype(precision))
+    tensors = kohya_state_dict(unet, text_encoder, _dtype(precision), text_encoder_2=text_encoder_2, family=family)
     header = {**metadata, "sshs_model_hash": tensor_data_hash(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -263,30 +299,40 @@ def save_lora(
 
 
 def save_diffusers_lora(
-    folder: Path, unet: nn.Module, text_encoder: nn.Module | None, *, precision: SavePrecision = "fp32"
+    folder: Path,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    *,
+    precision: SavePrecision = "fp32",
+    text_encoder_2: nn.Module | None = None,
+    family: ModelFamily = SD1,
 ) -> Path:
     """Write `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder, weight_name=…)`.
 
     The peft config goes into the header so diffusers restores alpha (else it assumes alpha = rank);
-    text-encoder keys get `text_model.` back so transformers 4 stacks load it too. Built beside the
-    target and swapped in only when complete.
+    text-encoder keys get `text_model.` back so transformers 4 stacks load it too. SDXL files are written by
+    its pipeline class, with `text_encoder_2.` keys for the second encoder. Built beside the target and
+    swapped in only when complete.
     """
-    from diffusers import StableDiffusionPipeline  # heavy import, only needed here
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # heavy import, only needed here
 
     folder = Path(folder)
     dtype = _dtype(precision)
-    unet, text_encoder = _unwrap(unet), _unwrap(text_encoder)
+    unet = _unwrap(unet)
     _unet_layers(unet)
     unet_layers = {k: v.to(dtype) for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
     kwargs: dict[str, object] = {"unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
-    if _lora_layers(text_encoder):
-        te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
-        kwargs["text_encoder_lora_layers"] = {_text_model_path(k): v.to(dtype) for k, v in te_state.items()}
-        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
+    for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        encoder = _unwrap(encoder)
+        if _lora_layers(encoder):
+            state = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
+            kwargs[f"{name}_lora_layers"] = {_text_model_path(k): v.to(dtype) for k, v in state.items()}
+            kwargs[f"{name}_lora_adapter_metadata"] = encoder.peft_config[ADAPTER].to_dict()
+    pipeline_class = StableDiffusionXLPipeline if family.is_sdxl else StableDiffusionPipeline
     staging = make_staging_folder(folder)
     retired = staging.with_name(staging.name.removesuffix(".tmp") + ".old")
     try:
-        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=unet_layers, **kwargs)
+        pipeline_class.save_lora_weights(staging, unet_lora_layers=unet_layers, **kwargs)
         set_usual_modes(staging)
         if folder.exists():
             folder.rename(retired)

@@ -82,13 +82,12 @@ def _checked_single_file(path: Path, role: str) -> ModelCheck:
         return ModelCheck(
             problem=f"{path} is not a readable .safetensors file ({reason}); it may be truncated: download it again."
         )
-    family = None
-    if role == "base":
-        try:
-            family = detect_keys(keys, str(path))
-        except FamilyError as error:
-            return ModelCheck(problem=str(error))
-    return ModelCheck(problem=_single_file_problem(path, keys, role), family=family)
+    if (problem := _single_file_problem(path, keys, role)) or role != "base":
+        return ModelCheck(problem=problem)
+    try:
+        return ModelCheck(family=detect_keys(keys, str(path)))
+    except FamilyError as error:
+        return ModelCheck(problem=str(error))
 
 
 def _read_json(path: Path) -> str:
@@ -132,7 +131,7 @@ def _header_keys(path: Path) -> list[str]:
 
 
 def _single_file_problem(path: Path, keys: list[str], role: str) -> str:
-    """Whether each network's keys are in the checkpoint (the text encoders were found by family detection)."""
+    """Whether the UNet's and VAE's keys are in the checkpoint (family detection then looks for the text encoders)."""
     expected = SINGLE_FILE_KEYS[role]
     if role == "vae" and any(key.startswith("first_stage_model.") for key in keys):
         return ""

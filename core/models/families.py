@@ -65,7 +65,7 @@ SD1 = ModelFamily(
 SD2 = replace(
     SD1,
     key="sd2",
-    label="SD 2.x (512, epsilon)",
+    label="SD 2.x",
     base_model_version="sd_v2",
     architecture="stable-diffusion-v2-512",
     config_folder="sd2",
@@ -74,7 +74,7 @@ SD2 = replace(
 SD2_V = replace(
     SD2,
     key="sd2-v",
-    label="SD 2.x (768, v-prediction)",
+    label="SD 2.x v-prediction",
     resolution=768,
     prediction_type="v_prediction",
     base_model_version="sd_v2_v",
@@ -128,14 +128,17 @@ def detect_folder(folder: Path) -> ModelFamily:
     512 epsilon base from its 768 v-prediction model.
     """
     folder = Path(folder)
-    index = _json(folder / "model_index.json")
-    unet = _json(folder / "unet" / "config.json")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     prediction = _json(scheduler_file).get("prediction_type") if scheduler_file.is_file() else None
+    return family_from_configs(_json(folder / "model_index.json"), _json(folder / "unet" / "config.json"), prediction)
+
+
+def family_from_configs(index: dict, unet: dict, prediction: str | None, name: str = "the model") -> ModelFamily:
+    """The family from a model's model_index.json, UNet config and scheduler prediction type (see detect_folder)."""
     class_name = str(index.get("_class_name", ""))
     sdxl = unet.get("addition_embed_type") == "text_time" or class_name.startswith("StableDiffusionXL")
     if sdxl and not (index.get("text_encoder") or [None])[0]:
-        raise FamilyError(f"{folder} has no first text encoder: an SDXL refiner, not a base model to train on")
+        raise FamilyError(f"{name} has no first text encoder: an SDXL refiner, not a base model to train on")
     cross = unet.get("cross_attention_dim")
     v2 = not sdxl and (cross == 1024 or (bool(unet.get("use_linear_projection")) and cross != 768))
     return family_for(sdxl, v2, prediction)
