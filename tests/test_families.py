@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from core.config.files import build_config
 from core.models.check import check_model
 from core.models.families import ASSETS, SD1, SD2, SD2_V, SDXL, FamilyError, detect_folder, detect_keys
+from core.training.preflight import check_run
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 VAE_KEY = "first_stage_model.encoder.conv_in.weight"
@@ -89,3 +91,16 @@ def test_an_sdxl_folder_needs_its_second_encoder(tmp_path: Path) -> None:
     assert check_model(str(folder)).family is SDXL
     (folder / "text_encoder_2" / "model.safetensors").unlink()
     assert "text_encoder_2 has no weights" in check_model(str(folder)).problem
+
+
+def test_check_names_the_family_and_its_resolution(sdxl_model: Path, demo_dataset: Path, tmp_path: Path) -> None:
+    """The Check summary leads with the family; a resolution below the family's own is worth a note."""
+    config = build_config(
+        overrides=[f"model.base={sdxl_model}", f"dataset.path={demo_dataset}", f"run.output_dir={tmp_path}"]
+    )
+    report = check_run(config)
+    assert report.family is SDXL and report.family.describe() == "SDXL 1.0, 1024 px"
+    (note,) = [note for note in report.notes if note.field == "dataset.resolution"]
+    assert "set dataset.resolution = 1024" in note.message
+    at_size = config.model_copy(update={"dataset": config.dataset.model_copy(update={"resolution": 1024})})
+    assert not [note for note in check_run(at_size).notes if note.field == "dataset.resolution"]

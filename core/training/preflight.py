@@ -18,7 +18,7 @@ from core.config.files import preset_triggers
 from core.config.schema import Problem, TrainConfig
 from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
 from core.models.check import check_model
-from core.models.families import ModelFamily
+from core.models.families import SD1, ModelFamily
 
 LORA_PARAMS_PER_RANK = 600_000
 """About an SD 1.5 LoRA's parameters per unit of rank (a rank-32 kohya file with the text encoder is ~38 MB in fp16)."""
@@ -69,6 +69,12 @@ def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem], Mo
         problems += [Problem(field, reference, result.problem)] if result.problem else []
         notes += [Problem(field, reference, result.note)] if result.note else []
         family = family or result.family
+    if family is not None and config.dataset.resolution < family.resolution and family.resolution > SD1.resolution:
+        message = (
+            f"{family.label} models are trained at {family.resolution} px and render poorly at "
+            f"{config.dataset.resolution}: set dataset.resolution = {family.resolution} (or start from its preset)"
+        )
+        notes.append(Problem("dataset.resolution", config.dataset.resolution, message))
     return problems, notes, family
 
 
