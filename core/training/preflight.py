@@ -14,9 +14,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.common.text import says, trigger_words
 from core.config.files import preset_triggers
 from core.config.schema import Problem, TrainConfig
-from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
+from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset
 from core.models.check import check_model
 from core.models.families import SD1, ModelFamily
 
