@@ -17,6 +17,7 @@ from training_helpers import Recorder, demo_config
 
 from core.inference.engine import InferenceEngine
 from core.lora.merge import merge_loras
+from core.lora.tools import inspect_lora
 from core.models.check import check_model
 from core.models.families import SD2_V, SDXL
 from core.models.ldm_convert import save_ldm_checkpoint, unet_to_ldm
@@ -110,6 +111,8 @@ def test_sdxl_files_use_sd_scripts_sdxl_names(sdxl_model: Path, demo_dataset: Pa
     assert names == unet_names | te1 | te2
     assert header["ss_base_model_version"] == "sdxl_base_v1-0"
     assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    with pytest.raises(ValueError, match=re.escape("is an SDXL 1.0 LoRA (its header says so); the LoRA tools handle")):
+        inspect_lora(result.run_dir / "demo.safetensors")
 
 
 @pytest.mark.parametrize("fixture", ["sd2_model", "sdxl_model"])

@@ -50,7 +50,7 @@ from core.config.files import config_to_toml
 from core.config.schema import TrainConfig
 from core.lora.adapters import ADAPTER, UNET_ATTENTION, UNET_FEED_FORWARD, text_encoder_target_modules
 from core.lora.svd import LoraModule
-from core.models.families import SD1, ModelFamily
+from core.models.families import SD1, ModelFamily, lora_family
 from core.models.ldm_convert import LDM_UNET_PREFIX, unet_to_ldm
 from core.models.loading import SD15_CONFIG_DIR
 
@@ -481,6 +481,11 @@ def read_lora(path: Path, index: ModuleIndex | None = None) -> LoraFile:
     if not path.is_file():
         raise ValueError(f"LoRA file not found: {path}")
     metadata = read_lora_metadata(path)
+    family = lora_family(metadata)
+    if family not in (None, SD1):
+        raise ValueError(
+            f"{path} is an {family.label} LoRA (its header says so); the LoRA tools handle SD 1.x LoRAs so far"
+        )
     tensors = load_file(str(path))
     if not tensors:
         raise ValueError(f"{path} holds no tensors; it is not a LoRA")

@@ -11,7 +11,7 @@ press and the UI process starts without torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -171,3 +171,17 @@ def detect_keys(keys: Iterable[str], name: str = "the checkpoint") -> ModelFamil
         f"{name} has no text-encoder keys of SD 1.x ({SD1_MARKER}…), SD 2.x ({SD2_MARKER}…) or SDXL "
         f"({SDXL_MARKER}…): it is not a Stable Diffusion checkpoint Atelier can train (a LoRA, a VAE, another model?)"
     )
+
+
+def lora_family(header: Mapping[str, str]) -> ModelFamily | None:
+    """The family a LoRA file's header says it was trained for (kohya's `ss_base_model_version`, or
+    `modelspec.architecture`), None when it does not say: a LoRA of another family is then refused by name
+    instead of failing on its first mismatched shape."""
+    version = header.get("ss_base_model_version", "")
+    architecture = header.get("modelspec.architecture", "").partition("/")[0]
+    for family in FAMILIES.values():
+        if version == family.base_model_version or architecture == family.architecture:
+            return family
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        return SDXL
+    return None
