@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config.schema import TrainConfig
-from core.lora.files import save_diffusers_lora, save_lora, training_metadata
+from core.lora.files import save_diffusers_lora, save_lora
+from core.lora.header import training_metadata
 from core.models.loading import ModelComponents
 from core.training.events import TrainingCallbacks
 from core.training.run_state import Progress

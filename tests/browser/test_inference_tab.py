@@ -22,7 +22,8 @@ from core.inference.a1111_params import generation_parameters
 from core.inference.png_info import read_png_parameters, save_png_with_parameters
 from core.inference.requests import ControlSpec, GenerationRequest, LoraSpec
 from core.lora.adapters import add_training_loras
-from core.lora.files import save_lora, short_hash
+from core.lora.files import save_lora
+from core.lora.header import short_hash
 from core.models.loading import load_model
 from tests.browser.conftest import AppServer, screenshot
 
