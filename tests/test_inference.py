@@ -39,6 +39,7 @@ from core.lora.adapters import add_training_loras
 from core.lora.files import save_diffusers_lora, save_lora, sd15_index
 from core.lora.header import read_lora_metadata, short_hash
 from core.models.check import ModelLoadError
+from core.models.families import SD1
 from core.models.loading import build_pipeline, load_model
 
 BASE = GenerationRequest("bauhaus style building", seed=11, steps=3, width=64, height=64, sampler="ddim")
@@ -440,7 +441,7 @@ def test_every_module_of_a_kohya_file_gets_its_own_alpha(demo_model: Path, tmp_p
     ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
     assert len(alphas) == 5 and len(ranks) == 4  # conv_alpha, four block alphas; ranks 1–4
     pipe = build_pipeline(load_model(str(demo_model)))
-    stack = LoraStack(pipe)
+    stack = LoraStack(pipe, SD1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # peft's "alpha_pattern keys … were ignored"
         stack.apply([LoraSpec(str(tmp_path / "locon.safetensors"), 1.0)])

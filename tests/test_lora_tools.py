@@ -254,10 +254,10 @@ def test_lycoris_and_foreign_files_are_refused_clearly(loras: dict[str, Path], t
     save_file({f"{module}.{n}": torch.zeros(2, 2) for n in names} | {f"{module}.alpha": torch.tensor(2.0)}, loha)
     with pytest.raises(ValueError, match=r"loha\.safetensors is a LyCORIS LoHa file .*plain LoRA only"):
         inspect_lora(loha)
-    sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight": torch.zeros(2, 8)}, sdxl)
-    with pytest.raises(ValueError, match=r"match no SD 1\.5 layer .*SDXL"):
-        read_lora(sdxl)
+    flux = tmp_path / "flux.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)}, flux)
+    with pytest.raises(ValueError, match=r"match no SD 1\.x or SDXL 1\.0 layer .*another family"):
+        read_lora(flux)
 
 
 def test_te1_and_ldm_names_resolve_to_our_names(loras: dict[str, Path], tmp_path: Path) -> None:

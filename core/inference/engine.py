@@ -1,10 +1,12 @@
-"""The inference engine: one loaded base model, any LoRA stack, ControlNets, three modes, sweeps.
+"""The inference engine: one loaded base model (SD 1.x, SD 2.x or SDXL), any LoRA stack, ControlNets, three
+modes, sweeps.
 
 The base model is the expensive part (seconds to minutes to load, gigabytes of memory), so the engine
 keeps exactly one and everything else is layered on it without copies: LoRAs are peft adapters
 switched per request (`LoraStack`), ControlNets are cached by reference (`ControlNetCache`), and the
 txt2img / img2img / inpaint pipelines, with or without ControlNets, are built by `from_pipe` over the
-same modules. Each image has its own CPU generator seeded with seed + batch index, so an image can be
+same modules, from the family's pipeline classes (SD 2.x uses SD's, with its scheduler's prediction type;
+SDXL its own). Each image has its own CPU generator seeded with seed + batch index, so an image can be
 remade alone and seeds mean the same on every device.
 
 Sharing with training (for the app): the trainer loads its own copy of the base. When a run has
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 from diffusers import (
+    ControlNetModel,
     DiffusionPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
@@ -36,6 +39,12 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from PIL import Image
 
@@ -55,7 +64,7 @@ from core.inference.samplers import make_sampler
 from core.inference.sweep import SweepResult, SweepVariant, sweep_grid
 from core.models.controlnets import ControlNetCache
 from core.models.families import SD1
-from core.models.loading import ModelComponents, build_pipeline, load_model, refuse_other_families, require_family
+from core.models.loading import ModelComponents, build_pipeline, load_model
 from core.models.preprocessors import make_control_image
 
 __all__ = [  # the engine's whole surface, importable from this one module
@@ -71,13 +80,21 @@ __all__ = [  # the engine's whole surface, importable from this one module
 ]
 log = logging.getLogger(__name__)
 Progress = Callable[[float], None]  # fraction of the whole job done, 0–1
-PIPELINES: dict[tuple[str, bool], type[DiffusionPipeline]] = {
+PIPELINES: dict[tuple[str, bool], type[DiffusionPipeline]] = {  # SD 1.x and 2.x
     ("txt2img", False): StableDiffusionPipeline,
     ("img2img", False): StableDiffusionImg2ImgPipeline,
     ("inpaint", False): StableDiffusionInpaintPipeline,
     ("txt2img", True): StableDiffusionControlNetPipeline,
     ("img2img", True): StableDiffusionControlNetImg2ImgPipeline,
     ("inpaint", True): StableDiffusionControlNetInpaintPipeline,
+}
+SDXL_PIPELINES: dict[tuple[str, bool], type[DiffusionPipeline]] = {
+    ("txt2img", False): StableDiffusionXLPipeline,
+    ("img2img", False): StableDiffusionXLImg2ImgPipeline,
+    ("inpaint", False): StableDiffusionXLInpaintPipeline,
+    ("txt2img", True): StableDiffusionXLControlNetPipeline,
+    ("img2img", True): StableDiffusionXLControlNetImg2ImgPipeline,
+    ("inpaint", True): StableDiffusionXLControlNetInpaintPipeline,
 }
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -111,7 +128,7 @@ class InferenceEngine:
         self._controlnets = ControlNetCache(max_controlnets)
         self._components: ModelComponents | None = None
         self._key: tuple[str, str] | None = None
-        self._base: StableDiffusionPipeline | None = None
+        self._base: StableDiffusionPipeline | StableDiffusionXLPipeline | None = None
         self._loras: LoraStack | None = None
         self._pipe: tuple[tuple[Any, ...], DiffusionPipeline] | None = None
 
@@ -136,9 +153,7 @@ class InferenceEngine:
             if self._components is not None and self._key == (source, vae):
                 return self._components
             self.free()
-            refuse_other_families(source, "Inference")  # before minutes of loading, when the files tell
             components = load_model(source, vae=vae, dtype=self.dtype)
-            require_family(components, (SD1,), "Inference")
             self._install(components, (source, vae))
             return components
 
@@ -152,10 +167,9 @@ class InferenceEngine:
         with self._lock:
             if self._components is not None and self._key == (components.source, vae):
                 return
-            require_family(components, (SD1,), "Inference")
             self.free()
             build_pipeline(components).unload_lora_weights()
-            for module in (components.unet, components.text_encoder, components.vae):
+            for module in (components.unet, *components.text_encoders, components.vae):
                 module.eval()
             self._install(components, (components.source, vae))
 
@@ -177,12 +191,12 @@ class InferenceEngine:
         self._cancel.set()
 
     def _install(self, components: ModelComponents, key: tuple[str, str]) -> None:
-        for module in (components.unet, components.text_encoder, components.vae):
+        for module in (components.unet, *components.text_encoders, components.vae):
             module.to(self.device)
         self._base = build_pipeline(components)
         self._base.set_progress_bar_config(disable=True)
         self._components, self._key = components, key
-        self._loras = LoraStack(self._base, self.max_loras)
+        self._loras = LoraStack(self._base, components.family, self.max_loras)
 
     # ----- generating ----------------------------------------------------------------------------
 
@@ -290,14 +304,13 @@ class InferenceEngine:
         """The mode's pipeline over the loaded modules, its sampler set; the last one built is reused."""
         assert self._base is not None and self._components is not None
         unet = self._components.unet
-        controlnets = [self._controlnets.get(unit, dtype=unet.dtype, device=unet.device) for unit in request.controls]
+        controlnets = [self._controlnet(number, unit) for number, unit in enumerate(request.controls, start=1)]
         key = (request.mode, *map(id, controlnets))
         if self._pipe is None or self._pipe[0] != key:
-            cls = PIPELINES[(request.mode, bool(controlnets))]
+            table = SDXL_PIPELINES if self._components.family.is_sdxl else PIPELINES
+            cls = table[(request.mode, bool(controlnets))]
             extra: dict[str, Any] = {"controlnet": controlnets} if controlnets else {}
-            pipe = (
-                self._base if cls is StableDiffusionPipeline else cls.from_pipe(self._base, dtype=unet.dtype, **extra)
-            )
+            pipe = self._base if cls is type(self._base) else cls.from_pipe(self._base, dtype=unet.dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
             if request.mode == "inpaint":
                 pipe.mask_processor = soft_mask_processor(pipe.vae_scale_factor)
@@ -305,6 +318,29 @@ class InferenceEngine:
         pipe = self._pipe[1]
         pipe.scheduler = make_sampler(request.sampler, self._components.scheduler_config)
         return pipe
+
+    def _controlnet(self, number: int, unit: ControlSpec) -> ControlNetModel:
+        """The unit's ControlNet, refused by name when it is made for another family than the model's: the
+        default ControlNet 1.1 models are SD 1.5's, and another family's fails deep inside with shapes."""
+        assert self._components is not None
+        family, unet = self._components.family, self._components.unet
+        if not unit.model and family.lora_group != SD1.lora_group:
+            raise GenerationError(
+                f"ControlNet unit {number} ({unit.kind}): the standard ControlNet 1.1 models are SD 1.5's and do not "
+                f"fit this {family.label} model; give the unit an {family.label} ControlNet (a hub id such as "
+                f"diffusers/controlnet-depth-sdxl-1.0 for SDXL, a diffusers folder or a .safetensors file)"
+            )
+        model = self._controlnets.get(unit, dtype=unet.dtype, device=unet.device)
+        fits = all(
+            model.config.get(name) == unet.config.get(name) for name in ("cross_attention_dim", "addition_embed_type")
+        )
+        if not fits:
+            raise GenerationError(
+                f"ControlNet unit {number} ({unit.model_reference}) is made for another family: its cross-attention "
+                f"width is {model.config.get('cross_attention_dim')}, this {family.label} model's "
+                f"{unet.config.get('cross_attention_dim')}. Give the unit an {family.label} ControlNet"
+            )
+        return model
 
     @staticmethod
     def _call_arguments(request: GenerationRequest, region: Region, controls: list[Image.Image]) -> dict[str, Any]:

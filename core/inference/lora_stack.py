@@ -5,6 +5,10 @@ a running training is loaded again), and a request only changes which adapters a
 weights. Entries with weight 0 are left out of the active set rather than scaled by 0, so "weight 0"
 is the base model's output by construction, not by floating-point luck; with no active entry every
 LoRA layer is switched off. Rarely used adapters are unloaded past `capacity`.
+
+Files are read against the loaded model's family (`core.lora.module_index`): a LoRA whose header or key names
+state another family is refused naming both, and one whose shapes do not fit this model is refused before
+peft sees it, so neither ends in a shape traceback from deep inside diffusers.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from core.common.errors import first_line
 from core.inference.requests import GenerationError, LoraSpec
-from core.lora.files import DIFFUSERS_WEIGHT_NAME, diffusers_tensors, read_lora, sd15_index
+from core.lora.files import DIFFUSERS_WEIGHT_NAME, LoraFile, diffusers_tensors, read_lora
 from core.lora.header import short_hash
+from core.lora.module_index import TEXT_COMPONENTS, family_index
+from core.models.families import ModelFamily
 
 log = logging.getLogger(__name__)
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
@@ -66,10 +72,11 @@ def _quiet_peft() -> Iterator[None]:
 
 
 class LoraStack:
-    """The adapters loaded into one pipeline's UNet and text encoder."""
+    """The adapters loaded into one pipeline's UNet and text encoders (SDXL: both)."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, capacity: int = 16) -> None:
+    def __init__(self, pipe: DiffusionPipeline, family: ModelFamily, capacity: int = 16) -> None:
         self.pipe = pipe
+        self.index = family_index(family)
         self.capacity = capacity
         self._adapters: OrderedDict[tuple[str, int, int], str] = OrderedDict()
         self._counter = 0
@@ -107,27 +114,52 @@ class LoraStack:
         self._counter += 1
         name = f"lora{self._counter}"  # peft adapter names must be identifiers, file names need not be
         try:
-            self._load(path, name)
+            lora = read_lora(path, self.index)
+            self._check_shapes(lora)
+        except ValueError as error:  # the message names the file, the families and what to do
+            raise GenerationError(f"could not load LoRA {path.name}: {first_line(error)}") from error
+        try:
+            self._load(lora, name)
         except _LOAD_ERRORS as error:
             self._drop_partial(name)
             raise GenerationError(
-                f"could not load LoRA {path} ({type(error).__name__}: {first_line(error)}). "
-                "Is it an SD 1.5 LoRA in the kohya/A1111 or diffusers format (not SDXL, not a full checkpoint)?"
+                f"could not load LoRA {path} ({type(error).__name__}: {first_line(error)}). Is it a "
+                f"{self.index.family.label} LoRA in the kohya/A1111 or diffusers format (not a full checkpoint)?"
             ) from error
         log.info("loaded LoRA %s as adapter %s", path, name)
         self._adapters[key] = name
         return name
 
-    def _load(self, path: Path, name: str) -> None:
-        """Load `path` as adapter `name`, every module with its own rank and alpha.
+    def _check_shapes(self, lora: LoraFile) -> None:
+        """Refuse a LoRA with a module this model lacks or whose weight shape differs from the layer's."""
+        family = self.index.family.label
+        for name, module in lora.modules.items():
+            target = self.index.targets[name]
+            model = getattr(self.pipe, target.component)
+            level = "text_model." if hasattr(model, "text_model") else ""  # SDXL's second encoder keeps it
+            try:
+                layer = model.get_submodule(level + target.path)
+            except AttributeError:
+                raise ValueError(
+                    f"{lora.path}: module {name} updates a layer this {family} model does not have; the LoRA was "
+                    "trained on a larger model of the family. Use it with that model"
+                ) from None
+            if tuple(layer.weight.shape) != tuple(module.weight_shape):
+                raise ValueError(
+                    f"{lora.path}: module {name} updates a {tuple(module.weight_shape)} weight but this {family} "
+                    f"model's is {tuple(layer.weight.shape)}: the LoRA is for another family or model (SD 1.x, "
+                    "SD 2.x and SDXL layers differ in width). Use it with the model it was trained on"
+                )
+
+    def _load(self, lora: LoraFile, name: str) -> None:
+        """Load `lora` as adapter `name`, every module with its own rank and alpha.
 
         diffusers' own kohya loader gives all modules one alpha, so LoCon files (conv_alpha ≠ alpha),
         block-wise alphas and resized files came out mis-scaled (issue #14). The file is read and
         converted by `core.lora.files` instead, whose peft `alpha_pattern`/`rank_pattern` diffusers
         applies exactly; LyCORIS and DoRA files, which are not up @ down, are refused there by name.
         """
-        index = sd15_index()
-        tensors, config = diffusers_tensors(read_lora(path, index).modules.values(), index)
+        tensors, config = diffusers_tensors(lora.modules.values(), self.index)
         metadata = json.loads(config)
         with _quiet_peft():
             self.pipe.load_lora_into_unet(
@@ -138,15 +170,18 @@ class LoraStack:
                 metadata=metadata,
                 _pipeline=self.pipe,
             )
-            self.pipe.load_lora_into_text_encoder(
-                tensors,
-                network_alphas=None,
-                text_encoder=self.pipe.text_encoder,
-                lora_scale=self.pipe.lora_scale,
-                adapter_name=name,
-                metadata=metadata,
-                _pipeline=self.pipe,
-            )
+            for component in TEXT_COMPONENTS:
+                if getattr(self.pipe, component, None) is not None:
+                    self.pipe.load_lora_into_text_encoder(
+                        tensors,
+                        network_alphas=None,
+                        text_encoder=getattr(self.pipe, component),
+                        prefix=component,
+                        lora_scale=self.pipe.lora_scale,
+                        adapter_name=name,
+                        metadata=metadata,
+                        _pipeline=self.pipe,
+                    )
 
     def _unload(self, key: tuple[str, int, int]) -> None:
         name = self._adapters.pop(key)

@@ -8,11 +8,9 @@ Trained adapters are written from the model's peft layers (`save_lora`, `save_di
 tools read files into `LoraModule`s and write those (`read_lora`, `write_lora`); both put kohya keys
 through `_put_kohya`.
 
-kohya names flatten a module path with `_` (`lora_unet_down_blocks_0_…_to_out_0`), and SD 1.5's own
-names contain `_` too (`down_blocks`, `to_out`, `proj_in`), so a name cannot be turned back into a path
-by string rules. `ModuleIndex` lists the real Linear/Conv2d modules of an SD 1.5 UNet and CLIP text
-encoder and maps every name a file may use to them: our `lora_te_`, the `lora_te1_` diffusers writes for
-SD 1.5, and the LDM block names (`lora_unet_input_blocks_1_1_…`) some trainers use.
+Names are resolved per family by `core.lora.module_index`. A file is read against its family's index: the
+one the caller gives (the loaded model's), refusing a LoRA whose header or keys name another family, or
+the one its header or keys show, trying SD 1.x and then SDXL when nothing says.
 
 diffusers files keep alpha in the `lora_adapter_metadata` header (peft's `lora_alpha`, `alpha_pattern`,
 `rank_pattern`); without it diffusers assumes alpha = rank, and so do we (`LoraFile.alpha_source` says
@@ -22,7 +20,6 @@ which). LyCORIS files (LoHa, LoKr, …) and DoRA are refused: their update is no
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
 import math
@@ -34,28 +31,31 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import UNet2DConditionModel
 from peft import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from core.common.fsutil import atomic_path, backup, make_staging_folder, set_usual_modes
 from core.lora.adapters import ADAPTER
 from core.lora.header import read_lora_metadata, tensor_data_hash
+from core.lora.module_index import (
+    TEXT_COMPONENTS,
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    Component,
+    ModuleIndex,
+    family_index,
+    ldm_paths,
+    sd15_index,
+)
 from core.lora.svd import LoraModule
-from core.models.families import SD1, ModelFamily, lora_family
-from core.models.ldm_convert import LDM_UNET_PREFIX, unet_to_ldm
-from core.models.loading import SD15_CONFIG_DIR
+from core.models.families import SD1, SD2, SDXL, ModelFamily, lora_family
 
 log = logging.getLogger(__name__)
 
 SavePrecision = Literal["fp16", "bf16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"  # SD 1.x naming; lora_te1_/lora_te2_ are SDXL's
-
 LoraLayers = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
@@ -112,10 +112,7 @@ def _kohya_unet_paths(unet: nn.Module, paths: Iterable[str], family: ModelFamily
     paths = list(paths)
     if not family.kohya_ldm_unet_names:
         return {path: path for path in paths}
-    ldm = unet_to_ldm({f"{path}.weight": torch.empty(0) for path in paths}, _unwrap(unet).config)
-    return {
-        path: key.removeprefix(LDM_UNET_PREFIX).removesuffix(".weight") for path, key in zip(paths, ldm, strict=True)
-    }
+    return dict(zip(paths, ldm_paths(_unwrap(unet), paths), strict=True))
 
 
 def kohya_state_dict(
@@ -227,7 +224,6 @@ def save_diffusers_lora(
 
 
 LoraFormat = Literal["kohya", "diffusers"]
-Component = Literal["unet", "text_encoder"]
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -245,89 +241,41 @@ _UNSUPPORTED = {
     "lora_B.bias": "LoRA with bias",
 }
 _DIFFUSERS_KEY = re.compile(
-    r"^(unet|text_encoder)\.(.+)\.(?:lora_(A|B)\.weight|lora(?:_linear_layer)?\.(down|up)\.weight)$"
+    r"^(unet|text_encoder_2|text_encoder)\.(.+)\.(?:lora_(A|B)\.weight|lora(?:_linear_layer)?\.(down|up)\.weight)$"
 )
-
-
-@dataclass(frozen=True)
-class Target:
-    """A layer a LoRA module updates: its component and path (without transformers 4's `text_model.`)."""
-
-    component: Component
-    path: str
-    conv: bool
-
-
-class ModuleIndex:
-    """kohya names (canonical and aliases) ↔ the real modules of one SD 1.5-shaped UNet + text encoder."""
-
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
-        self.targets: dict[str, Target] = {}
-        self.aliases: dict[str, str] = {}
-        self._names: dict[tuple[Component, str], str] = {}
-        unet_layers = {name: m for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-        for path, module in unet_layers.items():
-            self._add(Target("unet", path, isinstance(module, nn.Conv2d)))
-        ldm = unet_to_ldm({f"{path}.weight": torch.empty(0) for path in unet_layers}, unet.config)
-        for path, ldm_key in zip(unet_layers, ldm, strict=True):  # unet_to_ldm keeps the key order
-            ldm_path = ldm_key.removeprefix(LDM_UNET_PREFIX).removesuffix(".weight")
-            self._alias(UNET_PREFIX + ldm_path.replace(".", "_"), self._names["unet", path])
-        for path, module in text_encoder.named_modules():
-            if isinstance(module, nn.Linear):
-                canonical = self._add(Target("text_encoder", path.removeprefix("text_model."), False))
-                self._alias("lora_te1_" + canonical.removeprefix(TEXT_ENCODER_PREFIX), canonical)
-
-    @staticmethod
-    def kohya_name(target: Target) -> str:
-        if target.component == "unet":
-            return UNET_PREFIX + target.path.replace(".", "_")
-        return f"{TEXT_ENCODER_PREFIX}text_model_{target.path.replace('.', '_')}"
-
-    def _add(self, target: Target) -> str:
-        name = self.kohya_name(target)
-        if name in self.targets:
-            raise ValueError(f"two modules flatten to the kohya name {name}; this model cannot use kohya LoRA files")
-        self.targets[name] = target
-        self._names[target.component, target.path] = name
-        return name
-
-    def _alias(self, alias: str, canonical: str) -> None:
-        if alias != canonical and alias not in self.targets:
-            self.aliases[alias] = canonical
-
-    def canonical(self, name: str) -> str | None:
-        """The canonical kohya name for a name a file uses, None when no module of this model has it."""
-        return name if name in self.targets else self.aliases.get(name)
-
-    def name_for(self, component: Component, path: str) -> str | None:
-        return self._names.get((component, path.removeprefix("text_model.")))
-
-
-@functools.cache
-def sd15_index() -> ModuleIndex:
-    """The index of real SD 1.5 (12 CLIP layers; the demo model's names are a subset), built on the meta
-    device from the bundled configs: names only, no weights in memory."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR / "text_encoder"))
-    return ModuleIndex(unet, text_encoder)
 
 
 @dataclass
 class LoraFile:
-    """A LoRA as read from a file: modules under canonical kohya names, in file order."""
+    """A LoRA as read from a file: modules under canonical kohya names of `index`'s family, in file order."""
 
     path: Path
     format: LoraFormat
     modules: dict[str, LoraModule]
     metadata: dict[str, str]
     alpha_source: str  # where alpha came from, for inspect
+    index: ModuleIndex
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.index.family
 
     @property
     def carried_metadata(self) -> dict[str, str]:
         """The header to copy into a derived file: training metadata stays, hashes of the old tensors go."""
         return {k: v for k, v in self.metadata.items() if k not in STALE_HEADER_KEYS and k != "format"}
+
+
+class UnknownModulesError(ValueError):
+    """A file's module names are not all layers of the families (labels) it was read against."""
+
+    def __init__(self, path: Path, unknown: Sequence[str], total: int, families: str) -> None:
+        self.path, self.unknown, self.total = path, unknown, total
+        super().__init__(
+            f"{path}: {len(unknown)} of {total} LoRA modules match no {families} layer (e.g. {unknown[0]}); it is "
+            "probably a LoRA for another family or model. Use it with that model instead."
+        )
 
 
 def _refuse_unsupported(path: Path, keys: Iterable[str]) -> None:
@@ -340,45 +288,94 @@ def _refuse_unsupported(path: Path, keys: Iterable[str]) -> None:
                 )
 
 
+_SECOND_ENCODER = ("lora_te2_", "text_encoder_2.")
+
+
+def _stated_family(metadata: dict[str, str], keys: Iterable[str]) -> tuple[str, str, str] | None:
+    """(LoRA group, family label, why) when the header or the key names say which family a LoRA is for."""
+    if family := lora_family(metadata):
+        return family.lora_group, family.label, "its header says so"
+    keys = list(keys)
+    if any(key.startswith(_SECOND_ENCODER) for key in keys):
+        return (
+            SDXL.lora_group,
+            SDXL.label,
+            "it has keys for SDXL's second text encoder, e.g. "
+            + next(key for key in keys if key.startswith(_SECOND_ENCODER)),
+        )
+    if any(key.startswith(TEXT_ENCODER_PREFIX) for key in keys):
+        return "sd1|sd2", "SD 1.x/2.x", f"its text-encoder keys use SD 1.x/2.x's {TEXT_ENCODER_PREFIX}"
+    return None
+
+
+def refuse_other_family(path: Path, metadata: dict[str, str], keys: Iterable[str], family: ModelFamily) -> None:
+    """Refuse a LoRA whose header or keys name another family than the model's, naming both, before its first
+    mismatched shape."""
+    stated = _stated_family(metadata, keys)
+    if stated is not None and family.lora_group not in stated[0].split("|"):
+        raise ValueError(
+            f"{path} is an {stated[1]} LoRA ({stated[2]}) and the model is {family.label}: use the LoRA with an "
+            f"{stated[1]} model, or choose a LoRA trained on {family.label}"
+        )
+
+
+def _candidate_indexes(metadata: dict[str, str], keys: Iterable[str]) -> list[ModuleIndex]:
+    """The family indexes to read a file against: the one its header or keys state, else SD 1.x, then SDXL."""
+    stated = _stated_family(metadata, keys)
+    if stated is None or "|" in stated[0]:
+        return [sd15_index(), family_index(SDXL)] if stated is None else [sd15_index()]
+    return [family_index(next(f for f in (SD1, SD2, SDXL) if f.lora_group == stated[0]))]
+
+
 def read_lora(path: Path, index: ModuleIndex | None = None) -> LoraFile:
-    """Read a kohya/A1111 or diffusers/peft SD 1.5 LoRA (a file, or a diffusers LoRA folder); names are
-    resolved against `index` (SD 1.5's by default)."""
+    """Read a kohya/A1111 or diffusers/peft LoRA (a file, or a diffusers LoRA folder) of any family.
+
+    With `index` (the loaded model's family) names are resolved against it and a LoRA stating another family
+    is refused by name; without, against the family its header or keys state (SD 1.x, then SDXL, when
+    nothing says: a headerless SD 2.x LoRA has SD 1.x's names and reads the same)."""
     path = Path(path)
     if path.is_dir() and (path / DIFFUSERS_WEIGHT_NAME).is_file():
         path = path / DIFFUSERS_WEIGHT_NAME  # a folder written by save_lora_weights
     if not path.is_file():
         raise ValueError(f"LoRA file not found: {path}")
     metadata = read_lora_metadata(path)
-    family = lora_family(metadata)
-    if family not in (None, SD1):
-        raise ValueError(
-            f"{path} is an {family.label} LoRA (its header says so); the LoRA tools handle SD 1.x LoRAs so far"
-        )
     tensors = load_file(str(path))
     if not tensors:
         raise ValueError(f"{path} holds no tensors; it is not a LoRA")
     _refuse_unsupported(path, tensors)
-    index = index or sd15_index()
+    if index is not None:
+        refuse_other_family(path, metadata, tensors, index.family)
     if all(k.startswith((UNET_PREFIX, "lora_te")) for k in tensors):
-        return _read_kohya(path, tensors, metadata, index)
-    if all(k.startswith(("unet.", "text_encoder.")) for k in tensors):
-        return _read_diffusers(path, tensors, metadata, index)
-    example = next(k for k in tensors if not k.startswith((UNET_PREFIX, "lora_te", "unet.", "text_encoder.")))
-    raise ValueError(
-        f"{path} is neither a kohya LoRA (lora_unet_…/lora_te_… keys) nor a diffusers one (unet.…/text_encoder.…); "
-        f"e.g. key {example!r}. A full checkpoint goes to `extract`; other LoRA layouts need converting first."
-    )
+        reader = _read_kohya
+    elif all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in tensors):
+        reader = _read_diffusers
+    else:
+        example = next(k for k in tensors if not k.startswith((UNET_PREFIX, "lora_te", "unet.", "text_encoder")))
+        raise ValueError(
+            f"{path} is neither a kohya LoRA (lora_unet_…/lora_te_… keys) nor a diffusers one (unet.…/text_encoder.…);"
+            f" e.g. key {example!r}. A full checkpoint goes to `extract`; other LoRA layouts need converting first."
+        )
+    candidates = [index] if index is not None else _candidate_indexes(metadata, tensors)
+    for candidate in candidates[:-1]:
+        try:
+            return reader(path, tensors, metadata, candidate)
+        except UnknownModulesError:
+            continue
+    try:
+        return reader(path, tensors, metadata, candidates[-1])
+    except UnknownModulesError as error:
+        if len(candidates) == 1:
+            raise
+        tried = " or ".join(candidate.family.label for candidate in candidates)
+        raise UnknownModulesError(path, error.unknown, error.total, tried) from None
 
 
 def _resolve(path: Path, names: Iterable[str], index: ModuleIndex) -> dict[str, str]:
-    """File name -> canonical name, or an error listing the names SD 1.5 has no module for."""
+    """File name -> canonical name, or an error listing the names the family has no module for."""
     resolved = {name: index.canonical(name) for name in names}
     unknown = sorted(name for name, canonical in resolved.items() if canonical is None)
     if unknown:
-        raise ValueError(
-            f"{path}: {len(unknown)} of {len(resolved)} LoRA modules match no SD 1.5 layer (e.g. {unknown[0]}); "
-            "it is probably an SDXL / SD 2 LoRA or for another model. Use it with that model instead."
-        )
+        raise UnknownModulesError(path, unknown, len(resolved), index.family.label)
     duplicates = sorted(c for c, n in collections.Counter(resolved.values()).items() if n > 1)
     if duplicates:
         raise ValueError(f"{path} holds the module {duplicates[0]} twice under different names; the file is broken")
@@ -403,11 +400,11 @@ def _read_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         alpha = float(part["alpha"]) if "alpha" in part else float(rank)
         modules[canonical[name]] = LoraModule(canonical[name], part["down"], part["up"], alpha)
     renamed = sum(name != canon for name, canon in canonical.items())
-    notes = [f"{renamed} modules use lora_te1_ or LDM block names; written files use lora_te_ and diffusers names"]
+    notes = [f"{renamed} modules use other names (lora_te1_, or the other UNet naming); written files use kohya's"]
     source = "stored per module"
     if missing_alpha:
         source = f"= rank: {missing_alpha} modules store no alpha, and A1111 and diffusers then use alpha = rank"
-    return LoraFile(path, "kohya", modules, metadata, source, notes if renamed else [])
+    return LoraFile(path, "kohya", modules, metadata, source, index, notes if renamed else [])
 
 
 def _component_config(metadata: dict[str, str], component: str) -> dict[str, object] | None:
@@ -442,11 +439,8 @@ def _read_diffusers(
     names = {key: name for key, name in found.items() if name is not None}
     unknown = sorted(f"{c}.{p}" for c, p in parts.keys() - names.keys())
     if unknown:
-        raise ValueError(
-            f"{path}: {len(unknown)} of {len(found)} LoRA modules match no SD 1.5 layer (e.g. {unknown[0]}); "
-            "it is probably an SDXL / SD 2 / Flux LoRA. Use it with that model instead."
-        )
-    configs = {c: _component_config(metadata, c) for c in ("unet", "text_encoder")}
+        raise UnknownModulesError(path, unknown, len(found), index.family.label)
+    configs = {c: _component_config(metadata, c) for c in ("unet", *TEXT_COMPONENTS)}
     modules: dict[str, LoraModule] = {}
     for (component, module_path), part in parts.items():
         if "down" not in part or "up" not in part:
@@ -461,7 +455,7 @@ def _read_diffusers(
         source = f"from the {ADAPTER_METADATA_KEY} header"
     else:
         source = "= rank: the header has no alpha, and diffusers then uses alpha = rank"
-    return LoraFile(path, "diffusers", modules, metadata, source)
+    return LoraFile(path, "diffusers", modules, metadata, source, index)
 
 
 def kohya_tensors(modules: Iterable[LoraModule]) -> dict[str, torch.Tensor]:
@@ -487,7 +481,7 @@ def diffusers_tensors(modules: Iterable[LoraModule], index: ModuleIndex) -> tupl
     grouped: dict[Component, list[tuple[str, LoraModule]]] = collections.defaultdict(list)
     for module in modules:
         target = index.targets[module.name]
-        prefix = "unet." if target.component == "unet" else "text_encoder.text_model."
+        prefix = "unet." if target.component == "unet" else f"{target.component}.text_model."
         tensors[f"{prefix}{target.path}.lora_A.weight"] = module.down.contiguous()
         tensors[f"{prefix}{target.path}.lora_B.weight"] = module.up.contiguous()
         grouped[target.component].append((target.path, module))
@@ -544,18 +538,22 @@ def prepare_output(output: Path, inputs: Iterable[Path | str]) -> None:
 
 
 def derived_header(
-    modules: Sequence[LoraModule], source: dict[str, str] | None = None, **provenance: object
+    modules: Sequence[LoraModule],
+    source: dict[str, str] | None = None,
+    *,
+    family: ModelFamily = SD1,
+    **provenance: object,
 ) -> dict[str, str]:
-    """The header of a LoRA a tool made: the source's training metadata (if one), the dim and alpha kohya
-    viewers show ("Dynamic" when ranks vary, as kohya's own resize writes), and what was done as
-    `atelier_<step>` JSON so the file says how it was produced."""
+    """The header of a LoRA a tool made: the source's training metadata (if one), the family kohya and
+    modelspec readers show, the dim and alpha kohya viewers show ("Dynamic" when ranks vary, as kohya's own
+    resize writes), and what was done as `atelier_<step>` JSON so the file says how it was produced."""
     ranks = {module.rank for module in modules}
     dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
     header = dict(source or {})
     header.setdefault("ss_network_module", "networks.lora")
-    header.setdefault("ss_base_model_version", "sd_v1")
+    header.setdefault("ss_base_model_version", family.base_model_version)
     header.setdefault("modelspec.sai_model_spec", "1.0.0")
-    header.setdefault("modelspec.architecture", "stable-diffusion-v1/lora")
+    header.setdefault("modelspec.architecture", f"{family.architecture}/lora")
     header["ss_network_dim"] = dim
     header["ss_network_alpha"] = dim if all(m.alpha == m.rank for m in modules) else "Dynamic"
     header.update({f"atelier_{step}": json.dumps(value) for step, value in provenance.items()})

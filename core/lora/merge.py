@@ -22,14 +22,13 @@ from core.common.fsutil import make_staging_folder, set_usual_modes
 from core.lora.adapters import UNET_BLOCK_PREFIXES
 from core.lora.files import (
     DTYPES,
-    ModuleIndex,
     SavePrecision,
-    Target,
     derived_header,
     prepare_output,
     read_lora,
     write_lora,
 )
+from core.lora.module_index import ModuleIndex, Target
 from core.lora.svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
 from core.models.check import PICKLE_SUFFIXES
 from core.models.families import SD1
@@ -59,7 +58,7 @@ class ExtractResult:
 def _layer(components: ModelComponents, target: Target) -> nn.Module:
     if target.component == "unet":
         return components.unet.get_submodule(target.path)
-    text_encoder = components.text_encoder
+    text_encoder = getattr(components, target.component)
     prefix = "text_model." if hasattr(text_encoder, "text_model") else ""  # transformers 4 keeps that level
     return text_encoder.get_submodule(prefix + target.path)
 
@@ -87,7 +86,7 @@ def merge_loras(
     refuse_other_families(base, "The merge tool")
     components = load_model(base, config_dir=config_dir)
     require_family(components, (SD1,), "The merge tool")
-    index = ModuleIndex(components.unet, components.text_encoder)
+    index = ModuleIndex(components.family, components.unet, components.text_encoders)
     files = [(read_lora(path, index), weight) for path, weight in loras]
     merged: dict[str, int] = {}
     with torch.no_grad():
@@ -174,7 +173,7 @@ def extract_lora(
     tuned_parts = load_model(tuned, config_dir=config_dir)
     for parts in (base_parts, tuned_parts):
         require_family(parts, (SD1,), "The extract tool")
-    index = ModuleIndex(base_parts.unet, base_parts.text_encoder)
+    index = ModuleIndex(base_parts.family, base_parts.unet, base_parts.text_encoders)
     result = ExtractResult(output, [])
     with torch.no_grad():
         modules = _extract_modules(base_parts, tuned_parts, index, result, rank, energy, min_diff, precision)
@@ -196,7 +195,7 @@ def _extracted_targets(index: ModuleIndex) -> dict[str, Target]:
     return {
         name: target
         for name, target in index.targets.items()
-        if target.component == "text_encoder" or target.path.startswith(UNET_BLOCK_PREFIXES)
+        if target.component != "unet" or target.path.startswith(UNET_BLOCK_PREFIXES)
     }
 
 

@@ -1,7 +1,9 @@
-"""LoRA file tools for SD 1.5: inspect, convert, merge, combine, resize and extract.
+"""LoRA file tools for SD 1.x, SD 2.x and SDXL: inspect, convert, merge, combine, resize and extract.
 
 Every tool reads into `LoraModule`s (core.lora.files), works on each module's ΔW (core.lora.svd) and
 writes a new file atomically; none writes onto one of its inputs, and an existing output is backed up.
+Names are read and written with the file's own family's module index (`read_lora` tells the family from the
+header or the key names), so an SDXL LoRA keeps sd-scripts' SDXL names through every tool.
 `run` carries out one command (from `python -m core.lora_tools` or the Tools tab) and returns its report.
 """
 
@@ -22,14 +24,13 @@ from core.lora.files import (
     LoraFile,
     LoraFormat,
     SavePrecision,
-    Target,
     derived_header,
     prepare_output,
     read_lora,
-    sd15_index,
     write_lora,
 )
 from core.lora.merge import extract_lora, merge_loras
+from core.lora.module_index import Target
 from core.lora.svd import LoraModule, ModuleRank, combine_modules, resize_module, uniform_alpha
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ CATEGORIES = (
 
 
 def _category(target: Target) -> str:
-    if target.component == "text_encoder":
+    if target.component != "unet":
         return "text encoder attention" if ".self_attn." in target.path else "text encoder MLP"
     if target.conv:
         return "unet conv"
@@ -122,7 +123,6 @@ def _targets(targets: Iterable[Target]) -> dict[str, int]:
 def inspect_lora(path: Path) -> LoraInfo:
     """Modules, ranks, alphas, targets, base model and training metadata of a kohya or diffusers LoRA."""
     lora = read_lora(Path(path))
-    index = sd15_index()
     modules = list(lora.modules.values())
     header = lora.metadata
     notes = list(lora.notes)
@@ -133,14 +133,14 @@ def inspect_lora(path: Path) -> LoraInfo:
         )
     version = header.get("ss_base_model_version") or header.get("modelspec.architecture", "")
     name = header.get("ss_sd_model_name", "")
-    base = f"{name} ({version})" if name and version else name or version
+    base = f"{name} ({version})" if name and version else name or version or f"{lora.family.label} (from its keys)"
     return LoraInfo(
         path=lora.path,
         format=lora.format,
         modules=len(modules),
         ranks=dict(sorted(collections.Counter(m.rank for m in modules).items())),
         alphas=dict(sorted(collections.Counter(m.alpha for m in modules).items())),
-        targets=_targets(index.targets[m.name] for m in modules),
+        targets=_targets(lora.index.targets[m.name] for m in modules),
         alpha_source=lora.alpha_source,
         base_model=base,
         training={k: v for k, v in header.items() if k.startswith(("ss_", "modelspec."))},
@@ -163,7 +163,7 @@ def convert_lora(source: Path, output: Path, *, to: LoraFormat, precision: SaveP
     prepare_output(Path(output), [source])
     lora = read_lora(Path(source))
     modules = _cast(list(lora.modules.values()), precision)
-    write_lora(Path(output), modules, to, lora.carried_metadata, sd15_index())
+    write_lora(Path(output), modules, to, lora.carried_metadata, lora.index)
     log.info("converted %s (%s) to %s (%s)", source, lora.format, output, to)
     return Path(output)
 
@@ -207,9 +207,12 @@ def resize_lora(
     resized = [resize_module(m, rank=rank, energy=energy) for m in lora.modules.values()]
     modules = _cast(uniform_alpha([module for module, _ in resized]), precision)
     header = derived_header(
-        modules, lora.carried_metadata, resized={"from": lora.path.name, "rank": rank, "energy": energy}
+        modules,
+        lora.carried_metadata,
+        family=lora.family,
+        resized={"from": lora.path.name, "rank": rank, "energy": energy},
     )
-    write_lora(Path(output), modules, lora.format, header, sd15_index())
+    write_lora(Path(output), modules, lora.format, header, lora.index)
     return RankResult(Path(output), [stats for _, stats in resized])
 
 
@@ -228,7 +231,8 @@ def combine_loras(
     if len(sources) < 2:
         raise ValueError("give at least two LoRAs to combine (FILE:WEIGHT FILE:WEIGHT)")
     prepare_output(Path(output), [path for path, _ in sources])
-    loras = [(read_lora(Path(path)), weight) for path, weight in sources]
+    first = read_lora(Path(sources[0][0]))  # the others must be of its family: refused by name if not
+    loras = [(first, sources[0][1])] + [(read_lora(Path(path), first.index), weight) for path, weight in sources[1:]]
     dtype = DTYPES[precision] if precision else _widest(loras)
     by_name: dict[str, list[tuple[LoraModule, float]]] = collections.defaultdict(list)
     for lora, weight in loras:
@@ -242,8 +246,8 @@ def combine_loras(
         stats = [s for _, s in compressed]
     modules = uniform_alpha(modules)
     recipe = [{"lora": lora.path.name, "weight": weight} for lora, weight in loras]
-    header = derived_header(modules, combined={"loras": recipe, "rank": rank})
-    write_lora(Path(output), modules, fmt, header, sd15_index())
+    header = derived_header(modules, family=first.family, combined={"loras": recipe, "rank": rank})
+    write_lora(Path(output), modules, fmt, header, first.index)
     log.info("combined %d LoRAs into %s (%d modules)", len(loras), output, len(modules))
     return RankResult(Path(output), stats)
 

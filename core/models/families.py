@@ -35,6 +35,7 @@ class ModelFamily:
     architecture: str  # modelspec.architecture without the "/lora" adapter suffix
     config_folder: str  # under assets/: the configs a single file is read with
     tokenizer_pads: tuple[str, ...]  # each tokenizer's padding token: OpenCLIP's tokenizers pad with "!"
+    lora_group: str  # families with the same layers, whose LoRAs fit each other (SD 2.x 512 and 768-v)
 
     @property
     def config_dir(self) -> Path:
@@ -61,6 +62,7 @@ SD1 = ModelFamily(
     architecture="stable-diffusion-v1",
     config_folder="sd15",
     tokenizer_pads=("<|endoftext|>",),
+    lora_group="sd1",
 )
 SD2 = replace(
     SD1,
@@ -70,6 +72,7 @@ SD2 = replace(
     architecture="stable-diffusion-v2-512",
     config_folder="sd2",
     tokenizer_pads=("!",),
+    lora_group="sd2",
 )
 SD2_V = replace(
     SD2,
@@ -93,6 +96,7 @@ SDXL = replace(
     architecture="stable-diffusion-xl-v1-base",
     config_folder="sdxl",
     tokenizer_pads=("<|endoftext|>", "!"),
+    lora_group="sdxl",
 )
 FAMILIES = {family.key: family for family in (SD1, SD2, SD2_V, SDXL)}
 
