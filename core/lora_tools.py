@@ -1,4 +1,4 @@
-"""LoRA file tools for SD 1.5: inspect, convert, merge, combine, resize and extract.
+"""LoRA file tools for SD 1.x, SD 2.x and SDXL: inspect, convert, merge, combine, resize and extract.
 
 `python -m core.lora_tools --help` is the command-line face of the functions in core.lora.tools:
 
@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True, help="base model: hub id, diffusers folder or .safetensors")
     merge.add_argument("--lora", required=True, nargs="+", type=parse_weighted, metavar="FILE[:WEIGHT]")
     merge.add_argument("--precision", **precision)
-    merge.add_argument("--config-dir", type=Path, help="diffusers configs for a single-file base (default SD 1.5)")
+    merge.add_argument(
+        "--config-dir", type=Path, help="diffusers configs for a single-file base (default: its family's bundled ones)"
+    )
     merge.add_argument("-o", "--output", required=True, type=Path)
 
     combine = commands.add_parser("combine", help="several LoRAs with weights into one")
@@ -74,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     rank_options(extract)
     extract.add_argument("--min-diff", type=float, default=1e-4, help="relative change below which a layer is skipped")
     extract.add_argument("--precision", **precision)
-    extract.add_argument("--config-dir", type=Path, help="diffusers configs for single-file models (default SD 1.5)")
+    extract.add_argument(
+        "--config-dir",
+        type=Path,
+        help="diffusers configs for single-file models (default: their family's bundled ones)",
+    )
     extract.add_argument("-o", "--output", required=True, type=Path)
     return parser
 

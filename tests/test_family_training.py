@@ -4,7 +4,6 @@ names kohya sd-scripts writes for that family, every module of which diffusers l
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,11 @@ from torch import nn
 from training_helpers import Recorder, demo_config
 
 from core.inference.engine import InferenceEngine
-from core.lora.merge import merge_loras
 from core.lora.tools import inspect_lora
 from core.models.check import check_model
 from core.models.families import SD2_V, SDXL
 from core.models.ldm_convert import save_ldm_checkpoint, unet_to_ldm
-from core.models.loading import ModelLoadError, load_model
+from core.models.loading import load_model
 from core.training.events import TrainingCommands
 from core.training.trainer import Trainer
 
@@ -137,11 +135,7 @@ def test_diffusers_loads_every_module_of_both_formats(
         assert sum(wrapped.values()) == len(names) and all(wrapped.values()), (path.name, wrapped)
 
 
-def test_the_merge_tool_refuses_other_families_by_name_and_inference_adopts_them(
-    sdxl_model: Path, sd2_model: Path, tmp_path: Path
-) -> None:
-    with pytest.raises(ModelLoadError, match=re.escape("SD 2.x v-prediction model; The merge tool handles SD 1.x")):
-        merge_loras(str(sd2_model), [(tmp_path / "unread.safetensors", 1.0)], tmp_path / "merged.safetensors")
+def test_inference_adopts_a_family_model_the_training_session_hands_over(sdxl_model: Path) -> None:
     engine = InferenceEngine(device="cpu")
     engine.adopt(load_model(str(sdxl_model)))  # a model the training session hands over after its run
     assert engine.components is not None and engine.components.family is SDXL

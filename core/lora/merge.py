@@ -31,9 +31,8 @@ from core.lora.files import (
 from core.lora.module_index import ModuleIndex, Target
 from core.lora.svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
 from core.models.check import PICKLE_SUFFIXES
-from core.models.families import SD1
 from core.models.ldm_convert import save_ldm_checkpoint
-from core.models.loading import ModelComponents, build_pipeline, load_model, refuse_other_families, require_family
+from core.models.loading import ModelComponents, build_pipeline, load_model
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +82,7 @@ def merge_loras(
     if output.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{output.name}: merged checkpoints are written as .safetensors (or a folder); rename -o")
     prepare_output(output, [base, *(path for path, _ in loras)])
-    refuse_other_families(base, "The merge tool")
     components = load_model(base, config_dir=config_dir)
-    require_family(components, (SD1,), "The merge tool")
     index = ModuleIndex(components.family, components.unet, components.text_encoders)
     files = [(read_lora(path, index), weight) for path, weight in loras]
     merged: dict[str, int] = {}
@@ -110,6 +107,8 @@ def merge_loras(
             unet=components.unet,
             vae=components.vae,
             text_encoder=components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            family=components.family,
             dtype=dtype,
             metadata={"atelier_base": Path(base).name, "atelier_merged_loras": recipe},
         )
@@ -167,12 +166,13 @@ def extract_lora(
     choose_rank(torch.ones(1), rank=rank, energy=energy)  # reject a bad rank/energy before loading models
     output = Path(output)
     prepare_output(output, [base, tuned])
-    for model in (base, tuned):
-        refuse_other_families(model, "The extract tool")
     base_parts = load_model(base, config_dir=config_dir)
     tuned_parts = load_model(tuned, config_dir=config_dir)
-    for parts in (base_parts, tuned_parts):
-        require_family(parts, (SD1,), "The extract tool")
+    if tuned_parts.family.lora_group != base_parts.family.lora_group:
+        raise ValueError(
+            f"{tuned} is an {tuned_parts.family.label} model and {base} an {base_parts.family.label} one: a LoRA "
+            "is extracted from a fine-tune and the base model it was tuned from. Give the tuned model's own base"
+        )
     index = ModuleIndex(base_parts.family, base_parts.unet, base_parts.text_encoders)
     result = ExtractResult(output, [])
     with torch.no_grad():
@@ -185,7 +185,9 @@ def extract_lora(
         )
     modules = uniform_alpha(modules)
     provenance = {"base": Path(base).name, "tuned": Path(tuned).name, "rank": rank, "energy": energy}
-    header = derived_header(modules, {"modelspec.title": Path(tuned).stem}, extracted=provenance)
+    header = derived_header(
+        modules, {"modelspec.title": Path(tuned).stem}, family=base_parts.family, extracted=provenance
+    )
     write_lora(output, modules, "kohya", header, index)
     log.info("extracted %d modules from %s into %s", len(modules), tuned, output)
     return result
@@ -236,7 +238,9 @@ def _uncovered_changes(
     """Changed parameters that no extracted module carries (norms, embeddings, biases, conv_in, …)."""
     covered = {f"{t.component}.{t.path}.weight" for t in _extracted_targets(index).values()}
     changed = []
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(base_parts, component) is None:
+            continue
         base_params = {k.removeprefix("text_model."): p for k, p in getattr(base_parts, component).named_parameters()}
         for key, tuned_param in getattr(tuned_parts, component).named_parameters():
             key = key.removeprefix("text_model.")

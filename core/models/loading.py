@@ -42,7 +42,6 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from core.common.errors import first_line
 from core.models.check import (
     ModelLoadError,
-    check_model,
     classify_source,
     hub_failure,
     hub_offline,
@@ -120,29 +119,6 @@ def load_model(
         scheduler_config=scheduler_config,
         source=source,
         source_kind=kind,
-    )
-
-
-def require_family(components: ModelComponents, allowed: tuple[ModelFamily, ...], where: str) -> None:
-    """Refuse a model of a family `where` does not handle yet, naming it, rather than fail later with a shape
-    error deep inside a pipeline."""
-    if components.family not in allowed:
-        raise ModelLoadError(_wrong_family(components.source, components.family, allowed, where))
-
-
-def refuse_other_families(source: str, where: str, allowed: tuple[ModelFamily, ...] = (SD1,)) -> None:
-    """`require_family` from the files alone (configs or checkpoint keys), before a load that can take minutes;
-    a model whose family cannot be read yet (a hub id not in the cache) is checked after loading."""
-    family = check_model(source).family
-    if family is not None and family not in allowed:
-        raise ModelLoadError(_wrong_family(source, family, allowed, where))
-
-
-def _wrong_family(source: str, family: ModelFamily, allowed: tuple[ModelFamily, ...], where: str) -> str:
-    handled = ", ".join(family.label for family in allowed)
-    return (
-        f"{source} is an {family.label} model; {where} handles {handled} models so far (Training handles every "
-        "family). Choose an SD 1.x base model here."
     )
 
 
