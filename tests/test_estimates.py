@@ -1,4 +1,4 @@
-"""Run estimates: the LoRA and weight counts match the real SD 1.5 architecture, memory moves the right way
+"""Run estimates: the LoRA and weight counts match each family's real architecture, memory moves the right way
 and lands where the study's recipe says, and time per epoch comes from the last measured speed."""
 
 from __future__ import annotations
@@ -16,30 +16,36 @@ from core.config.files import build_config
 from core.config.schema import LoraSection, TrainConfig
 from core.lora.adapters import add_training_loras, text_encoder_target_modules, unet_target_modules
 from core.lora.files import kohya_state_dict
+from core.models.families import SD1, SD2, SD2_V, SDXL, ModelFamily
 from core.training.estimates import (
-    TEXT_ENCODER_PARAMETERS,
-    UNET_PARAMETERS,
-    VAE_PARAMETERS,
+    ARCHITECTURES,
     latest_measured_its,
     lora_parameters,
     memory_estimate,
     time_per_epoch,
 )
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+
+def _family_models(family: ModelFamily) -> dict[str, nn.Module]:
+    """The family's real UNet, VAE and text encoder(s), built from the shipped configs on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = family.config_dir
+    with torch.device("meta"):
+        models = {
+            "unet": UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text())),
+            "vae": AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text())),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+        }
+        if family.is_sdxl:
+            config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+            models["text_encoder_2"] = CLIPTextModelWithProjection(config)
+    return models
 
 
 def _sd15_models() -> dict[str, nn.Module]:
-    """SD 1.5's real UNet, VAE and text encoder, built from the shipped configs on the meta device (no memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        return {
-            "unet": UNet2DConditionModel.from_config(json.loads((ASSETS / "unet" / "config.json").read_text())),
-            "vae": AutoencoderKL.from_config(json.loads((ASSETS / "vae" / "config.json").read_text())),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(ASSETS / "text_encoder")),
-        }
+    return _family_models(SD1)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +72,29 @@ def _config(**changes: dict[str, object]) -> TrainConfig:
     return TrainConfig.model_validate(base)
 
 
-def test_frozen_weight_counts_are_sd15s(sd15_models: dict[str, nn.Module]) -> None:
-    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in sd15_models.items()}
-    assert counts == {"unet": UNET_PARAMETERS, "vae": VAE_PARAMETERS, "text_encoder": TEXT_ENCODER_PARAMETERS}
+@pytest.mark.parametrize("family", [SD1, SD2, SD2_V, SDXL], ids=lambda family: family.key)
+def test_frozen_weight_counts_and_lora_parameters_are_each_familys(family: ModelFamily) -> None:
+    """Counted against the real architecture of each family (SD 2.x's two variants share theirs), for the
+    target sets whose sizes differ most."""
+    models = _family_models(family)
+    arch = ARCHITECTURES[family.lora_group]
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    encoders = [counts[name] for name in ("text_encoder", "text_encoder_2") if name in counts]
+    assert (counts["unet"], counts["vae"], tuple(encoders)) == (
+        arch.unet_parameters,
+        arch.vae_parameters,
+        arch.text_parameters,
+    )
+    unet = models["unet"]
+    text = [models[name] for name in ("text_encoder", "text_encoder_2") if name in models]
+    for targets in ("attention", "whole_unet"):
+        exact = targets == "whole_unet"
+        unet_count = _peft_lora_parameters(unet, unet_target_modules(unet, targets), exact, rank=8)
+        text_count = sum(
+            _peft_lora_parameters(encoder, text_encoder_target_modules(targets), False, rank=8) for encoder in text
+        )
+        assert lora_parameters(8, targets, text_encoder=False, arch=arch) == unet_count, targets
+        assert lora_parameters(8, targets, text_encoder=True, arch=arch) == unet_count + text_count, targets
 
 
 @pytest.mark.parametrize("targets", ["attention", "attention_ff", "all", "whole_unet"])
@@ -148,6 +174,23 @@ def test_the_study_recipe_lands_where_its_preset_says() -> None:
     assert 6 <= estimate.total_gb <= 7.5
     assert 4 <= memory_estimate(_config(performance={"gradient_checkpointing": True})).total_gb <= 5
     assert 5e6 < estimate.lora_parameters < 7e6  # rank 16 on attention + feed-forward: about 6 M
+
+
+def test_family_presets_land_where_their_users_train() -> None:
+    """presets/sdxl.toml (batch 1, 1024 px, rank 16, bf16, checkpointing) fits the 12 GB cards kohya and
+    OneTrainer users train SDXL on; SD 2.x at 768 px needs more per image than SD 1.5 at 512, SDXL more still."""
+    sdxl = memory_estimate(build_config("sdxl"), SDXL)
+    assert 9 <= sdxl.total_gb <= 12 and sdxl.weights_gb > 6
+    sd2 = build_config("sd2")
+    per_image = {
+        family.key: memory_estimate(config, family).activations_gb / config.schedule.batch_size
+        for family, config in ((SD1, _config()), (SD2_V, sd2), (SDXL, build_config("sdxl")))
+    }
+    assert sd2.dataset.resolution == 768 and memory_estimate(sd2, SD2_V).total_gb < 12
+    assert memory_estimate(_config(dataset={"resolution": 768}), SD2_V).activations_gb == pytest.approx(
+        4 * 2.25  # batch 4 at 2.25 × SD 1.5's 512 px image
+    )
+    assert per_image["sdxl"] > per_image["sd1"]
 
 
 def test_time_per_epoch_needs_a_measured_speed() -> None:

@@ -20,7 +20,7 @@ from core.common.workspace import PathNotAllowed
 from core.config.files import PresetInfo, list_presets, load_config, preset_layers, save_config
 from core.config.schema import ConfigError, Problem, TrainConfig, config_fields
 from core.data.dataset import Dataset
-from core.models.families import ModelFamily
+from core.models.families import SD1, ModelFamily
 from core.training.estimates import latest_measured_its, memory_estimate, time_per_epoch
 from core.training.preflight import RunPlan, check_run, plan_run
 from ui.config_store import ConfigStore
@@ -85,13 +85,20 @@ def format_duration(seconds: float) -> str:
 
 @dataclass
 class Estimator:
-    """Run estimates; remembers the dataset of the last Check so later edits update the step counts cheaply."""
+    """Run estimates; remembers the dataset and the model family of the last Check so later edits update the
+    step counts and the memory estimate cheaply."""
 
     session_its: Callable[[], float]  # the live session's measured it/s, 0 before its first step
     checked: tuple[tuple[str, int], Dataset] | None = None
+    family: tuple[str, ModelFamily] | None = None  # the model Check read, and its family
 
-    def remember(self, config: TrainConfig, dataset: Dataset | None) -> None:
+    def remember(self, config: TrainConfig, dataset: Dataset | None, family: ModelFamily | None = None) -> None:
         self.checked = (self._key(config), dataset) if dataset is not None else None
+        self.family = (config.model.base, family) if family is not None else None
+
+    def model_family(self, config: TrainConfig) -> ModelFamily | None:
+        """The family Check read for this config's model; None before Check or after the model changed."""
+        return self.family[1] if self.family is not None and self.family[0] == config.model.base else None
 
     @staticmethod
     def _key(config: TrainConfig) -> tuple[str, int]:
@@ -125,9 +132,11 @@ class Estimator:
                     f"Time per epoch: about **{format_duration(seconds)}** at the last measured {its:.2f} it/s "
                     "(training steps only; validation and samples add to it)."
                 )
-        memory = memory_estimate(config)
+        family = self.model_family(config)
+        memory = memory_estimate(config, family or SD1)
+        model = family.label if family else "SD 1.x (until Check reads the model)"
         lines.append(
-            f"GPU memory for SD 1.5: about **{memory.total_gb:.1f} GB** (frozen model {memory.weights_gb:.1f}, LoRA "
+            f"GPU memory for {model}: about **{memory.total_gb:.1f} GB** (frozen model {memory.weights_gb:.1f}, LoRA "
             f"{memory.lora_parameters / 1e6:.1f} M parameters with gradients and optimizer state "
             f"{memory.lora_gb:.2f}, activations {memory.activations_gb:.1f}, CUDA overhead "
             f"{memory.overhead_gb:.1f}); a rough guide, ±30%."
@@ -275,7 +284,7 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
         config = context.store.get()
         report = check_run(config)
         problems = context.workspace.config_problems(config) + report.problems
-        estimator.remember(config, report.dataset)
+        estimator.remember(config, report.dataset, report.family)
         last_check.update(config=config, problems=problems + report.notes)
         refused_paths = {field_path(problem) for problem in refused}
         widgets = [
