@@ -51,7 +51,8 @@ class Snapshot:
     files: tuple[str, ...] = ()
     log: tuple[str, ...] = ()
     error: str | None = None
-    run_dir: str | None = None
+    run_dir: str | None = None  # the folder the run writes, known once the run has checked its settings
+    resumed: bool = False  # whether the run continues an earlier one in `run_dir`
     run: int = 0  # how many runs this session has started: tells two runs apart even when they end alike
 
     @property
@@ -138,6 +139,9 @@ class _Recorder(TrainingCallbacks):
     def _update(self, **changes: object) -> None:
         with self.session._lock:
             self.session._recording.update(**changes)
+
+    def on_run_dir(self, run_dir: Path, resumed: bool) -> None:
+        self._update(run_dir=str(run_dir), resumed=resumed)
 
     def on_status(self, status: str) -> None:
         self._update(status=status)
