@@ -101,7 +101,7 @@ def test_a_stopped_run_resumed_through_the_session_continues_bit_for_bit(
     demo_model: Path, demo_dataset: Path, tmp_path: Path
 ) -> None:
     straight = Trainer(demo_config(demo_model, demo_dataset, tmp_path / "straight", *SHORT)).run()
-    run_dir = stopped_run(demo_model, demo_dataset, tmp_path / "resumed", 5)
+    run_dir = stopped_run(demo_model, demo_dataset, tmp_path / "resumed", 7)  # at an epoch end: the hard case
 
     session = TrainingSession()
     session.start(resume_config(read_run(run_dir)), resume_dir=run_dir)

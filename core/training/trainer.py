@@ -245,6 +245,8 @@ class Trainer:
         accumulation, every = self.config.schedule.gradient_accumulation, self.config.validation.every_n_steps
         while progress.next_batch < len(batches) and progress.step < self.plan.total_steps:
             if self._obey_commands(progress):
+                if progress.next_batch == 0:
+                    self.order.undraw()  # stopped before the epoch's first step: its checkpoint starts the epoch
                 return "stopped"
             self._train_step(progress, batches[progress.next_batch : progress.next_batch + accumulation])
             validate = self.validation is not None and every > 0 and progress.step % every == 0
