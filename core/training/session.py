@@ -19,6 +19,7 @@ from core.config.schema import ConfigError, TrainConfig
 from core.models.check import ModelLoadError
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.preflight import preflight
+from core.training.runs import sample_sets
 
 if TYPE_CHECKING:
     from core.models.loading import SD15Components
@@ -141,7 +142,12 @@ class _Recorder(TrainingCallbacks):
             self.session._recording.update(**changes)
 
     def on_run_dir(self, run_dir: Path, resumed: bool) -> None:
-        self._update(run_dir=str(run_dir), resumed=resumed)
+        """A resumed run shows the samples and LoRA files its folder already holds, as its curve is replayed."""
+        if not resumed:
+            self._update(run_dir=str(run_dir), resumed=False)
+            return
+        files = tuple(str(path) for path in sorted(run_dir.glob("*.safetensors")) if path.is_file())
+        self._update(run_dir=str(run_dir), resumed=True, samples=sample_sets(run_dir), files=files)
 
     def on_status(self, status: str) -> None:
         self._update(status=status)
