@@ -126,5 +126,5 @@ def choose(page, dropdown: str, *names: str) -> None:
     """Pick `names` in the (multi)select dropdown with element id `dropdown`, by their visible text."""
     for name in names:
         page.locator(f"#{dropdown} input").click()
-        page.get_by_role("option", name=name, exact=True).click()
+        page.locator(f"#{dropdown}").get_by_role("option", name=name, exact=True).click()
     page.keyboard.press("Escape")
