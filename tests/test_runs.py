@@ -70,8 +70,11 @@ def test_runs_are_listed_with_how_they_ended_and_what_they_changed(
     assert headers == ["", "demo", "demo-2"]
     assert ["lora.rank", "16", "8"] in rows and ["state", "finished", "stopped"] in rows
     assert ["run.name", "demo", "demo"] not in rows  # only the settings that differ
-    with pytest.raises(RunError, match="has finished"):
+    with pytest.raises(RunError, match="has finished: there is nothing to continue"):
         resume_config(done)
+    with pytest.raises(RunError, match="trained 2 epochs already"):
+        resume_config(done, epochs=2)
+    assert resume_config(done, epochs=3).schedule.epochs == 3  # a finished run trains on when given more
     with pytest.raises(RunError, match="runs there: demo, demo-2"):
         find_run(tmp_path, "../demo")
 
@@ -118,3 +121,11 @@ def test_a_stopped_run_resumed_through_the_session_continues_bit_for_bit(
     status = read_status(run_dir)
     assert status is not None and [s.state for s in status.sessions] == ["stopped", "finished"]
     assert read_run(run_dir).state == "finished"
+
+    # A finished one-epoch run given two epochs trains on into the same curve (a constant learning rate, the
+    # default, does not depend on the run's length).
+    short = Trainer(demo_config(demo_model, demo_dataset, tmp_path / "extended", *SHORT, "schedule.epochs=1")).run()
+    session.start(resume_config(read_run(short.run_dir), epochs=2), resume_dir=short.run_dir)
+    assert session.wait(300) and session.snapshot().status == "finished"
+    assert losses(short.run_dir) == losses(straight.run_dir)
+    assert read_run(short.run_dir).total_epochs == 2

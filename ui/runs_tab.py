@@ -100,6 +100,14 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
     with gr.Row(equal_height=True):
         chosen = gr.Dropdown(label="Run", choices=[], elem_id="runs-run", scale=3)
         open_button = gr.Button("Open", elem_id="runs-open", scale=1)
+        epochs = gr.Number(
+            label="Epochs in all",
+            info="0: as planned. More than planned trains a finished run longer.",
+            value=0,
+            precision=0,
+            elem_id="runs-epochs",
+            scale=1,
+        )
         resume_button = gr.Button("Resume this run", elem_id="runs-resume", variant="primary", scale=1)
     notice = gr.Markdown(elem_id="runs-notice")
     details = gr.Markdown(elem_id="runs-details")
@@ -144,10 +152,11 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
             gr.update(choices=choices, value=default_lora(choices, current)),
         ]
 
-    def resume_run(name: str | None) -> list[Any]:
+    def resume_run(name: str | None, total: float | None) -> list[Any]:
         try:
             run = find_run(output_dir(), name or "")
-            context.session.start(context.workspace.check_config(resume_config(run)), resume_dir=run.path)
+            config = resume_config(run, int(total) if total else None)
+            context.session.start(context.workspace.check_config(config), resume_dir=run.path)
         except (RunError, ConfigError, SessionBusy) as error:
             return [start_message(error), False]
         return [f"Resuming {code(run.name)} in its own folder: follow it in the Monitor tab.", True]
@@ -171,7 +180,7 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
     for event in (tab.select, refresh.click):
         event(reload, inputs=[chosen, compared], outputs=listed, **quiet)
     open_button.click(open_run, inputs=[chosen, files], outputs=[notice, details, chart, samples, files], **quiet)
-    resumed = resume_button.click(resume_run, inputs=chosen, outputs=[notice, started], **quiet)
+    resumed = resume_button.click(resume_run, inputs=[chosen, epochs], outputs=[notice, started], **quiet)
     compare_button.click(compare, inputs=compared, outputs=[notice, compare_chart, compare_settings], **quiet)
     use_lora = use.click(use_file, inputs=files, outputs=[chosen_lora, notice], **quiet)
     app.load(reload, inputs=[chosen, compared], outputs=listed, **quiet)

@@ -24,7 +24,7 @@ from core.training.run_status import STATUS_FILE, duration, read_status
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"  # core.training.checkpoint's name; that module imports torch
 IDENTITY = ("model.base", "dataset.path", "run.name", "run.output_dir")  # shown on their own, not as changes
-RESUMABLE = ("stopped", "killed", "failed")
+RESUMABLE = ("stopped", "killed", "failed", "unknown")  # unknown: a run from before status records
 
 
 class RunError(ValueError):
@@ -238,18 +238,24 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def resume_config(run: RunSummary) -> TrainConfig:
-    """The settings to continue `run` with (its own); RunError saying why when it cannot be continued."""
+def resume_config(run: RunSummary, epochs: int | None = None) -> TrainConfig:
+    """The settings to continue `run` with: its own, or with `epochs` in all to train it longer (a finished or
+    early-stopped run too). RunError saying why when it cannot be continued."""
     if run.state == "running":
         raise RunError(f"{run.name} is still training: stop it first (Monitor tab), then resume it")
-    if run.state not in RESUMABLE:
-        raise RunError(
-            f"{run.name} has {run.state.replace('_', ' ')}: there is nothing to continue. Start a new run, or train "
-            f"it longer from a shell: python -m core.train --resume {run.path} --set schedule.epochs=N"
-        )
     if not run.checkpoint:
         raise RunError(f"{run.name} ended before its first checkpoint ({CHECKPOINT_FILE}): start it again instead")
+    if epochs is not None and epochs <= run.epoch:
+        raise RunError(f"{run.name} has trained {run.epoch} epochs already: give more epochs than that, or none")
+    if run.state not in RESUMABLE and (epochs is None or epochs <= run.total_epochs):
+        raise RunError(
+            f"{run.name} has {run.state.replace('_', ' ')}: there is nothing to continue. To train it longer, give "
+            f"more epochs than its {run.total_epochs}; or start a new run"
+        )
     try:
-        return load_config(run.path / CONFIG_FILE)
+        settings = load_config(run.path / CONFIG_FILE).model_dump(mode="json")
+        if epochs is not None:
+            settings["schedule"]["epochs"] = epochs
+        return parse_config(settings, str(run.path / CONFIG_FILE))
     except ConfigError as error:
-        raise RunError(f"{run.path / CONFIG_FILE} cannot be read: {error}") from None
+        raise RunError(f"{run.path / CONFIG_FILE} cannot be used: {error}") from None
