@@ -1,6 +1,7 @@
 """Training speed of Atelier's engine against a reference loop, in one command.
 
-    python -m bench.train_speed [--model demo|sd15-random|PATH] [--resolution 512] [--batch 4] [--rank 16]
+    python -m bench.train_speed [--model demo|sd15-random|sd2-random|sdxl-random|PATH] [--resolution 512]
+                                [--batch 4] [--rank 16]
                                 [--precision bf16] [--steps N] [--pairs 3] [--json OUT]
 
 The reference does per step what diffusers' `train_text_to_image_lora.py` does: VAE-encode the
@@ -8,9 +9,9 @@ images, CLIP-encode the captions, UNet forward and backward, torch AdamW, fp32 L
 attention targets) on a half-precision base. Each variant runs in a fresh subprocess, so peak memory
 and allocator state are its own. The two run in alternating pairs (the order flipped each pair), and
 the ratio ours / reference is taken within each pair, then reported as the median with its min–max
-over the pairs: on a noisy machine one run proves little. `sd15-random` is the real SD 1.5
-architecture with random weights (speed does not depend on the weights), built once into the cache
-folder.
+over the pairs: on a noisy machine one run proves little. `sd15-random`, `sd2-random` (768 v-prediction)
+and `sdxl-random` are the real architectures with random weights (bench.random_models), built once into
+the cache folder; the reference conditions SDXL as diffusers' `train_text_to_image_lora_sdxl.py` does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_args
 
+from bench.random_models import RANDOM_MODELS, RESOLUTIONS, ensure_random_model
 from core.config.schema import LoraTargets
 
 log = logging.getLogger("bench.train_speed")
@@ -61,43 +63,9 @@ def model_path(name: str, cache: Path) -> str:
         from core.models.demo import ensure_demo_model
 
         return str(ensure_demo_model(cache))
-    if name == "sd15-random":
-        return str(ensure_random_sd15(cache))
+    if name in RANDOM_MODELS:
+        return str(ensure_random_model(name, cache))
     return name
-
-
-def ensure_random_sd15(cache: Path) -> Path:
-    """The SD 1.5 architecture from the bundled configs with random weights, saved once as fp16."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from core.models.loading import SD15_CONFIG_DIR
-
-    target = cache / "sd15-random"
-    if (target / "model_index.json").is_file():
-        return target
-    torch.manual_seed(0)
-    config_dir = SD15_CONFIG_DIR
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(config_dir / "scheduler")
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".sd15-random-"))
-    pipeline.to(torch.float16).save_pretrained(staging)
-    staging.rename(target)
-    return target
 
 
 def make_dataset(folder: Path, count: int, resolution: int) -> Path:
@@ -163,13 +131,13 @@ def run_reference(args: argparse.Namespace, model: str, dataset: Path) -> Measur
     from peft import LoraConfig, inject_adapter_in_model
     from PIL import Image
 
-    from core.models.loading import load_sd15
+    from core.models.loading import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     started = time.perf_counter()
-    parts = load_sd15(model, dtype=dtype)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
+    parts = load_model(model, dtype=dtype)
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
         module.to(device)
     inject_adapter_in_model(
@@ -194,13 +162,11 @@ def run_reference(args: argparse.Namespace, model: str, dataset: Path) -> Measur
         batch = torch.stack([pixels[i] for i in chosen]).to(device, dtype)
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             latents = parts.vae.encode(batch).latent_dist.sample() * parts.vae.config.scaling_factor
-            ids = parts.tokenizer(
-                [captions[i] for i in chosen], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-            ).input_ids.to(device)
-            hidden = parts.text_encoder(ids)[0]
+            hidden, extras = _reference_text(parts, [captions[i] for i in chosen], device, args.resolution)
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(chosen),), device=device)
-            prediction = parts.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            prediction = parts.unet(noisy, timesteps, hidden, **extras).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         loss.backward()
         optimizer.step()
@@ -208,6 +174,24 @@ def run_reference(args: argparse.Namespace, model: str, dataset: Path) -> Measur
         loss.item()  # the example logs the loss every step
         times.append(time.perf_counter())
     return _measurement("reference", args, times, started, device)
+
+
+def _reference_text(parts, captions: list[str], device: str, resolution: int) -> tuple:
+    """The examples' text conditioning: the last hidden state (SD 1.x/2.x); SDXL's penultimate states of both
+    encoders, the second's pooled embedding and square-image time ids."""
+    import torch
+
+    def ids(tokenizer) -> torch.Tensor:
+        tokens = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(device)
+
+    if parts.text_encoder_2 is None:
+        return parts.text_encoder(ids(parts.tokenizer))[0], {}
+    first = parts.text_encoder(ids(parts.tokenizer), output_hidden_states=True)
+    second = parts.text_encoder_2(ids(parts.tokenizer_2), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(captions), device=device)
+    return hidden, {"added_cond_kwargs": {"text_embeds": second[0], "time_ids": time_ids.to(hidden.dtype)}}
 
 
 def _measurement(
@@ -221,8 +205,12 @@ def _measurement(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo", help="demo, sd15-random, or a model path / hub id")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 128 for demo, 512 otherwise")
+    parser.add_argument(
+        "--model", default="demo", help="demo, sd15-random, sd2-random, sdxl-random, or a model path / hub id"
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="default: 128 for demo, the family's size for *-random, else 512"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="attention_ff", choices=get_args(LoraTargets))
@@ -238,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
     if args.resolution is None:
-        args.resolution = 128 if args.model == "demo" else 512
+        args.resolution = 128 if args.model == "demo" else RESOLUTIONS.get(args.model, 512)
     if args.precision is None:
         import torch
 

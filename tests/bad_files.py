@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.data.dataset import ProblemKind
+from core.data.folder_walk import ProblemKind
 
 Reported = ProblemKind | None
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.common.install_key import STATE_DIR_ENV
-from core.models.demo import ensure_demo_dataset, ensure_demo_model
+from core.models.demo import ensure_demo_dataset, ensure_demo_model, ensure_family_demo_model
 
 # The test machine has 2 shared cores; a second torch thread made a tiny UNet forward 35x slower.
 torch.set_num_threads(1)
@@ -36,6 +36,18 @@ def _state_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SD 1.5-shaped diffusers folder (with its ControlNets), built once per session."""
     return ensure_demo_model(tmp_path_factory.mktemp("atelier-cache"))
+
+
+@pytest.fixture(scope="session")
+def sd2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 2.x-shaped (v-prediction, linear projection) diffusers folder, built once per session."""
+    return ensure_family_demo_model(tmp_path_factory.mktemp("atelier-cache"), "sd2")
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL-shaped (two encoders, text_time) diffusers folder, built once per session."""
+    return ensure_family_demo_model(tmp_path_factory.mktemp("atelier-cache"), "sdxl")
 
 
 @pytest.fixture(scope="session")

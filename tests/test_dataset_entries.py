@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from core.config.schema import DatasetSection
-from core.data.dataset import Dataset, DatasetError, FileProblem, load_dataset, summarize
+from core.data.dataset import Dataset, DatasetError, load_dataset, summarize
+from core.data.folder_walk import FileProblem
 from core.data.images import UnusableImage, open_image
 from tests.bad_files import write_image
 from tests.guards import as_ordinary_user, within

@@ -36,9 +36,10 @@ from core.inference.requests import (
 )
 from core.inference.sweep import label_height, sweep_grid, variants_from_files, variants_from_run, variants_from_weights
 from core.lora.adapters import add_training_loras
-from core.lora.files import read_lora_metadata, save_diffusers_lora, save_lora, sd15_index, short_hash
+from core.lora.files import save_diffusers_lora, save_lora, sd15_index
+from core.lora.header import read_lora_metadata, short_hash
 from core.models.check import ModelLoadError
-from core.models.loading import build_pipeline, load_sd15
+from core.models.loading import build_pipeline, load_model
 
 BASE = GenerationRequest("bauhaus style building", seed=11, steps=3, width=64, height=64, sampler="ddim")
 
@@ -50,7 +51,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make_loras(model: Path, folder: Path) -> dict[str, Path]:
     """Three LoRAs with random up weights: kohya with a text-encoder part, kohya UNet-only, diffusers."""
-    components = load_sd15(str(model))
+    components = load_model(str(model))
     add_training_loras(
         components.unet, components.text_encoder, LoraSection(rank=4, alpha=2.0, train_text_encoder=True)
     )
@@ -178,7 +179,7 @@ def test_lora_errors_name_the_file(engine: InferenceEngine, tmp_path: Path) -> N
 
 
 def test_adopt_takes_the_training_modules_without_their_adapter(engine: InferenceEngine, demo_model: Path) -> None:
-    trained = load_sd15(str(demo_model))
+    trained = load_model(str(demo_model))
     add_training_loras(trained.unet, trained.text_encoder, LoraSection(rank=4, train_text_encoder=True))
     with torch.no_grad():
         for name, param in trained.unet.named_parameters():
@@ -408,7 +409,7 @@ def kohya_file_with_varied_alphas(model: Path, path: Path) -> dict[str, torch.Te
     Every module gets its own rank (1–4) and alpha, from a seeded generator, as kohya's resize and
     block-weight tools write them; 3×3 convs share a conv_alpha of their own.
     """
-    components = load_sd15(str(model))
+    components = load_model(str(model))
     add_training_loras(
         components.unet, components.text_encoder, LoraSection(rank=4, alpha=4.0, targets="all", train_text_encoder=True)
     )
@@ -438,7 +439,7 @@ def test_every_module_of_a_kohya_file_gets_its_own_alpha(demo_model: Path, tmp_p
     alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
     ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
     assert len(alphas) == 5 and len(ranks) == 4  # conv_alpha, four block alphas; ranks 1–4
-    pipe = build_pipeline(load_sd15(str(demo_model)))
+    pipe = build_pipeline(load_model(str(demo_model)))
     stack = LoraStack(pipe)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # peft's "alpha_pattern keys … were ignored"

@@ -22,7 +22,7 @@ from core.config.files import build_config
 from core.inference.a1111_params import generation_parameters, request_from_parameters, restore_parameters
 from core.inference.engine import InferenceEngine
 from core.inference.requests import ControlSpec, GenerationError, GenerationRequest, LoraSpec
-from core.lora.files import short_hash
+from core.lora.header import short_hash
 from ui.config_store import ConfigStore
 from ui.inference_form import (
     MAX_LORAS,

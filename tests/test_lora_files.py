@@ -20,14 +20,8 @@ from training_helpers import Recorder, demo_config
 
 from core.config.schema import LoraSection, TrainConfig
 from core.lora.adapters import add_training_loras
-from core.lora.files import (
-    kohya_state_dict,
-    read_lora,
-    read_lora_metadata,
-    save_diffusers_lora,
-    save_lora,
-    training_metadata,
-)
+from core.lora.files import kohya_state_dict, read_lora, save_diffusers_lora, save_lora
+from core.lora.header import read_lora_metadata, training_metadata
 from core.training.trainer import Trainer
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank, so a file that stores the wrong alpha changes the outputs
@@ -153,7 +147,7 @@ def test_a_whole_unet_run_loads_in_diffusers_and_in_our_reader(
     config = demo_config(model_dir, demo_dataset, tmp_path, *overrides)
     trainer = Trainer(config, Recorder())
     path = trainer.run().run_dir / "demo.safetensors"
-    trained_unet, trained_te = trainer.lora_unet.eval(), trainer.lora_text_encoder.eval()
+    trained_unet, trained_te = trainer.lora_unet.eval(), trainer.lora_text_encoders[0].eval()
 
     tensors = load_file(path)
     outside = ["lora_unet_conv_in", "lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2"]

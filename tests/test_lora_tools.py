@@ -22,7 +22,7 @@ from core.lora.files import kohya_tensors, read_lora, save_diffusers_lora, save_
 from core.lora.merge import extract_lora, merge_loras
 from core.lora.tools import combine_loras, convert_lora, inspect_lora, parse_weighted, resize_lora, run
 from core.lora_tools import main
-from core.models.loading import build_pipeline, load_sd15
+from core.models.loading import build_pipeline, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters on purpose
 TOKENS = torch.tensor([[49406, 320, 1125, 3666, 49407]])
@@ -165,7 +165,7 @@ def test_merged_model_equals_base_plus_lora(
     output = tmp_path / f"merged{suffix}"
     result = merge_loras(str(demo_model), files, output)
     assert result.modules == {str(loras["all"]): 289, str(loras["attn"]): 136}
-    merged = load_sd15(str(output), config_dir=demo_model)  # offline: the demo folder holds the configs
+    merged = load_model(str(output), config_dir=demo_model)  # offline: the demo folder holds the configs
     _close(_outputs(merged.unet, merged.text_encoder), _with_loras(demo_model, files))
 
 
@@ -201,7 +201,7 @@ def test_combine_exact_reproduces_the_stacked_loras(loras: dict[str, Path], demo
 
 def test_extract_recovers_a_known_low_rank_delta(demo_model: Path, tmp_path: Path) -> None:
     """tuned = base + rank-3 deltas in a UNet Linear, a UNet conv and a CLIP layer, and a changed norm."""
-    parts = load_sd15(str(demo_model))
+    parts = load_model(str(demo_model))
     generator = torch.Generator().manual_seed(3)
     layers = {
         UNET_Q: parts.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),

@@ -27,8 +27,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from core.models.check import ModelCheck, ModelLoadError, check_model
 from core.models.demo import CONTROLNET_NAMES, ensure_demo_model
+from core.models.families import SD1
 from core.models.ldm_convert import save_ldm_checkpoint, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from core.models.loading import SD15_CONFIG_DIR, SD15Components, build_pipeline, load_sd15
+from core.models.loading import SD15_CONFIG_DIR, ModelComponents, build_pipeline, load_model
 from core.training.preflight import check_run
 
 
@@ -37,7 +38,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _outputs(c: SD15Components) -> dict[str, torch.Tensor]:
+def _outputs(c: ModelComponents) -> dict[str, torch.Tensor]:
     """Deterministic outputs of the three networks, to compare two loads of the same weights."""
     generator = torch.Generator().manual_seed(0)
     ids = c.tokenizer("bauhaus style building", padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -50,7 +51,7 @@ def _outputs(c: SD15Components) -> dict[str, torch.Tensor]:
     return {"text": text, "latents": latents, "decoded": decoded, "noise_pred": noise_pred}
 
 
-def _state_dict_ldm(c: SD15Components) -> dict[str, torch.Tensor]:
+def _state_dict_ldm(c: ModelComponents) -> dict[str, torch.Tensor]:
     return {
         **unet_to_ldm(c.unet.state_dict(), c.unet.config),
         **vae_to_ldm(c.vae.state_dict(), c.vae.config),
@@ -82,7 +83,7 @@ def test_bundled_configs_are_real_sd15() -> None:
 
 
 def test_load_demo_diffusers_folder(demo_model: Path) -> None:
-    c = load_sd15(str(demo_model))
+    c = load_model(str(demo_model))
     assert c.source_kind == "folder"
     assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size == 32
     assert c.tokenizer.model_max_length == 77
@@ -95,7 +96,7 @@ def test_load_demo_diffusers_folder(demo_model: Path) -> None:
 
 
 def test_single_file_round_trip_is_bit_exact(demo_model: Path, tmp_path: Path) -> None:
-    original = load_sd15(str(demo_model))
+    original = load_model(str(demo_model))
     file = save_ldm_checkpoint(
         tmp_path / "demo.safetensors", unet=original.unet, vae=original.vae, text_encoder=original.text_encoder
     )
@@ -116,7 +117,7 @@ def test_single_file_round_trip_is_bit_exact(demo_model: Path, tmp_path: Path) -
         k.startswith(("model.diffusion_model.down_blocks", "first_stage_model.encoder.down_blocks")) for k in keys
     )
 
-    reloaded = load_sd15(str(file), config_dir=demo_model)
+    reloaded = load_model(str(file), config_dir=demo_model)
     assert reloaded.source_kind == "single_file"
     expected, actual = _outputs(original), _outputs(reloaded)
     for name in expected:
@@ -126,12 +127,12 @@ def test_single_file_round_trip_is_bit_exact(demo_model: Path, tmp_path: Path) -
 def test_a_lora_file_is_not_a_base_model(tmp_path: Path) -> None:
     lora = tmp_path / "style.safetensors"
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4)}, str(lora))
-    with pytest.raises(ModelLoadError, match="not SDXL / SD 2 / a LoRA"):
-        load_sd15(str(lora))
+    with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint"):
+        load_model(str(lora))
 
 
 def test_ldm_export_refuses_an_unmerged_lora(demo_model: Path, tmp_path: Path) -> None:
-    c = load_sd15(str(demo_model))
+    c = load_model(str(demo_model))
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), c.unet)
     with pytest.raises(ValueError, match="merge and unload"):
         save_ldm_checkpoint(tmp_path / "merged.safetensors", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder)
@@ -141,13 +142,13 @@ def test_ldm_export_refuses_an_unmerged_lora(demo_model: Path, tmp_path: Path) -
 def test_missing_path_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "model.safetensors"
     with pytest.raises(ModelLoadError, match="not found") as info:
-        load_sd15(str(missing))
+        load_model(str(missing))
     assert str(missing) in str(info.value)
 
 
 def test_unknown_hub_id_offline_says_what_to_do() -> None:
     with pytest.raises(ModelLoadError) as info:
-        load_sd15("atelier-tests/no-such-model")
+        load_model("atelier-tests/no-such-model")
     message = str(info.value)
     assert "no-such-model" in message
     assert "offline and not in the cache" in message
@@ -170,7 +171,7 @@ def test_ckpt_with_pickled_code_is_refused_without_running_it(tmp_path: Path) ->
     torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, ckpt)
 
     with pytest.raises(ModelLoadError, match="pickled Python code") as info:
-        load_sd15(str(ckpt))
+        load_model(str(ckpt))
     assert ".safetensors" in str(info.value)
     assert not marker.exists()
 
@@ -179,11 +180,11 @@ def test_ckpt_with_pickled_code_is_refused_without_running_it(tmp_path: Path) ->
 
 
 def test_ckpt_with_plain_state_dict_loads(demo_model: Path, tmp_path: Path) -> None:
-    original = load_sd15(str(demo_model))
+    original = load_model(str(demo_model))
     ckpt = tmp_path / "plain.ckpt"
     torch.save({"state_dict": _state_dict_ldm(original), "global_step": 1000, "epoch": 3}, ckpt)
 
-    reloaded = load_sd15(str(ckpt), config_dir=demo_model)
+    reloaded = load_model(str(ckpt), config_dir=demo_model)
     for name in ("unet", "vae", "text_encoder"):
         expected, actual = getattr(original, name).state_dict(), getattr(reloaded, name).state_dict()
         assert expected.keys() == actual.keys()
@@ -191,7 +192,7 @@ def test_ckpt_with_plain_state_dict_loads(demo_model: Path, tmp_path: Path) -> N
 
 
 def test_vae_override_from_single_file(demo_model: Path, tmp_path: Path) -> None:
-    base = load_sd15(str(demo_model))
+    base = load_model(str(demo_model))
     vae_file = tmp_path / "custom-vae.safetensors"
     a1111_vae = {  # standalone VAE files have no first_stage_model. prefix
         k.removeprefix("first_stage_model."): v + 0.5
@@ -199,13 +200,13 @@ def test_vae_override_from_single_file(demo_model: Path, tmp_path: Path) -> None
     }
     save_file(a1111_vae, str(vae_file))
 
-    c = load_sd15(str(demo_model), vae=str(vae_file), config_dir=demo_model)
+    c = load_model(str(demo_model), vae=str(vae_file), config_dir=demo_model)
     assert torch.equal(c.vae.encoder.conv_in.weight, base.vae.encoder.conv_in.weight + 0.5)
     assert torch.equal(c.unet.conv_in.weight, base.unet.conv_in.weight)
 
 
 def test_controlnets_load_and_change_the_output(demo_model: Path) -> None:
-    pipe = build_pipeline(load_sd15(str(demo_model)))
+    pipe = build_pipeline(load_model(str(demo_model)))
     control = Image.new("RGB", (128, 128), "white")
     control.paste((0, 0, 0), (32, 32, 96, 96))
     common = {"prompt": "bauhaus style building", "num_inference_steps": 2, "height": 128, "width": 128}
@@ -280,7 +281,7 @@ def test_check_stops_a_run_whose_hub_model_is_offline_and_not_cached(
         and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
     )
     with pytest.raises(ModelLoadError, match="offline and not in the cache"):  # what Start would have met
-        load_sd15(config.model.base)
+        load_model(config.model.base)
 
 
 def _cache_as_hub_model(demo_model: Path, cache: Path, repo_id: str) -> Path:
@@ -295,7 +296,7 @@ def _cache_as_hub_model(demo_model: Path, cache: Path, repo_id: str) -> Path:
 
 def test_check_reads_a_cached_hub_model_like_a_folder(demo_model: Path, empty_hub_cache: Path) -> None:
     snapshot = _cache_as_hub_model(demo_model, empty_hub_cache, "atelier-tests/cached")
-    assert check_model("atelier-tests/cached") == ModelCheck()
+    assert check_model("atelier-tests/cached") == ModelCheck(family=SD1)
     assert check_model("atelier-tests/cached", "vae") == ModelCheck()
     (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # an interrupted download
     assert "unet has no weights" in check_model("atelier-tests/cached").problem
@@ -313,7 +314,7 @@ def test_check_reads_a_cached_hub_model_like_a_folder(demo_model: Path, empty_hu
 )
 def test_check_finds_what_is_missing_in_a_model_folder(demo_model: Path, tmp_path: Path, damage, expected: str) -> None:
     folder = Path(shutil.copytree(demo_model, tmp_path / "model"))
-    assert check_model(str(folder)) == ModelCheck()
+    assert check_model(str(folder)) == ModelCheck(family=SD1)
     damage(folder)
     assert expected in check_model(str(folder)).problem
 
@@ -333,11 +334,14 @@ def _header_only(path: Path, *keys: str) -> str:
 
 def test_check_reads_only_the_header_of_a_single_file(tmp_path: Path) -> None:
     full = _header_only(
-        tmp_path / "full.safetensors", "model.diffusion_model.a", "first_stage_model.b", "cond_stage_model.c"
+        tmp_path / "full.safetensors",
+        "model.diffusion_model.a",
+        "first_stage_model.b",
+        "cond_stage_model.transformer.c",
     )
-    assert check_model(full) == ModelCheck()
+    assert check_model(full) == ModelCheck(family=SD1)
     lora = _header_only(tmp_path / "lora.safetensors", "lora_unet_down_blocks_0.lora_down.weight")
-    assert "no UNet or VAE or text encoder weights" in check_model(lora).problem
+    assert "no UNet or VAE weights" in check_model(lora).problem
     vae = _header_only(tmp_path / "vae.safetensors", "encoder.conv_in.weight", "decoder.conv_in.weight")
     assert check_model(vae, "vae") == ModelCheck()
     assert check_model(full, "vae") == ModelCheck()  # a whole checkpoint's first_stage_model.* VAE

@@ -15,7 +15,8 @@ from training_helpers import Recorder, demo_config, read_metrics
 
 from core.config.schema import ConfigError, TrainConfig
 from core.lora.adapters import add_training_loras
-from core.models.loading import load_sd15
+from core.models.loading import load_model
+from core.training.conditioning import TextEncoders
 from core.training.events import EpochRecord, TrainingCommands
 from core.training.runs import read_run
 from core.training.session import SessionBusy, TrainingSession, explain_error
@@ -80,7 +81,7 @@ def test_same_seed_same_curve_and_samples_do_not_change_it(
 
 def test_validation_loss_of_the_same_weights_is_bit_for_bit_reproducible(demo_model: Path) -> None:
     """With LoRA dropout on both models and both in training mode, validation still measures only the weights."""
-    components = load_sd15(str(demo_model))
+    components = load_model(str(demo_model))
     config = TrainConfig(lora={"dropout": 0.5, "train_text_encoder": True})
     add_training_loras(components.unet, components.text_encoder, config.lora)
     with torch.no_grad():  # a trained LoRA, so dropout on its path would change the output
@@ -94,12 +95,7 @@ def test_validation_loss_of_the_same_weights_is_bit_for_bit_reproducible(demo_mo
 
     def measure() -> float:
         return validation_loss(
-            components.unet,
-            components.text_encoder,
-            components.tokenizer,
-            components.noise_scheduler,
-            validation,
-            torch.float32,
+            components.unet, TextEncoders.of(components), components.noise_scheduler, validation, torch.float32
         )
 
     first = measure()

@@ -20,6 +20,7 @@ from core.common.workspace import PathNotAllowed
 from core.config.files import PresetInfo, list_presets, load_config, preset_layers, save_config
 from core.config.schema import ConfigError, Problem, TrainConfig, config_fields
 from core.data.dataset import Dataset
+from core.models.families import ModelFamily
 from core.training.estimates import latest_measured_its, memory_estimate, time_per_epoch
 from core.training.preflight import RunPlan, check_run, plan_run
 from ui.config_store import ConfigStore
@@ -134,9 +135,18 @@ class Estimator:
         return "\n\n".join(lines)
 
 
-def _summary(form: ConfigForm, refused: list[Problem], problems: list[Problem], notes: Sequence[Problem] = ()) -> str:
-    """Whether the run can start, why not, and what to know first (a download, captions that disagree)."""
+def _summary(
+    form: ConfigForm,
+    refused: list[Problem],
+    problems: list[Problem],
+    notes: Sequence[Problem] = (),
+    family: ModelFamily | None = None,
+) -> str:
+    """Whether the run can start, why not, and what to know first (the model's detected family, a download,
+    captions that disagree): the family leads, so a wrong guess is seen before anything else."""
     worth_knowing = [f"- ℹ {md(form.label(note))}: {md(note.message)}" for note in notes]
+    if family is not None:
+        worth_knowing.insert(0, f"- Model: {md(family.describe())}")
     if not refused and not problems:
         return "\n".join(["✓ **Ready to train** with these settings.", *worth_knowing])
     lines = []
@@ -276,7 +286,7 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             *widgets,
             *form.problem_updates(refused + problems + report.notes),
             estimator.describe(config),
-            _summary(form, refused, problems, report.notes),
+            _summary(form, refused, problems, report.notes, report.family),
         ]
 
     def on_field(entry: FormField) -> Callable[[Any], list[Any]]:

@@ -14,8 +14,8 @@ from typing import Any
 import tomli_w
 
 from core.common.fsutil import atomic_write_text, backup
+from core.common.text import trigger_words
 from core.config.schema import ConfigError, Problem, TrainConfig, config_fields, parse_config
-from core.data.dataset import trigger_words
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 PRESET_TABLE = "preset"

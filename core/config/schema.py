@@ -19,7 +19,7 @@ Sampler = Literal["ddim", "euler_a", "dpmpp_2m_karras", "unipc"]
 Precision = Literal["fp16", "bf16", "fp32"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LoraTargets = Literal["attention", "attention_ff", "all", "whole_unet"]
-PredictionType = Literal["epsilon", "v_prediction"]
+PredictionType = Literal["auto", "epsilon", "v_prediction"]
 NanPolicy = Literal["stop", "skip"]
 
 
@@ -70,7 +70,10 @@ class ModelSection(Section):
     )
     vae: str = setting("", "VAE override (folder, id or .safetensors); empty keeps the model's own", advanced=True)
     prediction_type: PredictionType = setting(
-        "epsilon", "What the base model predicts: epsilon for SD 1.5, v_prediction for v-models", advanced=True
+        "auto",
+        "What the base model predicts: auto reads it from the model (SD 2.x 768 models predict v); set epsilon or "
+        "v_prediction for a checkpoint file that cannot say",
+        advanced=True,
     )
 
 

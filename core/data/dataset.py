@@ -7,24 +7,22 @@ Only the folder itself being missing, or nothing in it being usable, stops a run
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import math
 import os
-import re
 import stat
-import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from core.common.text import says, trigger_words
 from core.config.schema import DatasetSection
 from core.data.buckets import assign_bucket
+from core.data.folder_walk import FILE, FOLDER, FileProblem, ProblemKind, is_text, real, relative_path, walk
 from core.data.images import (
-    GONE,
     IMAGE_EXTENSIONS,
     NotAFile,
     UnusableImage,
@@ -38,13 +36,6 @@ logger = logging.getLogger(__name__)
 
 _LISTED_PROBLEMS = 10
 
-_FILE, _FOLDER = "file", "folder"
-"""The two kinds of folder entry the loader can use; `_entry_kind` names any other by what is wrong with it."""
-
-ProblemKind = Literal["skipped", "warning", "converted"]
-"""What a file problem cost: the file (skipped), nothing but attention (warning), or the file's stored look
-(converted: the image trains, changed as the reason says)."""
-
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -57,23 +48,6 @@ class ImageRecord:
     width: int
     height: int
     bucket: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class FileProblem:
-    """A file the user should look at, and what it cost (see `ProblemKind`).
-
-    `path` is always valid text: for a name that is not UTF-8 it spells each bad byte as \\xNN (see `_entries`).
-    """
-
-    path: Path
-    reason: str
-    kind: ProblemKind
-
-    @property
-    def skipped(self) -> bool:
-        """Whether the file is left out of training."""
-        return self.kind == "skipped"
 
 
 @dataclass(frozen=True)
@@ -106,8 +80,8 @@ def load_dataset(section: DatasetSection, seed: int) -> Dataset:
     """Load and check every image, then split off validation images deterministically for `seed`."""
     root = _folder(section.path, "dataset.path")
     validation_root = _folder(section.validation_path, "dataset.validation_path") if section.validation_path else None
-    excluded = {_real(validation_root)} if validation_root else set()
-    if _real(root) in excluded:
+    excluded = {real(validation_root)} if validation_root else set()
+    if real(root) in excluded:
         raise DatasetError(
             "dataset.validation_path",
             section.validation_path,
@@ -187,7 +161,7 @@ def summarize(dataset: Dataset) -> DatasetSummary:
 def _folder(value: str, field: str) -> Path:
     if not value.strip():
         raise DatasetError(field, value, "no folder chosen — choose the folder that holds the images")
-    if not _is_text(value):
+    if not is_text(value):
         raise DatasetError(field, value, "the path is not valid UTF-8 — rename the folder")
     folder = Path(value).expanduser().absolute()
     try:
@@ -208,109 +182,13 @@ def _load_tree(
     """Records sorted by relative path, or DatasetError when the folder yields none."""
     records: list[ImageRecord] = []
     problems: list[FileProblem] = []
-    for folder, entries in _walk(root, excluded, problems):
+    for folder, entries in walk(root, excluded, problems):
         records += _load_folder(folder, entries, section, problems)
     if not records:
         value = section.validation_path if field == "dataset.validation_path" else section.path
         raise DatasetError(field, value, _nothing_usable(root, problems), tuple(problems))
-    records.sort(key=lambda record: _relative(record.path, root))
+    records.sort(key=lambda record: relative_path(record.path, root))
     return records, problems
-
-
-def _walk(root: Path, excluded: set[Path], problems: list[FileProblem]) -> Iterator[tuple[Path, dict[Path, str]]]:
-    """Each folder with its visible entries and their kinds (see `_entry_kind`), in sorted order, following
-    folder links at most once.
-
-    A link back to a folder above it would recurse forever, and a second link to a loaded folder would
-    train its images twice, so both are reported and not entered.
-    """
-    visited: dict[Path, Path] = {}
-    base = _real(root)
-
-    def visit(folder: Path, ancestors: frozenset[Path]) -> Iterator[tuple[Path, dict[Path, str]]]:
-        real = _real(folder)
-        if real in ancestors:
-            target = _relative(visited[real], root)
-            reason = f"symbolic link loop back to '{root.name if target == '.' else target}': remove the link"
-            problems.append(FileProblem(folder, reason, kind="skipped"))
-            return
-        if real in visited:
-            reason = f"same folder as '{_relative(visited[real], root)}', already loaded: remove the duplicate link"
-            problems.append(FileProblem(folder, reason, kind="skipped"))
-            return
-        visited[real] = folder
-        try:
-            with os.scandir(folder) as listing:
-                names = sorted(entry.name for entry in listing)
-        except OSError as error:
-            reason = f"folder cannot be read ({error.strerror}): check its permissions"
-            problems.append(FileProblem(folder, reason, kind="skipped"))
-            return
-        entries = _entries(folder, names, base, problems)
-        yield folder, entries
-        for path, kind in entries.items():
-            if kind == _FOLDER and _real(path) not in excluded:
-                yield from visit(path, ancestors | {real})
-
-    yield from visit(root, frozenset())
-
-
-def _entries(folder: Path, names: list[str], base: Path, problems: list[FileProblem]) -> dict[Path, str]:
-    """The visible entries of `folder` with their kinds; an image or folder whose name is not text is reported.
-
-    Every entry is resolved, then confined to the dataset's real folder `base`: a downloaded dataset can
-    ship symbolic links to any file on the machine, and following one would show, train on and let bulk
-    edits write files outside every allowed folder. An image or caption that leads out gets the reason as
-    its kind (so its image is skipped with it); a folder that leads out is reported here, and not entered.
-
-    Such a name (bytes that are not UTF-8, which Python carries as lone surrogates) cannot be shown in
-    the UI, written to JSON or hashed for the validation split, so it is left out here, under a path
-    that spells each bad byte as \\xNN so that the problem itself can be shown.
-    """
-    entries: dict[Path, str] = {}
-    for name in names:
-        if name.startswith("."):
-            continue
-        path = folder / name
-        kind = _entry_kind(path)
-        if kind in (_FILE, _FOLDER) and not _real(path).is_relative_to(base):
-            if kind == _FOLDER:
-                problems.append(FileProblem(folder / _printable(name), _leads_outside(path), kind="skipped"))
-                continue
-            kind = _leads_outside(path)
-        if _is_text(name):
-            entries[path] = kind
-        elif kind == _FOLDER or is_image_file(path):
-            what = "folder name" if kind == _FOLDER else "file name"
-            reason = f"{what} is not valid UTF-8 (shown with \\xNN for each bad byte): rename the {what[:-5]}"
-            problems.append(FileProblem(folder / _printable(name), reason, kind="skipped"))
-    return entries
-
-
-def _leads_outside(path: Path) -> str:
-    return (
-        f"symbolic link leading outside the dataset folder (to {_real(path)}), not followed: "
-        "copy the files into the dataset folder instead"
-    )
-
-
-def _entry_kind(path: Path) -> str:
-    """`_FILE`, `_FOLDER`, or why the entry can be neither read nor entered, with the fix.
-
-    Only `stat` is used: opening a named pipe waits for a writer forever, and opening a device can act
-    on it, so nothing is opened before it is known to be a regular file.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "broken symbolic link: fix or remove the link" if os.path.islink(path) else GONE
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            return "symbolic link loop (the link leads back to itself): remove the link"
-        return f"cannot be read ({error.strerror}): check that it is accessible"
-    if stat.S_ISREG(mode):
-        return _FILE
-    return _FOLDER if stat.S_ISDIR(mode) else not_a_file_reason(mode)
 
 
 def _load_folder(
@@ -322,7 +200,7 @@ def _load_folder(
     images: defaultdict[str, list[Path]] = defaultdict(list)
     captions: dict[str, Path] = {}
     for path, kind in entries.items():
-        if is_image_file(path) and kind == _FILE:
+        if is_image_file(path) and kind == FILE:
             images[path.stem].append(path)
         elif is_image_file(path):
             problems.append(_not_an_image(path, kind))
@@ -330,7 +208,7 @@ def _load_folder(
             captions[path.stem] = path
     image_stems = {path.stem for path in entries if is_image_file(path)}  # usable or not: that image is reported
     for stem, caption_path in captions.items():
-        if stem not in image_stems and entries[caption_path] == _FILE:
+        if stem not in image_stems and entries[caption_path] == FILE:
             reason = f"caption file without an image named '{stem}': add the image or remove the caption"
             problems.append(FileProblem(caption_path, reason, kind="warning"))
     records = []
@@ -342,7 +220,7 @@ def _load_folder(
                 problems.append(FileProblem(path, reason, kind="skipped"))
             continue
         caption_path = captions.get(stem)
-        if caption_path and entries[caption_path] != _FILE:
+        if caption_path and entries[caption_path] != FILE:
             reason = _caption_not_a_file(caption_path, entries[caption_path])
             problems.append(FileProblem(paths[0], reason, kind="skipped"))
             continue
@@ -354,7 +232,7 @@ def _load_folder(
 
 def _not_an_image(path: Path, kind: str) -> FileProblem:
     """A folder under an image name is entered like any other (a warning); anything else is skipped."""
-    if kind == _FOLDER:
+    if kind == FOLDER:
         reason = "a folder named like an image: the images in it load like a subfolder's; drop the extension"
         return FileProblem(path, reason, kind="warning")
     return FileProblem(path, kind, kind="skipped")
@@ -362,7 +240,7 @@ def _not_an_image(path: Path, kind: str) -> FileProblem:
 
 def _caption_not_a_file(caption_path: Path, kind: str) -> str:
     """Why the image is skipped: its caption exists but cannot be read, and the default would mislabel it."""
-    why = not_a_file_reason(stat.S_IFDIR) if kind == _FOLDER else kind
+    why = not_a_file_reason(stat.S_IFDIR) if kind == FOLDER else kind
     return f"caption file '{caption_path.name}': {why}"
 
 
@@ -414,19 +292,6 @@ def _read_caption(image: Path, caption_path: Path, problems: list[FileProblem]) 
     return text
 
 
-def trigger_words(prefix: str) -> str:
-    """The words of a caption prefix without its separator: "bauhaus style building, " → "bauhaus style building"."""
-    return " ".join(prefix.split()).strip(" ,;:.")
-
-
-def says(caption: str, words: str, *, at_start: bool = False) -> bool:
-    """Whether `caption` holds `words` as whole words (any case), anywhere or only at its start."""
-    if not words:
-        return False
-    pattern = ("^" if at_start else r"(?<!\w)") + re.escape(words) + r"(?!\w)"
-    return re.search(pattern, " ".join(caption.split()), re.IGNORECASE) is not None
-
-
 def _caption(prefix: str, text: str) -> str:
     """Prefix and text with runs of whitespace, newlines included, collapsed as CLIP's tokenizer would.
 
@@ -456,7 +321,7 @@ def _split(
         )
 
     def rank(record: ImageRecord) -> str:
-        return hashlib.sha256(f"{seed}:{_relative(record.path, root)}".encode()).hexdigest()
+        return hashlib.sha256(f"{seed}:{relative_path(record.path, root)}".encode()).hexdigest()
 
     held_out = {record.path for record in sorted(records, key=rank)[:count]}
     train = [record for record in records if record.path not in held_out]
@@ -478,42 +343,14 @@ def _nothing_usable(root: Path, problems: list[FileProblem]) -> str:
     if not skipped:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
         return f"no images found ({kinds}; subfolders included) — check the path or add images"
-    lines = _listed([f"  - {_relative(problem.path, root)}: {problem.reason}" for problem in skipped])
+    lines = _listed([f"  - {relative_path(problem.path, root)}: {problem.reason}" for problem in skipped])
     return "no usable images; every file was skipped:\n" + "\n".join(lines)
-
-
-def _real(path: Path) -> Path:
-    """The path with links resolved; unlike `Path.resolve`, never raises on a link loop or a vanished entry."""
-    return Path(os.path.realpath(path))
-
-
-def _is_text(name: str) -> bool:
-    """Whether `name` is valid Unicode; undecodable bytes arrive as lone surrogates, which cannot be encoded."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _printable(name: str) -> str:
-    """`name` with each byte that is not UTF-8 written as \\xNN, so it can be shown and encoded anywhere."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def _relative(path: Path, root: Path) -> str:
-    """Path below `root` in one spelling on every OS, so the seeded split is the same on macOS and Linux."""
-    try:
-        relative = path.relative_to(root).as_posix()
-    except ValueError:
-        relative = path.as_posix()
-    return unicodedata.normalize("NFC", relative)
 
 
 def _display_path(path: Path, roots: list[Path]) -> str:
     for index, root in enumerate(roots):
         if path.is_relative_to(root):
-            relative = _relative(path, root)
+            relative = relative_path(path, root)
             return f"{root.name}/{relative}" if index else relative
     return path.as_posix()
 

@@ -105,11 +105,18 @@ class FeatureCache:
         mirrored = LatentDistribution(tensors["mean"][1], tensors["std"][1]) if flip else None
         return plain, mirrored
 
-    def caption_embedding(self, caption: str, tokenizer, text_encoder: torch.nn.Module) -> torch.Tensor:
+    def caption_embedding(
+        self, caption: str, encode: Callable[[list[str]], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The caption's text features (whatever the model's family conditions on: hidden states, and SDXL's
+        pooled embedding), each without the batch dimension; `encode` runs only on a cache miss."""
         key = _key("text", caption, self.model_key)
-        return self._load_or_make("text", key, lambda: {"hidden": encode_captions([caption], tokenizer, text_encoder)})[
-            "hidden"
-        ][0]
+
+        def make() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return {name: tensor.float() for name, tensor in encode([caption]).items()}
+
+        return {name: tensor[0] for name, tensor in self._load_or_make("text", key, make).items()}
 
 
 def bucket_pixels(record: ImageRecord) -> torch.Tensor:
@@ -130,10 +137,3 @@ def tokenize(captions: list[str], tokenizer) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-
-
-def encode_captions(captions: list[str], tokenizer, text_encoder: torch.nn.Module) -> torch.Tensor:
-    """CLIP's last hidden state, what SD 1.5's UNet cross-attends to."""
-    with torch.no_grad():
-        ids = tokenize(captions, tokenizer).to(text_encoder.device)
-        return text_encoder(ids)[0].float()

@@ -30,7 +30,8 @@ from core.inference.requests import (
     GenerationRequest,
     LoraSpec,
 )
-from core.lora.files import DIFFUSERS_WEIGHT_NAME, short_hash
+from core.lora.files import DIFFUSERS_WEIGHT_NAME
+from core.lora.header import short_hash
 
 LORA_TAG = re.compile(r"\s*<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 _CONTROL_UNIT = re.compile(r"ControlNet \d+")

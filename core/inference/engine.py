@@ -54,7 +54,8 @@ from core.inference.requests import (
 from core.inference.samplers import make_sampler
 from core.inference.sweep import SweepResult, SweepVariant, sweep_grid
 from core.models.controlnets import ControlNetCache
-from core.models.loading import SD15Components, build_pipeline, load_sd15
+from core.models.families import SD1
+from core.models.loading import ModelComponents, build_pipeline, load_model, refuse_other_families, require_family
 from core.models.preprocessors import make_control_image
 
 __all__ = [  # the engine's whole surface, importable from this one module
@@ -108,7 +109,7 @@ class InferenceEngine:
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._controlnets = ControlNetCache(max_controlnets)
-        self._components: SD15Components | None = None
+        self._components: ModelComponents | None = None
         self._key: tuple[str, str] | None = None
         self._base: StableDiffusionPipeline | None = None
         self._loras: LoraStack | None = None
@@ -117,7 +118,7 @@ class InferenceEngine:
     # ----- the base model ------------------------------------------------------------------------
 
     @property
-    def components(self) -> SD15Components | None:
+    def components(self) -> ModelComponents | None:
         """The loaded base model (None when freed); the app may hand it to code that only reads it."""
         return self._components
 
@@ -125,7 +126,7 @@ class InferenceEngine:
     def source(self) -> str | None:
         return self._key[0] if self._key else None
 
-    def load_base(self, source: str, *, vae: str = "") -> SD15Components:
+    def load_base(self, source: str, *, vae: str = "") -> ModelComponents:
         """Load a base model (hub id, diffusers folder, .safetensors); a no-op when it is already loaded.
 
         The previous model is released first (two SD 1.5 models may not fit a GPU), so after a
@@ -135,11 +136,13 @@ class InferenceEngine:
             if self._components is not None and self._key == (source, vae):
                 return self._components
             self.free()
-            components = load_sd15(source, vae=vae, dtype=self.dtype)
+            refuse_other_families(source, "Inference")  # before minutes of loading, when the files tell
+            components = load_model(source, vae=vae, dtype=self.dtype)
+            require_family(components, (SD1,), "Inference")
             self._install(components, (source, vae))
             return components
 
-    def adopt(self, components: SD15Components, *, vae: str = "") -> None:
+    def adopt(self, components: ModelComponents, *, vae: str = "") -> None:
         """Use modules someone else loaded (the training session's, after its run) as the base.
 
         A no-op when that model (source and VAE) is loaded already. Training leaves its LoRA attached
@@ -149,6 +152,7 @@ class InferenceEngine:
         with self._lock:
             if self._components is not None and self._key == (components.source, vae):
                 return
+            require_family(components, (SD1,), "Inference")
             self.free()
             build_pipeline(components).unload_lora_weights()
             for module in (components.unet, components.text_encoder, components.vae):
@@ -172,7 +176,7 @@ class InferenceEngine:
         """Stop the running generation after its current step; it raises GenerationCancelled."""
         self._cancel.set()
 
-    def _install(self, components: SD15Components, key: tuple[str, str]) -> None:
+    def _install(self, components: ModelComponents, key: tuple[str, str]) -> None:
         for module in (components.unet, components.text_encoder, components.vae):
             module.to(self.device)
         self._base = build_pipeline(components)

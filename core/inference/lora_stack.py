@@ -21,7 +21,8 @@ from diffusers import StableDiffusionPipeline
 
 from core.common.errors import first_line
 from core.inference.requests import GenerationError, LoraSpec
-from core.lora.files import DIFFUSERS_WEIGHT_NAME, diffusers_tensors, read_lora, sd15_index, short_hash
+from core.lora.files import DIFFUSERS_WEIGHT_NAME, diffusers_tensors, read_lora, sd15_index
+from core.lora.header import short_hash
 
 log = logging.getLogger(__name__)
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)

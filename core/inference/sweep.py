@@ -64,7 +64,7 @@ def variants_from_run(run_dir: str | Path, weight: float = 1.0) -> list[SweepVar
     variants = [SweepVariant(f"epoch {epoch}", (LoraSpec(str(path), weight),)) for _, epoch, path in epochs]
     best = run_dir / f"{names[0]}-best.safetensors"
     if best.is_file():
-        from core.lora.files import read_lora_metadata  # heavy (torch): the UI imports this module at start
+        from core.lora.header import read_lora_metadata  # heavy (torch): the UI imports this module at start
 
         epoch = read_lora_metadata(best).get("ss_epoch")
         variants.append(SweepVariant(f"best (epoch {epoch})" if epoch else "best", (LoraSpec(str(best), weight),)))

@@ -62,12 +62,16 @@ def add_lora(model: nn.Module, target_modules: list[str], section: LoraSection) 
 
 
 def add_training_loras(
-    unet: nn.Module, text_encoder: nn.Module, section: LoraSection
+    unet: nn.Module, text_encoder: nn.Module, section: LoraSection, *, text_encoder_2: nn.Module | None = None
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Attach the configured adapters; the text-encoder list is empty when it is not trained."""
-    text_encoder.requires_grad_(False)
+    """Attach the configured adapters; the text-encoder list (both of SDXL's encoders') is empty when they are
+    not trained."""
+    encoders = [encoder for encoder in (text_encoder, text_encoder_2) if encoder is not None]
+    for encoder in encoders:
+        encoder.requires_grad_(False)
     unet_params = add_lora(unet, unet_target_modules(unet, section.targets), section)
     text_params: list[nn.Parameter] = []
     if section.train_text_encoder:
-        text_params = add_lora(text_encoder, text_encoder_target_modules(section.targets), section)
+        for encoder in encoders:
+            text_params += add_lora(encoder, text_encoder_target_modules(section.targets), section)
     return unet_params, text_params

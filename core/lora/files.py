@@ -22,10 +22,7 @@ which). LyCORIS files (LoHa, LoKr, …) and DoRA are refused: their update is no
 from __future__ import annotations
 
 import collections
-import datetime
 import functools
-import hashlib
-import io
 import json
 import logging
 import math
@@ -34,22 +31,21 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import torch
 from diffusers import UNet2DConditionModel
 from peft import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from core.common.fsutil import atomic_path, backup, make_staging_folder, set_usual_modes
-from core.config.files import config_to_toml
-from core.config.schema import TrainConfig
-from core.lora.adapters import ADAPTER, UNET_ATTENTION, UNET_FEED_FORWARD, text_encoder_target_modules
+from core.lora.adapters import ADAPTER
+from core.lora.header import read_lora_metadata, tensor_data_hash
 from core.lora.svd import LoraModule
+from core.models.families import SD1, ModelFamily, lora_family
 from core.models.ldm_convert import LDM_UNET_PREFIX, unet_to_ldm
 from core.models.loading import SD15_CONFIG_DIR
 
@@ -59,10 +55,6 @@ SavePrecision = Literal["fp16", "bf16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"  # SD 1.x naming; lora_te1_/lora_te2_ are SDXL's
-OPTIMIZER_CLASSES = {  # the class paths kohya writes in ss_optimizer
-    **{"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"},
-    **{"prodigy": "prodigyopt.prodigy.Prodigy", "adafactor": "transformers.optimization.Adafactor"},
-}
 
 LoraLayers = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -114,14 +106,37 @@ def _text_model_path(path: str) -> str:
     return path if path.startswith("text_model.") else f"text_model.{path}"
 
 
-def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _kohya_unet_paths(unet: nn.Module, paths: Iterable[str], family: ModelFamily) -> dict[str, str]:
+    """diffusers module path -> the path kohya names it by: itself for SD 1.x/2.x (sd-scripts trains those on a
+    diffusers-named UNet), the LDM path for SDXL (sd-scripts' sdxl_original_unet: `input_blocks.4.1.…`)."""
+    paths = list(paths)
+    if not family.kohya_ldm_unet_names:
+        return {path: path for path in paths}
+    ldm = unet_to_ldm({f"{path}.weight": torch.empty(0) for path in paths}, _unwrap(unet).config)
+    return {
+        path: key.removeprefix(LDM_UNET_PREFIX).removesuffix(".weight") for path, key in zip(paths, ldm, strict=True)
+    }
+
+
+def kohya_state_dict(
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    dtype: torch.dtype,
+    *,
+    text_encoder_2: nn.Module | None = None,
+    family: ModelFamily = SD1,
+) -> dict[str, torch.Tensor]:
     """The adapters under kohya keys, weights cast to `dtype`, alpha an fp32 scalar (fp16 would round it).
 
     peft's shapes already are kohya's (Linear [r, in] / [out, r]; Conv2d: down keeps the layer's kernel,
     stride and padding, up is 1×1), so tensors are only renamed. A text encoder without an adapter is skipped.
+    The names follow the family: SDXL's UNet by its LDM paths, its encoders as `lora_te1_` / `lora_te2_`.
     """
-    named = [(UNET_PREFIX + path, layer) for path, layer in _unet_layers(unet).items()]
-    named += [(TEXT_ENCODER_PREFIX + _text_model_path(p), layer) for p, layer in _lora_layers(text_encoder).items()]
+    unet_layers = _unet_layers(unet)
+    kohya_paths = _kohya_unet_paths(unet, unet_layers, family)
+    named = [(UNET_PREFIX + kohya_paths[path], layer) for path, layer in unet_layers.items()]
+    for prefix, encoder in zip(family.kohya_text_prefixes, (text_encoder, text_encoder_2), strict=False):
+        named += [(prefix + _text_model_path(p), layer) for p, layer in _lora_layers(encoder).items()]
     tensors: dict[str, torch.Tensor] = {}
     for path, (down, up, alpha) in named:
         _put_kohya(tensors, path.replace(".", "_"), down.detach().to("cpu", dtype), up.detach().to("cpu", dtype), alpha)
@@ -135,117 +150,15 @@ def _put_kohya(tensors: dict[str, torch.Tensor], name: str, down: torch.Tensor, 
     tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
 
 
-def training_metadata(
-    config: TrainConfig,
-    *,
-    train_images: int,
-    epoch: int,
-    step: int,
-    resolution: int | tuple[int, int] | None = None,
-    trigger_phrase: str | None = None,
-) -> dict[str, str]:
-    """kohya's `ss_*` header (its spellings and value formats, so metadata viewers and civitai read it),
-    the modelspec keys A1111/Forge show, and the full config as TOML so the file alone reproduces the run.
-    The trigger phrase defaults to the caption prefix, the usual place for a trigger word."""
-    lora, opt, schedule = config.lora, config.optimizer, config.schedule
-    resolution = resolution or config.dataset.resolution
-    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
-    trigger = (config.dataset.caption_prefix if trigger_phrase is None else trigger_phrase).strip(" ,")
-    convs = lora.targets in ("all", "whole_unet")  # 3×3 convs get LoRA too: kohya's conv_dim / conv_alpha
-    network_args = {"conv_dim": str(lora.rank), "conv_alpha": str(lora.alpha)} if convs else {}
-    betas = "" if opt.name == "adafactor" else f",betas=({opt.beta1}, {opt.beta2})"
-    unet_targets = {
-        "attention": UNET_ATTENTION,
-        "attention_ff": UNET_ATTENTION + UNET_FEED_FORWARD,
-        "all": "every Linear and Conv2d in down_blocks, mid_block, up_blocks",
-        "whole_unet": "every Linear and Conv2d of the UNet: conv_in, time_embedding, all blocks, conv_out",
-    }[lora.targets]
-    text_targets = text_encoder_target_modules(lora.targets) if lora.train_text_encoder else []
-    targets = {"targets": lora.targets, "unet": unet_targets, "text_encoder": text_targets}
-    values: dict[str, object] = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": lora.rank,
-        "ss_network_alpha": float(lora.alpha),
-        "ss_network_dropout": lora.dropout,
-        "ss_network_args": json.dumps(network_args),
-        "ss_network_train_unet_only": not lora.train_text_encoder,
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": False,
-        "ss_sd_model_name": Path(config.model.base).name if Path(config.model.base).exists() else config.model.base,
-        "ss_vae_name": Path(config.model.vae).name if config.model.vae else None,
-        "ss_output_name": config.run.name,
-        "ss_resolution": (width, height),
-        "ss_num_train_images": train_images,
-        "ss_num_epochs": schedule.epochs,
-        "ss_epoch": epoch,
-        "ss_steps": step,
-        "ss_learning_rate": opt.learning_rate,
-        "ss_unet_lr": opt.learning_rate,
-        "ss_text_encoder_lr": opt.text_encoder_lr if lora.train_text_encoder else None,
-        "ss_lr_scheduler": schedule.lr_scheduler,
-        "ss_lr_warmup_steps": schedule.warmup_steps,
-        "ss_optimizer": f"{OPTIMIZER_CLASSES[opt.name]}(weight_decay={opt.weight_decay}{betas})",
-        "ss_max_grad_norm": opt.max_grad_norm,
-        "ss_batch_size_per_device": schedule.batch_size,
-        "ss_gradient_accumulation_steps": schedule.gradient_accumulation,
-        "ss_mixed_precision": config.performance.mixed_precision,
-        "ss_seed": config.run.seed,
-        "ss_noise_offset": config.loss.noise_offset,
-        "ss_min_snr_gamma": config.loss.min_snr_gamma,
-        "ss_flip_aug": config.dataset.flip,
-        "ss_training_comment": f"trigger words: {trigger}" if trigger else None,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": f"{config.run.name} epoch {epoch}",
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "v" if config.model.prediction_type == "v_prediction" else "epsilon",
-        "modelspec.trigger_phrase": trigger or None,
-        "atelier_config": config_to_toml(config),
-        "atelier_targets": json.dumps(targets),
-    }
-    return {key: str(value) for key, value in values.items() if value is not None}
-
-
-def data_hash(handle: BinaryIO) -> str:
-    """kohya's `sshs_model_hash`: SHA-256 of a `.safetensors` stream's tensor data after the header.
-
-    A1111 shows its first 12 digits as the LoRA's short hash (its "Lora hashes"); this is the one
-    place it is computed, for files being written and files on disk alike.
-    """
-    header_length = int.from_bytes(handle.read(8), "little")
-    handle.seek(8 + header_length)
-    digest = hashlib.sha256()
-    for block in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def short_hash(path: str | Path) -> str:
-    """A1111's short hash of a LoRA file (12 hex digits of kohya's data hash), computed once per file version.
-
-    The PNG parameters carry it under "Lora hashes", and restoring an image finds its file by it.
-    """
-    path = Path(path)
-    stat = path.stat()
-    return _cached_short_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_short_hash(path: str, size: int, mtime_ns: int) -> str:
-    """Keyed by size and mtime too, so a file rewritten by a running training is hashed again."""
-    with open(path, "rb") as handle:
-        return data_hash(handle)[:12]
-
-
-def tensor_data_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """`data_hash` of the file `tensors` make, before it is written (to put it into the header)."""
-    return data_hash(io.BytesIO(save(tensors)))
-
-
 def save_lora(
-    path: Path, unet: nn.Module, text_encoder: nn.Module | None, *, precision: SavePrecision, metadata: dict[str, str]
+    path: Path,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    *,
+    precision: SavePrecision,
+    metadata: dict[str, str],
+    text_encoder_2: nn.Module | None = None,
+    family: ModelFamily = SD1,
 ) -> Path:
     """Write the kohya-format `.safetensors` atomically, so a crash never leaves a truncated LoRA behind."""
     path = Path(path)
@@ -254,7 +167,7 @@ def save_lora(
     not_text = sorted(k for k, v in metadata.items() if not isinstance(v, str))
     if not_text:
         raise TypeError(f"safetensors metadata values must be strings; convert {', '.join(not_text)} with str()")
-    tensors = kohya_state_dict(unet, text_encoder, _dtype(precision))
+    tensors = kohya_state_dict(unet, text_encoder, _dtype(precision), text_encoder_2=text_encoder_2, family=family)
     header = {**metadata, "sshs_model_hash": tensor_data_hash(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -263,30 +176,40 @@ def save_lora(
 
 
 def save_diffusers_lora(
-    folder: Path, unet: nn.Module, text_encoder: nn.Module | None, *, precision: SavePrecision = "fp32"
+    folder: Path,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    *,
+    precision: SavePrecision = "fp32",
+    text_encoder_2: nn.Module | None = None,
+    family: ModelFamily = SD1,
 ) -> Path:
     """Write `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder, weight_name=…)`.
 
     The peft config goes into the header so diffusers restores alpha (else it assumes alpha = rank);
-    text-encoder keys get `text_model.` back so transformers 4 stacks load it too. Built beside the
-    target and swapped in only when complete.
+    text-encoder keys get `text_model.` back so transformers 4 stacks load it too. SDXL files are written by
+    its pipeline class, with `text_encoder_2.` keys for the second encoder. Built beside the target and
+    swapped in only when complete.
     """
-    from diffusers import StableDiffusionPipeline  # heavy import, only needed here
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # heavy import, only needed here
 
     folder = Path(folder)
     dtype = _dtype(precision)
-    unet, text_encoder = _unwrap(unet), _unwrap(text_encoder)
+    unet = _unwrap(unet)
     _unet_layers(unet)
     unet_layers = {k: v.to(dtype) for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
     kwargs: dict[str, object] = {"unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
-    if _lora_layers(text_encoder):
-        te_state = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
-        kwargs["text_encoder_lora_layers"] = {_text_model_path(k): v.to(dtype) for k, v in te_state.items()}
-        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
+    for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        encoder = _unwrap(encoder)
+        if _lora_layers(encoder):
+            state = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
+            kwargs[f"{name}_lora_layers"] = {_text_model_path(k): v.to(dtype) for k, v in state.items()}
+            kwargs[f"{name}_lora_adapter_metadata"] = encoder.peft_config[ADAPTER].to_dict()
+    pipeline_class = StableDiffusionXLPipeline if family.is_sdxl else StableDiffusionPipeline
     staging = make_staging_folder(folder)
     retired = staging.with_name(staging.name.removesuffix(".tmp") + ".old")
     try:
-        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=unet_layers, **kwargs)
+        pipeline_class.save_lora_weights(staging, unet_lora_layers=unet_layers, **kwargs)
         set_usual_modes(staging)
         if folder.exists():
             folder.rename(retired)
@@ -301,15 +224,6 @@ def save_diffusers_lora(
         shutil.rmtree(retired, ignore_errors=True)
     log.info("saved diffusers LoRA folder %s", folder)
     return folder
-
-
-def read_lora_metadata(path: Path) -> dict[str, str]:
-    """The header metadata of a `.safetensors` file ({} when it has none), for the UI to show."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"cannot read {path} as a .safetensors file ({error}); is it complete?") from error
 
 
 LoraFormat = Literal["kohya", "diffusers"]
@@ -435,6 +349,11 @@ def read_lora(path: Path, index: ModuleIndex | None = None) -> LoraFile:
     if not path.is_file():
         raise ValueError(f"LoRA file not found: {path}")
     metadata = read_lora_metadata(path)
+    family = lora_family(metadata)
+    if family not in (None, SD1):
+        raise ValueError(
+            f"{path} is an {family.label} LoRA (its header says so); the LoRA tools handle SD 1.x LoRAs so far"
+        )
     tensors = load_file(str(path))
     if not tensors:
         raise ValueError(f"{path} holds no tensors; it is not a LoRA")

@@ -1,6 +1,6 @@
 """LoRA ↔ full model: merge LoRAs into a base checkpoint, and extract a LoRA from a fine-tuned one.
 
-Both work on the loaded models (core.models.loading.load_sd15), so every base a user can train on works here
+Both work on the loaded models (core.models.loading.load_model), so every base a user can train on works here
 too: a hub id, a diffusers folder, or an A1111 single file. Weight arithmetic is done in float32 and
 cast back to the layer's dtype, so an fp16 base does not accumulate fp16 rounding per LoRA.
 """
@@ -32,8 +32,9 @@ from core.lora.files import (
 )
 from core.lora.svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
 from core.models.check import PICKLE_SUFFIXES
+from core.models.families import SD1
 from core.models.ldm_convert import save_ldm_checkpoint
-from core.models.loading import SD15Components, build_pipeline, load_sd15
+from core.models.loading import ModelComponents, build_pipeline, load_model, refuse_other_families, require_family
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ExtractResult:
     not_extracted: list[str] = field(default_factory=list)
 
 
-def _layer(components: SD15Components, target: Target) -> nn.Module:
+def _layer(components: ModelComponents, target: Target) -> nn.Module:
     if target.component == "unet":
         return components.unet.get_submodule(target.path)
     text_encoder = components.text_encoder
@@ -74,7 +75,7 @@ def merge_loras(
     """Add weight·ΔW of each LoRA into the base and save a full model.
 
     `output` ending in `.safetensors` gives one A1111/ComfyUI checkpoint file; anything else a diffusers
-    folder. `config_dir` is load_sd15's (configs for a single-file base). All LoRAs are read and checked
+    folder. `config_dir` is load_model's (configs for a single-file base). All LoRAs are read and checked
     before any weight changes, so a bad file fails fast.
     """
     if not loras:
@@ -83,7 +84,9 @@ def merge_loras(
     if output.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{output.name}: merged checkpoints are written as .safetensors (or a folder); rename -o")
     prepare_output(output, [base, *(path for path, _ in loras)])
-    components = load_sd15(base, config_dir=config_dir)
+    refuse_other_families(base, "The merge tool")
+    components = load_model(base, config_dir=config_dir)
+    require_family(components, (SD1,), "The merge tool")
     index = ModuleIndex(components.unet, components.text_encoder)
     files = [(read_lora(path, index), weight) for path, weight in loras]
     merged: dict[str, int] = {}
@@ -116,7 +119,7 @@ def merge_loras(
     return MergeResult(output, merged)
 
 
-def _save_folder(components: SD15Components, folder: Path, dtype: torch.dtype | None) -> None:
+def _save_folder(components: ModelComponents, folder: Path, dtype: torch.dtype | None) -> None:
     """`save_pretrained` into a temp sibling, then swap it in; an existing folder becomes `<name>.bak`."""
     pipe = build_pipeline(components)
     if dtype is not None:
@@ -165,8 +168,12 @@ def extract_lora(
     choose_rank(torch.ones(1), rank=rank, energy=energy)  # reject a bad rank/energy before loading models
     output = Path(output)
     prepare_output(output, [base, tuned])
-    base_parts = load_sd15(base, config_dir=config_dir)
-    tuned_parts = load_sd15(tuned, config_dir=config_dir)
+    for model in (base, tuned):
+        refuse_other_families(model, "The extract tool")
+    base_parts = load_model(base, config_dir=config_dir)
+    tuned_parts = load_model(tuned, config_dir=config_dir)
+    for parts in (base_parts, tuned_parts):
+        require_family(parts, (SD1,), "The extract tool")
     index = ModuleIndex(base_parts.unet, base_parts.text_encoder)
     result = ExtractResult(output, [])
     with torch.no_grad():
@@ -194,8 +201,8 @@ def _extracted_targets(index: ModuleIndex) -> dict[str, Target]:
 
 
 def _extract_modules(
-    base_parts: SD15Components,
-    tuned_parts: SD15Components,
+    base_parts: ModelComponents,
+    tuned_parts: ModelComponents,
     index: ModuleIndex,
     result: ExtractResult,
     rank: int | None,
@@ -225,7 +232,7 @@ def _extract_modules(
 
 
 def _uncovered_changes(
-    base_parts: SD15Components, tuned_parts: SD15Components, index: ModuleIndex, min_diff: float
+    base_parts: ModelComponents, tuned_parts: ModelComponents, index: ModuleIndex, min_diff: float
 ) -> list[str]:
     """Changed parameters that no extracted module carries (norms, embeddings, biases, conv_in, …)."""
     covered = {f"{t.component}.{t.path}.weight" for t in _extracted_targets(index).values()}

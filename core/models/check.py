@@ -16,6 +16,7 @@ from pathlib import Path
 import huggingface_hub
 
 from core.common.errors import first_line
+from core.models.families import SD1, FamilyError, ModelFamily, detect_folder, detect_keys
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
@@ -31,18 +32,23 @@ class ModelCheck:
 
     problem: str = ""
     note: str = ""
+    family: ModelFamily | None = None  # the detected family of a base model, None when it cannot be told yet
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 NETWORKS = ("unet", "vae", "text_encoder")
 SINGLE_FILE_KEYS = {  # where an LDM/A1111 checkpoint keeps each network; a lone VAE file drops the prefix
-    "base": {"UNet": "model.diffusion_model.", "VAE": "first_stage_model.", "text encoder": "cond_stage_model."},
+    "base": {"UNet": "model.diffusion_model.", "VAE": "first_stage_model."},
     "vae": {"VAE encoder": "encoder.", "VAE decoder": "decoder."},
 }
 
 
 def check_model(source: str, role: str = "base") -> ModelCheck:
-    """What `load_sd15` (role "base") or `load_vae` (role "vae") would meet at `source`, in milliseconds."""
+    """What `load_model` (role "base") or `load_vae` (role "vae") would meet at `source`, in milliseconds.
+
+    A base model's family is detected here too, from its configs or its checkpoint's key names, so Check can
+    show which family and resolution a run will train at before anything loads.
+    """
     markers = ("model_index.json",) if role == "base" else ("config.json", "vae/config.json")
     try:
         kind, path = classify_source(source, markers=markers)
@@ -51,8 +57,37 @@ def check_model(source: str, role: str = "base") -> ModelCheck:
     if kind == "hub":
         return _check_hub(source, markers, role)
     if kind == "folder":
-        return ModelCheck(problem=_folder_problem(path, role))
-    return ModelCheck(problem=_single_file_problem(path, role) if path.suffix.lower() == ".safetensors" else "")
+        return _checked_folder(path, role)
+    if path.suffix.lower() != ".safetensors":
+        return ModelCheck()  # a pickle is only read (safely) when the run loads it
+    return _checked_single_file(path, role)
+
+
+def _checked_folder(path: Path, role: str) -> ModelCheck:
+    """The folder's parts first (a damaged folder says which file), then its family and the parts it needs."""
+    if (problem := _folder_problem(path, role)) or role != "base":
+        return ModelCheck(problem=problem)
+    try:
+        family = detect_folder(path)
+    except FamilyError as error:
+        return ModelCheck(problem=str(error))
+    return ModelCheck(problem=_folder_problem(path, role, family), family=family)
+
+
+def _checked_single_file(path: Path, role: str) -> ModelCheck:
+    try:
+        keys = _header_keys(path)
+    except (OSError, struct.error, ValueError, AttributeError) as error:
+        reason = first_line(error)
+        return ModelCheck(
+            problem=f"{path} is not a readable .safetensors file ({reason}); it may be truncated: download it again."
+        )
+    if (problem := _single_file_problem(path, keys, role)) or role != "base":
+        return ModelCheck(problem=problem)
+    try:
+        return ModelCheck(family=detect_keys(keys, str(path)))
+    except FamilyError as error:
+        return ModelCheck(problem=str(error))
 
 
 def _read_json(path: Path) -> str:
@@ -66,13 +101,13 @@ def _read_json(path: Path) -> str:
     return "" if isinstance(data, dict) else f"{path} is not a JSON object"
 
 
-def _folder_problem(path: Path, role: str) -> str:
+def _folder_problem(path: Path, role: str, family: ModelFamily = SD1) -> str:
     """The first missing or unreadable part of a diffusers folder: its configs parse, its weights exist."""
     if role == "vae":
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         configs, weights = [folder / "config.json"], [folder]
     else:
-        weights = [path / network for network in NETWORKS]
+        weights = [path / network for network in (*NETWORKS, *(("text_encoder_2",) if family.is_sdxl else ()))]
         configs = [path / "model_index.json", *(folder / "config.json" for folder in weights)]
         configs.append(path / "scheduler" / "scheduler_config.json")
     for config in configs:
@@ -81,21 +116,22 @@ def _folder_problem(path: Path, role: str) -> str:
     for folder in weights:
         if not any(file.name.endswith(WEIGHT_SUFFIXES) for file in folder.iterdir()):
             return f"{folder} has no weights (.safetensors or .bin): the download is incomplete; get it again."
-    tokenizer = path / "tokenizer"
-    if role == "base" and not any((tokenizer / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-        return f"{tokenizer} has no tokenizer.json or vocab.json: the model folder is incomplete; get it again."
+    tokenizers = [path / "tokenizer", *([path / "tokenizer_2"] if role == "base" and family.is_sdxl else [])]
+    for tokenizer in tokenizers if role == "base" else []:
+        if not any((tokenizer / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+            return f"{tokenizer} has no tokenizer.json or vocab.json: the model folder is incomplete; get it again."
     return ""
 
 
-def _single_file_problem(path: Path, role: str) -> str:
-    """Read only the safetensors header (8-byte length, then JSON) and look for each network's keys."""
-    try:
-        with path.open("rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            keys = json.loads(file.read(length)).keys()
-    except (OSError, struct.error, ValueError, AttributeError) as error:
-        reason = first_line(error)
-        return f"{path} is not a readable .safetensors file ({reason}); it may be truncated: download it again."
+def _header_keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file, from its header alone (8-byte length, then JSON)."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        return list(json.loads(file.read(length)).keys())
+
+
+def _single_file_problem(path: Path, keys: list[str], role: str) -> str:
+    """Whether the UNet's and VAE's keys are in the checkpoint (family detection then looks for the text encoders)."""
     expected = SINGLE_FILE_KEYS[role]
     if role == "vae" and any(key.startswith("first_stage_model.") for key in keys):
         return ""
@@ -104,7 +140,7 @@ def _single_file_problem(path: Path, role: str) -> str:
         return ""
     return (
         f"{path} has no {' or '.join(missing)} weights ({', '.join(expected[name] + '*' for name in missing)} keys): "
-        f"it is not a complete SD 1.5 {'checkpoint' if role == 'base' else 'VAE'} (a LoRA, SDXL or another model?)."
+        f"it is not a complete Stable Diffusion {'checkpoint' if role == 'base' else 'VAE'} (a LoRA or another model?)."
     )
 
 
@@ -113,7 +149,7 @@ def _check_hub(repo_id: str, markers: tuple[str, ...], role: str) -> ModelCheck:
     for marker in markers:
         cached = huggingface_hub.try_to_load_from_cache(repo_id, marker)
         if isinstance(cached, str):
-            return ModelCheck(problem=_folder_problem(Path(cached).parent, role))
+            return _checked_folder(Path(cached).parent, role)
     if hub_offline():
         return ModelCheck(problem=offline_message(repo_id))
     try:
@@ -131,7 +167,11 @@ def _downloaded(name: str) -> bool:
     """Files `from_pretrained` fetches: the components' configs, tokenizer and safetensors weights, no variants."""
     folder, _, file = name.rpartition("/")
     variant = any(tag in file for tag in (".fp16.", ".ema.", ".non_ema."))
-    return folder in {*NETWORKS, "tokenizer", "scheduler"} and not variant and not file.endswith((".bin", ".ckpt"))
+    return (
+        folder in {*NETWORKS, "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+        and not variant
+        and not file.endswith((".bin", ".ckpt"))
+    )
 
 
 def classify_source(source: str, markers: tuple[str, ...] = ("model_index.json",)) -> tuple[str, Path]:

@@ -1,10 +1,12 @@
-"""A tiny, offline, random-weight SD 1.5-shaped model and a small generated dataset.
+"""Tiny, offline, random-weight SD 1.5-, SD 2.x- and SDXL-shaped models and a small generated dataset.
 
 Atelier must be usable (and testable) without downloading 4 GB of Stable Diffusion
 weights. The demo model has SD 1.5's architecture (same block types, module names,
 LoRA targets, scheduler and the real CLIP tokenizer) at a few megabytes, so every code
 path (training, LoRA export, single-file conversion, ControlNet sampling) runs in
-seconds on one CPU thread. Its images are noise: it proves the plumbing, not the art.
+seconds on one CPU thread. Its images are noise: it proves the plumbing, not the art. The SD 2.x and
+SDXL demos do the same for those families' differences: linear projections, v-prediction and an
+OpenCLIP-style encoder (SD 2.x); two encoders, `text_time` conditioning and SDXL's block layout (SDXL).
 """
 
 from __future__ import annotations
@@ -17,21 +19,27 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from core.common.fsutil import atomic_path, atomic_write_text, build_folder_once
+from core.models.families import SD2_V, SDXL
 from core.models.loading import SD15_CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "demo-sd15-v1"  # bump the suffix whenever the build below changes
+FAMILY_DEMO_NAMES = {"sd2": "demo-sd2-v1", "sdxl": "demo-sdxl-v1"}  # the same rule
 CONTROLNET_NAMES = ("controlnet-lineart", "controlnet-depth")
 _SEED = 1234
+SDXL_VAE_SCALE = 0.13025  # SDXL's VAE config value (SD 1.x/2.x: 0.18215)
 
 
 def _tiny_unet() -> UNet2DConditionModel:
@@ -50,7 +58,7 @@ def _tiny_unet() -> UNet2DConditionModel:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     torch.manual_seed(_SEED + 1)
     return AutoencoderKL(
         sample_size=128,
@@ -62,26 +70,35 @@ def _tiny_vae() -> AutoencoderKL:
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 
-def _tiny_text_encoder() -> CLIPTextModel:
-    torch.manual_seed(_SEED + 2)
-    config = CLIPTextConfig(
+def _tiny_text_config(hidden_act: str = "quick_gelu", hidden_size: int = 32) -> CLIPTextConfig:
+    """CLIP ViT-L uses quick_gelu; OpenCLIP's ViT-H and bigG use gelu."""
+    return CLIPTextConfig(
         vocab_size=49408,
         max_position_embeddings=77,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=2,
         projection_dim=32,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
         bos_token_id=0,  # the values of SD 1.5's own text_encoder/config.json
         eos_token_id=2,
         pad_token_id=1,
     )
-    return CLIPTextModel(config)
+
+
+def _tiny_text_encoder(hidden_act: str = "quick_gelu", seed: int = _SEED + 2) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(_tiny_text_config(hidden_act))
+
+
+def _tokenizer(pad: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The real CLIP vocabulary; OpenCLIP's tokenizers (SD 2.x, SDXL's second) pad with "!"."""
+    return CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer", model_max_length=77, pad_token=pad)
 
 
 def _perturbed_controlnet(unet: UNet2DConditionModel, seed: int) -> ControlNetModel:
@@ -107,7 +124,7 @@ def _write_demo_model(target: Path) -> None:
     pipe = StableDiffusionPipeline(
         vae=_tiny_vae(),
         text_encoder=_tiny_text_encoder(),
-        tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer", model_max_length=77),
+        tokenizer=_tokenizer(),
         unet=unet,
         scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler"),
         safety_checker=None,
@@ -117,6 +134,82 @@ def _write_demo_model(target: Path) -> None:
     pipe.save_pretrained(target)
     for offset, name in enumerate(CONTROLNET_NAMES):
         _perturbed_controlnet(unet, _SEED + 10 + offset).save_pretrained(target / name)
+
+
+def _tiny_sd2() -> StableDiffusionPipeline:
+    """SD 2.x's differences at demo size: linear projections in the transformers, a gelu (OpenCLIP-style)
+    encoder whose last hidden state is what the UNet reads (diffusers stores SD 2.x's ViT-H cut after its
+    penultimate layer), "!" padding, and SD 2.1's DDIM scheduler with v-prediction."""
+    torch.manual_seed(_SEED + 20)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 8, 8),
+        use_linear_projection=True,
+    )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_text_encoder("gelu", _SEED + 21),
+        tokenizer=_tokenizer("!"),
+        unet=unet,
+        scheduler=DDIMScheduler.from_pretrained(SD2_V.config_dir, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_sdxl() -> StableDiffusionXLPipeline:
+    """SDXL's differences at demo size: its block layout (no attention at the first level, more transformer
+    layers deeper down), `text_time` conditioning on the pooled embedding and six size/crop numbers, two
+    encoders (CLIP-L style, then a projecting OpenCLIP-bigG style one) whose hidden states are concatenated."""
+    torch.manual_seed(_SEED + 30)
+    time_dim, pooled_dim = 8, 32  # pooled: the second encoder's projection
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        norm_num_groups=8,
+        cross_attention_dim=32 + 48,  # both encoders' hidden states side by side
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+    )
+    torch.manual_seed(_SEED + 32)
+    # wider than the first encoder, as bigG is than ViT-L: single-file loading tells the two apart by width
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config("gelu", hidden_size=48))
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(SDXL_VAE_SCALE),
+        text_encoder=_tiny_text_encoder("quick_gelu", _SEED + 31),
+        text_encoder_2=text_encoder_2,
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer("!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_pretrained(SDXL.config_dir, subfolder="scheduler"),
+    )
+
+
+_FAMILY_BUILDERS = {"sd2": _tiny_sd2, "sdxl": _tiny_sdxl}
+
+
+def ensure_family_demo_model(cache_dir: Path, family: str) -> Path:
+    """The tiny SD 2.x ("sd2") or SDXL ("sdxl") diffusers folder under ``cache_dir``, built on first use."""
+
+    def build(target: Path) -> None:
+        with torch.random.fork_rng(devices=[]):
+            _FAMILY_BUILDERS[family]().save_pretrained(target)
+
+    return build_folder_once(Path(cache_dir) / FAMILY_DEMO_NAMES[family], build)
 
 
 def ensure_demo_model(cache_dir: Path) -> Path:

@@ -18,21 +18,27 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
+from torch import nn
 from transformers import CLIPTextModel
 
 from core.common.fsutil import atomic_path
+from core.models.families import SD1, ModelFamily
 
 log = logging.getLogger(__name__)
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+SD2_TEXT_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
 
 StateDict = Mapping[str, torch.Tensor]
 
 _UNET_TOP_LEVEL = {
     "time_embedding.linear_1.": "time_embed.0.",
     "time_embedding.linear_2.": "time_embed.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's size/crop/pooled-text embedding
+    "add_embedding.linear_2.": "label_emb.0.2.",
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
@@ -159,17 +165,70 @@ def vae_to_ldm(state_dict: StateDict, config: Mapping[str, Any]) -> dict[str, to
     return out
 
 
-def text_encoder_to_ldm(state_dict: StateDict) -> dict[str, torch.Tensor]:
-    """Map a CLIP text-encoder state dict to ``cond_stage_model.transformer.text_model.*`` keys.
+def text_encoder_to_ldm(state_dict: StateDict, prefix: str = LDM_TEXT_PREFIX) -> dict[str, torch.Tensor]:
+    """Map a CLIP text-encoder state dict to ``cond_stage_model.transformer.text_model.*`` keys (or SDXL's
+    first encoder's ``conditioner.embedders.0.transformer.text_model.*``).
 
     transformers 5 dropped the ``text_model.`` level from ``CLIPTextModel``; older versions
     had it. Either way the LDM file needs it, plus the ``position_ids`` buffer that
     original checkpoints carry (transformers no longer saves it).
     """
-    out = {LDM_TEXT_PREFIX + key.removeprefix("text_model."): t for key, t in state_dict.items()}
-    positions = out[LDM_TEXT_PREFIX + "embeddings.position_embedding.weight"].shape[0]
-    out[LDM_TEXT_PREFIX + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+    out = {prefix + key.removeprefix("text_model."): t for key, t in state_dict.items()}
+    positions = out[prefix + "embeddings.position_embedding.weight"].shape[0]
+    out[prefix + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
     return out
+
+
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+
+
+def open_clip_to_ldm(state_dict: StateDict, prefix: str) -> dict[str, torch.Tensor]:
+    """Map a transformers CLIP text encoder holding OpenCLIP weights (SD 2.x's ViT-H, SDXL's bigG) back to
+    OpenCLIP's own layout under `prefix`, the inverse of diffusers' `convert_open_clip_checkpoint`: q, k and v
+    fused into one `in_proj`, `resblocks`, `ln_*`, `c_fc`/`c_proj`, and the projection stored transposed."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("text_model.")
+        layer = re.match(r"encoder\.layers\.(\d+)\.(.+)$", key)
+        if key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = tensor
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
+        elif layer and (qkv := re.match(r"self_attn\.([qkv])_proj\.(weight|bias)$", layer[2])):
+            fused.setdefault((layer[1], qkv[2]), {})[qkv[1]] = tensor
+        elif layer:
+            rest = _rename(layer[2], _OPEN_CLIP_LAYER) or layer[2].replace("self_attn.", "attn.")
+            out[f"{prefix}transformer.resblocks.{layer[1]}.{rest}"] = tensor
+        elif key != "embeddings.position_ids":
+            raise ValueError(f"text-encoder key {key!r} has no OpenCLIP equivalent")
+    for (number, kind), parts in fused.items():
+        out[f"{prefix}transformer.resblocks.{number}.attn.in_proj_{kind}"] = torch.cat([parts[n] for n in "qkv"])
+    return out
+
+
+def text_encoders_to_ldm(family: ModelFamily, encoders: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Each family's text encoders under the keys its single files use (SD 1.x CLIP, SD 2.x OpenCLIP, SDXL both)."""
+    states = [encoder.state_dict() for encoder in encoders]
+    if family.is_sdxl:
+        return {
+            **text_encoder_to_ldm(states[0], SDXL_TEXT_PREFIXES[0]),
+            **open_clip_to_ldm(states[1], SDXL_TEXT_PREFIXES[1]),
+        }
+    if family.key.startswith("sd2"):
+        return open_clip_to_ldm(states[0], SD2_TEXT_PREFIX)
+    return text_encoder_to_ldm(states[0])
 
 
 def save_ldm_checkpoint(
@@ -180,21 +239,25 @@ def save_ldm_checkpoint(
     text_encoder: CLIPTextModel,
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
+    text_encoder_2: nn.Module | None = None,
+    family: ModelFamily = SD1,
 ) -> Path:
-    """Write UNet + VAE + text encoder as one LDM-layout ``.safetensors`` checkpoint.
+    """Write UNet + VAE + text encoder(s) as one LDM-layout ``.safetensors`` checkpoint of `family`'s layout.
 
     ``dtype`` converts floating-point tensors (e.g. ``torch.float16`` halves the file);
     integer buffers keep their type. The file is written next to ``path`` and renamed, so
     a crash never leaves a truncated checkpoint behind.
     """
-    states = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text_encoder.state_dict()}
+    encoders = [encoder for encoder in (text_encoder, text_encoder_2) if encoder is not None]
+    states = {"unet": unet.state_dict(), "vae": vae.state_dict()}
+    states.update({f"text encoder {n + 1}": encoder.state_dict() for n, encoder in enumerate(encoders)})
     for name, state in states.items():
         if any(".base_layer." in key or ".lora_" in key for key in state):
             raise ValueError(f"the {name} still has LoRA layers attached; merge and unload them before saving")
     tensors = {
         **unet_to_ldm(states["unet"], unet.config),
         **vae_to_ldm(states["vae"], vae.config),
-        **text_encoder_to_ldm(states["text_encoder"]),
+        **text_encoders_to_ldm(family, encoders),
     }
     prepared = {
         key: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().cpu().contiguous()

@@ -1,11 +1,12 @@
-"""Load a Stable Diffusion 1.5 base model for training and sampling.
+"""Load a Stable Diffusion base model (SD 1.x, SD 2.x or SDXL) for training and sampling.
 
-Users bring SD 1.5 models in several shapes: a Hugging Face hub id, a local diffusers
-folder, or one checkpoint file from Civitai / A1111 (``.safetensors``, or an old pickled
-``.ckpt``). ``load_sd15`` turns each into the same set of components and fails with a
-``ModelLoadError`` whose message says what to do. Two safety rules hold throughout:
-single files are read with the bundled SD 1.5 configs (``assets/sd15``) so nothing goes
-online, and pickles are only ever unpickled with ``weights_only=True``.
+Users bring models in several shapes: a Hugging Face hub id, a local diffusers folder, or one
+checkpoint file from Civitai / A1111 (``.safetensors``, or an old pickled ``.ckpt``). ``load_model``
+turns each into the same set of components, tagged with the detected family
+(``core.models.families``), and fails with a ``ModelLoadError`` whose message says what to do.
+Two safety rules hold throughout: single files are read with the family's bundled configs
+(``assets/<family>``) so nothing goes online, and pickles are only ever unpickled with
+``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -23,35 +24,48 @@ from typing import Any, TypeVar
 import diffusers
 import huggingface_hub
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from core.common.errors import first_line
 from core.models.check import (
     ModelLoadError,
+    check_model,
     classify_source,
     hub_failure,
     hub_offline,
     offline_message,
 )
+from core.models.families import SD1, FamilyError, ModelFamily, detect_folder, detect_keys, family_from_configs
 
 log = logging.getLogger(__name__)
 
-SD15_CONFIG_DIR = Path(__file__).resolve().parents[2] / "assets" / "sd15"
+SD15_CONFIG_DIR = SD1.config_dir
 T = TypeVar("T")
 
 
 @dataclass
-class SD15Components:
-    """The loaded parts of an SD 1.5 model.
+class ModelComponents:
+    """The loaded parts of a base model and its family.
 
     ``noise_scheduler`` is the DDPM scheduler for training (it adds noise); the model's own
-    sampling scheduler config is kept in ``scheduler_config`` for building pipelines.
+    sampling scheduler config is kept in ``scheduler_config`` for building pipelines. SDXL
+    models also have a second tokenizer and text encoder (OpenCLIP bigG, with projection).
     """
 
+    family: ModelFamily
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
@@ -60,37 +74,47 @@ class SD15Components:
     scheduler_config: dict[str, Any]
     source: str
     source_kind: str  # "hub", "folder" or "single_file"
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None]
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [tokenizer for tokenizer in (self.tokenizer, self.tokenizer_2) if tokenizer is not None]
 
 
-def load_sd15(
+def load_model(
     source: str,
     *,
     vae: str = "",
     dtype: torch.dtype = torch.float32,
     config_dir: Path | None = None,
-) -> SD15Components:
-    """Load an SD 1.5 model from a hub id, a diffusers folder or a checkpoint file.
+) -> ModelComponents:
+    """Load an SD 1.x, SD 2.x or SDXL model from a hub id, a diffusers folder or a checkpoint file.
 
     ``vae`` optionally replaces the model's VAE (hub id, diffusers folder or single file).
     ``config_dir`` is the diffusers-layout folder of configs used to interpret single files;
-    it defaults to the bundled real SD 1.5 configs.
+    it defaults to the bundled configs of the family the checkpoint's keys show.
     """
-    config_dir = Path(config_dir) if config_dir is not None else SD15_CONFIG_DIR
     kind, path = classify_source(source)
     if kind == "hub":
         parts = _from_hub(source, lambda local: _diffusers_parts(source, dtype, local))
     elif kind == "folder":
         parts = guarded(path, lambda: _diffusers_parts(str(path), dtype, local_files_only=True))
     else:
-        parts = _single_file_parts(path, dtype, config_dir)
+        parts = _single_file_parts(path, dtype, Path(config_dir) if config_dir is not None else None)
+    family: ModelFamily = parts["family"]
     if vae:
-        parts["vae"] = load_vae(vae, dtype=dtype, config_dir=config_dir)
+        parts["vae"] = load_vae(vae, dtype=dtype, config_dir=config_dir or family.config_dir)
     for model in (parts["unet"], parts["vae"]):
         model.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA: fused, memory-efficient attention
-    _own_memory(parts["unet"], parts["vae"], parts["text_encoder"])
+    _own_memory(parts["unet"], parts["vae"], parts["text_encoder"], *filter(None, [parts.get("text_encoder_2")]))
     scheduler_config = dict(parts.pop("scheduler_config"))
-    log.info("loaded SD 1.5 model %s (%s, %s)", source, kind, dtype)
-    return SD15Components(
+    log.info("loaded %s model %s (%s, %s)", family.label, source, kind, dtype)
+    return ModelComponents(
         **parts,
         noise_scheduler=DDPMScheduler.from_config(scheduler_config),
         scheduler_config=scheduler_config,
@@ -99,9 +123,32 @@ def load_sd15(
     )
 
 
+def require_family(components: ModelComponents, allowed: tuple[ModelFamily, ...], where: str) -> None:
+    """Refuse a model of a family `where` does not handle yet, naming it, rather than fail later with a shape
+    error deep inside a pipeline."""
+    if components.family not in allowed:
+        raise ModelLoadError(_wrong_family(components.source, components.family, allowed, where))
+
+
+def refuse_other_families(source: str, where: str, allowed: tuple[ModelFamily, ...] = (SD1,)) -> None:
+    """`require_family` from the files alone (configs or checkpoint keys), before a load that can take minutes;
+    a model whose family cannot be read yet (a hub id not in the cache) is checked after loading."""
+    family = check_model(source).family
+    if family is not None and family not in allowed:
+        raise ModelLoadError(_wrong_family(source, family, allowed, where))
+
+
+def _wrong_family(source: str, family: ModelFamily, allowed: tuple[ModelFamily, ...], where: str) -> str:
+    handled = ", ".join(family.label for family in allowed)
+    return (
+        f"{source} is an {family.label} model; {where} handles {handled} models so far (Training handles every "
+        "family). Choose an SD 1.x base model here."
+    )
+
+
 def load_vae(source: str, *, dtype: torch.dtype = torch.float32, config_dir: Path | None = None) -> AutoencoderKL:
     """Load a VAE from a hub id, a diffusers folder (the VAE's own or a model's) or a single file."""
-    config_dir = Path(config_dir) if config_dir is not None else SD15_CONFIG_DIR
+    config_dir = Path(config_dir) if config_dir is not None else SD1.config_dir
     kind, path = classify_source(source, markers=("config.json", "vae/config.json"))
     if kind == "hub":
         return _from_hub(
@@ -119,7 +166,9 @@ def load_vae(source: str, *, dtype: torch.dtype = torch.float32, config_dir: Pat
         )
 
 
-def build_pipeline(components: SD15Components, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
+def build_pipeline(
+    components: ModelComponents, scheduler: SchedulerMixin | None = None
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """A sampling pipeline sharing the loaded modules (no copies), safety checker off.
 
     Without ``scheduler`` it uses the model's own sampling scheduler (PNDM for SD 1.5).
@@ -128,6 +177,16 @@ def build_pipeline(components: SD15Components, scheduler: SchedulerMixin | None 
         config = components.scheduler_config
         scheduler_class = getattr(diffusers, str(config.get("_class_name")), diffusers.PNDMScheduler)
         scheduler = scheduler_class.from_config(config)
+    if components.family.is_sdxl:
+        return StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer,
+            tokenizer_2=components.tokenizer_2,
+            unet=components.unet,
+            scheduler=scheduler,
+        )
     return StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -177,8 +236,9 @@ def _from_hub(repo_id: str, load: Callable[[bool], T]) -> T:
 def guarded(
     path: Path,
     load: Callable[[], T],
-    what: str = "a Stable Diffusion 1.5 model",
-    question: str = "Is it an SD 1.5 model (not SDXL / SD 2 / a LoRA) and completely downloaded?",
+    what: str = "a Stable Diffusion model",
+    question: str = "Is it an SD 1.x, SD 2.x or SDXL base model (not a LoRA, a refiner or another kind) and completely "
+    "downloaded?",
 ) -> T:
     """Run a local load, turning library errors into a ModelLoadError naming the file, what it should be
     and the likely cause (`question`)."""
@@ -191,39 +251,88 @@ def guarded(
 
 
 def _diffusers_parts(source: str, dtype: torch.dtype, local_files_only: bool) -> dict[str, Any]:
-    """Load each component from its subfolder (the safety checker is never downloaded)."""
+    """Load each component from its subfolder (the safety checker is never downloaded); SDXL's second encoder
+    too. The family comes from the configs, read first."""
     common: dict[str, Any] = {"local_files_only": local_files_only}
-    return {
+    path = Path(source)
+    if path.is_dir():
+        family = detect_folder(path)
+    else:
+        index = DiffusionPipeline.load_config(source, **common)
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
+        prediction = DDPMScheduler.load_config(source, subfolder="scheduler", **common).get("prediction_type")
+        family = family_from_configs(index, unet_config, prediction, source)
+    parts = {
+        "family": family,
         "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **common),
         "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype, **common),
         "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype, **common),
         "scheduler_config": DDPMScheduler.load_config(source, subfolder="scheduler", **common),
     }
+    if family.is_sdxl:
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", dtype=dtype, **common
+        )
+    return parts
 
 
-def _single_file_parts(path: Path, dtype: torch.dtype, config_dir: Path) -> dict[str, Any]:
+def _checkpoint_family(path: Path, config_dir: Path | None) -> ModelFamily:
+    """The family of a single file: its configs' when a config folder is given, else its keys'."""
+    try:
+        if config_dir is not None:
+            return detect_folder(config_dir)
+        with safe_open(str(path), framework="pt") as handle:
+            return detect_keys(handle.keys(), str(path))
+    except FamilyError as error:
+        raise ModelLoadError(str(error)) from error
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(f"could not read {path} ({first_line(error)}); the file may be truncated") from error
+
+
+def _tokenizers(config_dir: Path, family: ModelFamily) -> dict[str, CLIPTokenizer]:
+    """Each tokenizer from the config folder when it has one, else from the bundled CLIP vocabulary with the
+    family's padding token (the BPE vocabulary is the same for every family; only OpenCLIP's padding differs)."""
+    tokenizers = {}
+    for number, pad in enumerate(family.tokenizer_pads):
+        name = "tokenizer" if number == 0 else f"tokenizer_{number + 1}"
+        folder = config_dir / name if (config_dir / name).is_dir() else SD1.config_dir / "tokenizer"
+        extra = {} if folder.parent == config_dir else {"pad_token": pad}
+        tokenizers[name] = CLIPTokenizer.from_pretrained(folder, model_max_length=77, **extra)
+    return tokenizers
+
+
+def _single_file_parts(path: Path, dtype: torch.dtype, config_dir: Path | None) -> dict[str, Any]:
     """Load an LDM/A1111 checkpoint file with local configs (without ``config=`` diffusers goes online)."""
-    if not (config_dir / "model_index.json").is_file():
+    if config_dir is not None and not (config_dir / "model_index.json").is_file():
         raise ModelLoadError(f"config folder {config_dir} has no model_index.json; reinstall Atelier's assets.")
     with _as_safetensors(path) as weights:
+        family = _checkpoint_family(weights, config_dir)
+        configs = config_dir or family.config_dir
+        pipeline_class = StableDiffusionXLPipeline if family.is_sdxl else StableDiffusionPipeline
         pipe = guarded(
             path,
-            lambda: StableDiffusionPipeline.from_single_file(
+            lambda: pipeline_class.from_single_file(
                 str(weights),
-                config=str(config_dir),
+                config=str(configs),
                 dtype=dtype,
                 local_files_only=True,
                 disable_mmap=weights != path,  # a converted pickle lives in a temp dir about to be deleted
+                **_tokenizers(configs, family),
             ),
         )
-    return {
+    parts = {
+        "family": family,
         "tokenizer": pipe.tokenizer,
         "text_encoder": pipe.text_encoder,
         "vae": pipe.vae,
         "unet": pipe.unet,
         "scheduler_config": pipe.scheduler.config,
     }
+    if family.is_sdxl:
+        parts.update(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
+    return parts
 
 
 @contextmanager

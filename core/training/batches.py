@@ -15,7 +15,8 @@ import torch
 
 from core.data.dataset import Dataset, ImageRecord
 from core.data.feature_cache import FeatureCache, LatentDistribution, bucket_pixels, encode_images
-from core.models.loading import SD15Components
+from core.models.loading import ModelComponents
+from core.training.conditioning import TextEncoders, TextFeatures, time_ids
 from core.training.validation import ValidationSet, build_validation_set
 
 
@@ -24,15 +25,17 @@ class TrainingItem:
     image: LatentDistribution | torch.Tensor  # the cached posterior, or (3, h, w) pixels encoded every step
     flipped: LatentDistribution | None  # the mirror image's cached posterior, when flipping is on
     caption: str
-    embedding: torch.Tensor | None  # cached CLIP hidden states, None while the text encoder trains
+    embedding: TextFeatures | None  # cached text features, None while the text encoder trains
     bucket: tuple[int, int]
+    time_ids: torch.Tensor | None = None  # SDXL's size and crop conditioning, None for the other families
 
 
 @dataclass(frozen=True)
 class Batch:
     latents: torch.Tensor
     captions: list[str]
-    embeddings: torch.Tensor | None
+    embeddings: TextFeatures | None
+    time_ids: torch.Tensor | None = None
 
 
 class TrainingSet:
@@ -75,8 +78,9 @@ class TrainingSet:
             latents = torch.stack([distribution.sample(noise) for distribution in chosen])
         embeddings = None
         if items[0].embedding is not None:
-            embeddings = torch.stack([item.embedding for item in items])
-        return Batch(latents, [item.caption for item in items], embeddings)
+            embeddings = {name: torch.stack([item.embedding[name] for item in items]) for name in items[0].embedding}
+        time_ids = torch.stack([item.time_ids for item in items]) if items[0].time_ids is not None else None
+        return Batch(latents, [item.caption for item in items], embeddings, time_ids)
 
 
 class BatchOrder:
@@ -130,17 +134,20 @@ class FeatureOptions:
 
 
 def encode_features(
-    dataset: Dataset, components: SD15Components, cache: FeatureCache, options: FeatureOptions
+    dataset: Dataset, components: ModelComponents, cache: FeatureCache, options: FeatureOptions
 ) -> tuple[TrainingSet, ValidationSet | None]:
     """Encode every image and caption once (through the on-disk cache) and keep the results on the device.
 
-    Training and validation images share one embedding per distinct caption.
+    Training and validation images share one embedding per distinct caption. SDXL's items also get their
+    size and crop conditioning.
     """
-    embeddings: dict[str, torch.Tensor] = {}
+    embeddings: dict[str, TextFeatures] = {}
     if options.cache_captions:
+        encode = TextEncoders.of(components).encode
         for caption in sorted({record.caption for record in (*dataset.train, *dataset.validation)}):
-            embedding = cache.caption_embedding(caption, components.tokenizer, components.text_encoder)
-            embeddings[caption] = embedding.to(options.device, options.dtype)
+            features = cache.caption_embedding(caption, encode)
+            embeddings[caption] = {name: t.to(options.device, options.dtype) for name, t in features.items()}
+    sizes = time_ids if components.family.is_sdxl else None
     items = []
     for record in dataset.train:
         if options.cache_latents:
@@ -148,7 +155,8 @@ def encode_features(
             image, flipped = plain.to(options.device), mirrored.to(options.device) if mirrored else None
         else:
             image, flipped = bucket_pixels(record).to(options.device, options.dtype), None
-        items.append(TrainingItem(image, flipped, record.caption, embeddings.get(record.caption), record.bucket))
+        size = sizes(record) if sizes else None
+        items.append(TrainingItem(image, flipped, record.caption, embeddings.get(record.caption), record.bucket, size))
     validation = None
     if dataset.validation:
         validation = build_validation_set(
@@ -158,6 +166,7 @@ def encode_features(
             options.validation_seed,
             components.noise_scheduler.config.num_train_timesteps,
             embeddings,
+            [sizes(record) for record in dataset.validation] if sizes else None,
         )
     vae = None if options.cache_latents else components.vae
     return TrainingSet(items, options.batch_size, vae), validation

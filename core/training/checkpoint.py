@@ -41,17 +41,23 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} cannot be read ({error}); resume from another run or start anew") from error
 
 
+TEXT_KEYS = ("text_lora", "text_lora_2")  # one per trained text encoder (SDXL has two)
+
+
 def training_state(
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    text_encoders: list[torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: LRScheduler,
     **position: Any,
 ) -> dict[str, Any]:
-    """The LoRA weights and optimizer/scheduler states, plus the run's position (progress, RNG states, history)."""
+    """The LoRA weights and optimizer/scheduler states, plus the run's position (progress, RNG states, history).
+    `text_encoders` are the trained ones ([] while they are frozen)."""
+    text = {key: get_peft_model_state_dict(encoder) for key, encoder in zip(TEXT_KEYS, text_encoders, strict=False)}
     return {
         "unet_lora": get_peft_model_state_dict(unet),
-        "text_lora": get_peft_model_state_dict(text_encoder) if text_encoder is not None else {},
+        "text_lora": {},
+        **text,
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         **position,
@@ -61,12 +67,12 @@ def training_state(
 def restore_training_state(
     state: dict[str, Any],
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    text_encoders: list[torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: LRScheduler,
 ) -> None:
     set_peft_model_state_dict(unet, state["unet_lora"])
-    if text_encoder is not None:
-        set_peft_model_state_dict(text_encoder, state["text_lora"])
+    for key, encoder in zip(TEXT_KEYS, text_encoders, strict=False):
+        set_peft_model_state_dict(encoder, state[key])
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
 from core.config.schema import TrainConfig
-from core.lora.files import save_diffusers_lora, save_lora, training_metadata
+from core.lora.files import save_diffusers_lora, save_lora
+from core.lora.header import training_metadata
+from core.models.loading import ModelComponents
 from core.training.events import TrainingCallbacks
 from core.training.run_state import Progress
 
@@ -25,15 +25,19 @@ class LoraSaver:
         config: TrainConfig,
         run_dir: Path,
         train_images: int,
-        unet: nn.Module,
-        text_encoder: nn.Module | None,
+        components: ModelComponents,
+        text_trained: bool,
         callbacks: TrainingCallbacks,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.train_images = train_images
-        self.unet = unet
-        self.text_encoder = text_encoder  # None when it is not trained: the files then hold the UNet only
+        self.unet = components.unet
+        self.family = components.family
+        self.prediction_type = str(components.noise_scheduler.config.prediction_type)
+        # the files hold the UNet only while the text encoders are frozen
+        self.text_encoder = components.text_encoder if text_trained else None
+        self.text_encoder_2 = components.text_encoder_2 if text_trained else None
         self.callbacks = callbacks
         self.files: list[Path] = []
 
@@ -42,7 +46,12 @@ class LoraSaver:
         self.callbacks.on_status("saving")
         saving = self.config.saving
         metadata = training_metadata(
-            self.config, train_images=self.train_images, epoch=progress.epoch, step=progress.step
+            self.config,
+            train_images=self.train_images,
+            epoch=progress.epoch,
+            step=progress.step,
+            family=self.family,
+            prediction_type=self.prediction_type,
         )
         path = save_lora(
             self.run_dir / f"{stem}.safetensors",
@@ -50,12 +59,19 @@ class LoraSaver:
             self.text_encoder,
             precision=saving.precision,
             metadata=metadata,
+            text_encoder_2=self.text_encoder_2,
+            family=self.family,
         )
         if path not in self.files:
             self.files.append(path)
         self.callbacks.on_saved(path, kind)
         if saving.diffusers_format:
             folder = save_diffusers_lora(
-                self.run_dir / f"{stem}-diffusers", self.unet, self.text_encoder, precision=saving.precision
+                self.run_dir / f"{stem}-diffusers",
+                self.unet,
+                self.text_encoder,
+                precision=saving.precision,
+                text_encoder_2=self.text_encoder_2,
+                family=self.family,
             )
             self.callbacks.on_saved(folder, f"{kind} (diffusers)")

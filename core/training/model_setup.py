@@ -14,29 +14,38 @@ from torch import nn
 
 from core.config.schema import TrainConfig
 from core.lora.adapters import add_training_loras
-from core.models.loading import SD15Components, load_sd15
+from core.models.loading import ModelComponents, load_model
 
 
 def load_for_training(
     config: TrainConfig, device: torch.device, dtype: torch.dtype
-) -> tuple[SD15Components, list[nn.Parameter], list[nn.Parameter]]:
-    """The model and the trainable parameters of its UNet and text-encoder adapters (none when it is frozen)."""
-    components = load_sd15(config.model.base, vae=config.model.vae, dtype=dtype)
-    components.noise_scheduler.register_to_config(prediction_type=config.model.prediction_type)
-    for module in (components.unet, components.vae, components.text_encoder):
+) -> tuple[ModelComponents, list[nn.Parameter], list[nn.Parameter]]:
+    """The model and the trainable parameters of its UNet and text-encoder adapters (none when they are frozen).
+
+    The prediction type is the model's own (its scheduler config; SD 2.x 768 models predict v) unless
+    `model.prediction_type` overrides it, for a checkpoint whose file cannot say.
+    """
+    components = load_model(config.model.base, vae=config.model.vae, dtype=dtype)
+    if config.model.prediction_type != "auto":
+        components.noise_scheduler.register_to_config(prediction_type=config.model.prediction_type)
+        components.scheduler_config["prediction_type"] = config.model.prediction_type
+    for module in (components.unet, components.vae, *components.text_encoders):
         module.to(device)
     components.vae.eval()
     components.unet.train()
     if config.performance.channels_last and device.type == "cuda":  # on CPUs it slows convolutions
         components.unet.to(memory_format=torch.channels_last)
     torch.manual_seed(config.run.seed)
-    unet_params, text_params = add_training_loras(components.unet, components.text_encoder, config.lora)
-    # A trained text encoder must be in training mode: LoRA dropout and transformers' checkpointing act only then.
-    components.text_encoder.train(bool(text_params))
+    unet_params, text_params = add_training_loras(
+        components.unet, components.text_encoder, config.lora, text_encoder_2=components.text_encoder_2
+    )
+    for text_encoder in components.text_encoders:
+        # A trained text encoder must be in training mode: LoRA dropout and transformers' checkpointing act only then.
+        text_encoder.train(bool(text_params))
+        if config.performance.gradient_checkpointing and text_params:
+            text_encoder.activation_checkpointing_enable()
     if config.performance.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        if text_params:
-            components.text_encoder.activation_checkpointing_enable()
     return components, unet_params, text_params
 
 

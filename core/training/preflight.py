@@ -14,10 +14,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.common.text import says, trigger_words
 from core.config.files import preset_triggers
 from core.config.schema import Problem, TrainConfig
-from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset, says, trigger_words
+from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset
 from core.models.check import check_model
+from core.models.families import SD1, ModelFamily
 
 LORA_PARAMS_PER_RANK = 600_000
 """About an SD 1.5 LoRA's parameters per unit of rank (a rank-32 kohya file with the text encoder is ~38 MB in fp16)."""
@@ -55,9 +57,10 @@ def plan_run(config: TrainConfig, dataset: Dataset, world_size: int = 1) -> RunP
     return RunPlan(len(dataset.train), len(dataset.validation), batches, steps_per_epoch, total, epochs)
 
 
-def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem]]:
-    """Problems and notes about the base model and VAE, from their files and configs (nothing is loaded)."""
-    problems, notes = [], []
+def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem], ModelFamily | None]:
+    """Problems and notes about the base model and VAE, and the base model's family, from their files and configs
+    (nothing is loaded)."""
+    problems, notes, family = [], [], None
     if not config.model.base:
         problems.append(Problem("model.base", "", "choose a base model: a hub id, folder or .safetensors"))
     for field, reference, role in (("model.base", config.model.base, "base"), ("model.vae", config.model.vae, "vae")):
@@ -66,7 +69,14 @@ def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem]]:
         result = check_model(reference, role)
         problems += [Problem(field, reference, result.problem)] if result.problem else []
         notes += [Problem(field, reference, result.note)] if result.note else []
-    return problems, notes
+        family = family or result.family
+    if family is not None and config.dataset.resolution < family.resolution and family.resolution > SD1.resolution:
+        message = (
+            f"{family.label} models are trained at {family.resolution} px and render poorly at "
+            f"{config.dataset.resolution}: set dataset.resolution = {family.resolution} (or start from its preset)"
+        )
+        notes.append(Problem("dataset.resolution", config.dataset.resolution, message))
+    return problems, notes, family
 
 
 def _nearest_existing(folder: str) -> Path:
@@ -183,18 +193,19 @@ class Preflight:
     dataset: Dataset | None
     problems: list[Problem]
     notes: list[Problem]
+    family: ModelFamily | None = None  # the base model's, when its configs or checkpoint keys could be read
 
 
 def check_run(config: TrainConfig) -> Preflight:
     """Load the dataset and check everything a run needs, before any model loads."""
-    problems, notes = _model_checks(config)
+    problems, notes, family = _model_checks(config)
     problems += _output_problems(config)
     try:
         dataset = load_dataset(config.dataset, config.run.seed)
     except DatasetError as error:
-        return Preflight(None, [*problems, Problem(error.field, error.value, error.message)], notes)
+        return Preflight(None, [*problems, Problem(error.field, error.value, error.message)], notes, family)
     problems += _plan_problems(config, dataset) + _disk_problems(config, dataset)
-    return Preflight(dataset, problems, notes + _caption_notes(config, dataset))
+    return Preflight(dataset, problems, notes + _caption_notes(config, dataset), family)
 
 
 def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:

@@ -18,7 +18,7 @@ from core.config.schema import SamplingSection
 from core.inference.png_info import format_parameters
 from core.inference.requests import SAMPLER_LABELS
 from core.inference.samplers import make_sampler
-from core.models.loading import SD15Components, build_pipeline
+from core.models.loading import ModelComponents, build_pipeline
 from core.training.model_setup import eval_mode
 
 
@@ -43,7 +43,7 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
 
 
 def render_samples(
-    components: SD15Components, section: SamplingSection, folder: Path, device: torch.device
+    components: ModelComponents, section: SamplingSection, folder: Path, device: torch.device
 ) -> list[Path]:
     """One image per prompt into `folder`; returns their paths."""
     pipeline = build_pipeline(components, make_sampler(section.sampler, components.scheduler_config))
@@ -56,7 +56,7 @@ def render_samples(
         else contextlib.nullcontext()
     )
     with (
-        eval_mode(components.unet, components.text_encoder),
+        eval_mode(components.unet, *components.text_encoders),
         torch.random.fork_rng(devices=fork_devices),
         torch.no_grad(),
         autocast,

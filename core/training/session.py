@@ -22,7 +22,7 @@ from core.training.preflight import preflight
 from core.training.runs import sample_sets
 
 if TYPE_CHECKING:
-    from core.models.loading import SD15Components
+    from core.models.loading import ModelComponents
     from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class TrainingSession:
         with self._lock:
             self._finished = trainer if hasattr(trainer, "components") else None
 
-    def take_loaded_model(self, source: str) -> SD15Components | None:
+    def take_loaded_model(self, source: str) -> ModelComponents | None:
         """Hand the last run's loaded base model over (once), so generating after training needs no reload.
 
         Only when no run is active and that run loaded `source`; the session keeps no reference after.

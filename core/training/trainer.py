@@ -23,10 +23,11 @@ from accelerate.utils import broadcast_object_list
 from core.common.fsutil import remove_leftovers
 from core.config.files import save_config
 from core.config.schema import ConfigError, Problem, TrainConfig
-from core.data.feature_cache import FeatureCache, tokenize
-from core.models.loading import SD15Components
+from core.data.feature_cache import FeatureCache
+from core.models.loading import ModelComponents
 from core.training.batches import BatchOrder, FeatureOptions, TrainingSet, encode_features
 from core.training.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from core.training.conditioning import Conditioning, TextEncoders
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.lora_saver import LoraSaver
 from core.training.loss_readback import LossReadback
@@ -78,7 +79,7 @@ class Trainer:
         self.dataset = dataset
         return plan_run(self.config, dataset, self.accelerator.num_processes)
 
-    def _cache_features(self, components: SD15Components) -> tuple[TrainingSet, ValidationSet | None]:
+    def _cache_features(self, components: ModelComponents) -> tuple[TrainingSet, ValidationSet | None]:
         self.callbacks.on_status("caching")
         cfg = self.config
         cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
@@ -187,9 +188,12 @@ class Trainer:
         self.unet, self.optimizer = self.accelerator.prepare(components.unet, optimizer)
         if cfg.performance.compile:  # the training forward only: validation and samples run the plain module
             self.unet = torch.compile(self.unet)
-        self.text_encoder = self.accelerator.prepare(components.text_encoder) if self.text_params else None
+        trained = (
+            [self.accelerator.prepare(encoder) for encoder in components.text_encoders] if self.text_params else []
+        )
+        self.text = TextEncoders(components.tokenizers, trained or components.text_encoders)  # what the step runs
         self.lora_unet = self.accelerator.unwrap_model(components.unet)
-        self.lora_text_encoder = components.text_encoder if self.text_params else None
+        self.lora_text_encoders = components.text_encoders if self.text_params else []
         self.components = components
 
     def _start_position(self, state: dict | None) -> Progress:
@@ -205,7 +209,9 @@ class Trainer:
         main = self.accelerator.is_main_process
         self.run_log = RunLog(self.run_dir, history) if main else None
         self.loras = (
-            LoraSaver(cfg, self.run_dir, self.plan.train_images, self.lora_unet, self.lora_text_encoder, self.callbacks)
+            LoraSaver(
+                cfg, self.run_dir, self.plan.train_images, self.components, bool(self.text_params), self.callbacks
+            )
             if main
             else None
         )
@@ -280,7 +286,7 @@ class Trainer:
         reading the loss back. Every process sees the same reduced loss, so all leave it out together. The
         learning-rate schedule advances either way: it follows the step number, which a skipped step keeps.
         """
-        cfg, device = self.config, self.accelerator.device
+        cfg, device, dtype = self.config, self.accelerator.device, self.weight_dtype
         scheduler = self.components.noise_scheduler
         total = torch.zeros((), device=device)
         for index, indices in enumerate(group):
@@ -294,14 +300,13 @@ class Trainer:
                 0, scheduler.config.num_train_timesteps, (len(latents),), generator=self.noise, device=device
             )
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            if batch.embeddings is not None:
-                hidden = batch.embeddings
-            else:
-                hidden = self.text_encoder(tokenize(batch.captions, self.components.tokenizer).to(device))[0]
+            features = batch.embeddings if batch.embeddings is not None else self.text.encode(batch.captions)
+            condition = Conditioning(features["hidden"].to(dtype), features.get("pooled"), batch.time_ids)
             last = index == len(group) - 1
             sync = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
             with sync, self.accelerator.autocast():
-                prediction = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
+                extras = condition.unet_kwargs(dtype)
+                prediction = self.unet(noisy.to(dtype), timesteps, condition.hidden, **extras).sample
                 target = training_target(scheduler, latents, noise, timesteps)
                 loss = diffusion_loss(prediction, target, scheduler, timesteps, cfg.loss.min_snr_gamma) / len(group)
                 self.accelerator.backward(loss)
@@ -408,8 +413,7 @@ class Trainer:
         with self.accelerator.autocast():
             val_loss = validation_loss(
                 self.lora_unet,
-                components.text_encoder,
-                components.tokenizer,
+                TextEncoders.of(components),
                 components.noise_scheduler,
                 self.validation,
                 self.weight_dtype,
@@ -444,7 +448,7 @@ class Trainer:
             return
         state = training_state(
             self.lora_unet,
-            self.lora_text_encoder,
+            self.lora_text_encoders,
             self.optimizer,
             self.lr_scheduler,
             progress=dict(progress.__dict__),
@@ -455,7 +459,7 @@ class Trainer:
         self.callbacks.on_saved(save_checkpoint(self.run_dir, state), "checkpoint")
 
     def _restore(self, state: dict) -> tuple[Progress, list[dict]]:
-        restore_training_state(state, self.lora_unet, self.lora_text_encoder, self.optimizer, self.lr_scheduler)
+        restore_training_state(state, self.lora_unet, self.lora_text_encoders, self.optimizer, self.lr_scheduler)
         self.order.restore(state)
         self.noise.set_state(state["noise_state"])
         progress = Progress(**state["progress"])

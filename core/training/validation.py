@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from core.data.feature_cache import encode_captions
+from core.training.conditioning import Conditioning, TextEncoders, TextFeatures
 from core.training.losses import training_target
 from core.training.model_setup import eval_mode
 
@@ -26,7 +26,8 @@ class ValidationItem:
     latent: torch.Tensor  # (4, h, w), posterior mean, scaled
     caption: str
     noise: torch.Tensor  # (K, 4, h, w)
-    embedding: torch.Tensor | None  # the caption's CLIP hidden states, None while the text encoder trains
+    embedding: TextFeatures | None  # the caption's text features, None while the text encoder trains
+    time_ids: torch.Tensor | None = None  # SDXL's size and crop conditioning of the image
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,22 @@ def build_validation_set(
     count: int,
     seed: int,
     train_timesteps: int,
-    embeddings: Mapping[str, torch.Tensor] | None = None,
+    embeddings: Mapping[str, TextFeatures] | None = None,
+    time_ids: list[torch.Tensor] | None = None,
 ) -> ValidationSet:
-    """`embeddings` maps captions to their cached hidden states; captions it lacks are encoded when measured."""
+    """`embeddings` maps captions to their cached text features; captions it lacks are encoded when measured.
+    `time_ids` are SDXL's per-image size and crop conditioning (None for the other families)."""
     generator = torch.Generator().manual_seed(seed)
     embeddings = embeddings or {}
     items = [
         ValidationItem(
-            latent, caption, torch.randn((count, *latent.shape), generator=generator), embeddings.get(caption)
+            latent,
+            caption,
+            torch.randn((count, *latent.shape), generator=generator),
+            embeddings.get(caption),
+            time_ids[index] if time_ids else None,
         )
-        for latent, caption in zip(latents, captions, strict=True)
+        for index, (latent, caption) in enumerate(zip(latents, captions, strict=True))
     ]
     return ValidationSet(items, spread_timesteps(count, train_timesteps))
 
@@ -63,8 +70,7 @@ def build_validation_set(
 @torch.no_grad()
 def validation_loss(
     unet: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer,
+    text: TextEncoders,
     scheduler: DDPMScheduler,
     validation: ValidationSet,
     dtype: torch.dtype,
@@ -76,7 +82,7 @@ def validation_loss(
     encoder is now.
     """
     device = next(unet.parameters()).device
-    with eval_mode(unet, text_encoder):
+    with eval_mode(unet, *text.encoders):
         timesteps = validation.timesteps.to(device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for item in validation.items:
@@ -84,12 +90,13 @@ def validation_loss(
             latents = item.latent.to(device)[None].expand(count, -1, -1, -1)
             noise = item.noise.to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            if item.embedding is not None:
-                hidden = item.embedding[None]
-            else:
-                hidden = encode_captions([item.caption], tokenizer, text_encoder)
-            hidden = hidden.to(device, dtype).expand(count, -1, -1)
-            prediction = unet(noisy.to(dtype), timesteps, hidden).sample
+            features = item.embedding or {name: t[0] for name, t in text.encode([item.caption]).items()}
+            condition = Conditioning(
+                features["hidden"][None].to(device, dtype),
+                features["pooled"][None] if "pooled" in features else None,
+                item.time_ids[None] if item.time_ids is not None else None,
+            ).expand(count)
+            prediction = unet(noisy.to(dtype), timesteps, condition.hidden, **condition.unet_kwargs(dtype)).sample
             target = training_target(scheduler, latents, noise, timesteps)
             total += torch.nn.functional.mse_loss(prediction.float(), target.float()).double()
         return float(total / max(1, len(validation.items)))

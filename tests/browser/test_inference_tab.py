@@ -22,8 +22,9 @@ from core.inference.a1111_params import generation_parameters
 from core.inference.png_info import read_png_parameters, save_png_with_parameters
 from core.inference.requests import ControlSpec, GenerationRequest, LoraSpec
 from core.lora.adapters import add_training_loras
-from core.lora.files import save_lora, short_hash
-from core.models.loading import load_sd15
+from core.lora.files import save_lora
+from core.lora.header import short_hash
+from core.models.loading import load_model
 from tests.browser.conftest import AppServer, screenshot
 
 pytestmark = pytest.mark.browser
@@ -36,7 +37,7 @@ RUN = "styles"
 @pytest.fixture(scope="module")
 def styles(app_server: AppServer, demo_model: Path) -> list[Path]:
     """Two LoRAs of the demo UNet with different random up weights, saved where the tab looks for runs."""
-    components = load_sd15(str(demo_model))
+    components = load_model(str(demo_model))
     add_training_loras(components.unet, components.text_encoder, LoraSection(rank=4, alpha=4.0))
     paths = []
     for seed, name in enumerate(("style-a", "style-b")):

@@ -103,6 +103,7 @@ def test_preset_fills_the_form_and_says_what_it_is_for(page: Page, app_server: A
     check(page)  # the demo's neoclassical captions would be labelled "bauhaus" too: ready, but said so
     summary = page.locator("#training-summary")
     expect(summary).to_contain_text("Ready to train")
+    expect(summary).to_contain_text("Model: SD 1.x, 512 px")  # the family detected from the demo model's configs
     expect(summary).to_contain_text("8 of 16 captions say 'neoclassical style building'")
     expect(problem(page, "dataset.caption_prefix")).to_contain_text("clear the caption prefix")
     screenshot(page, "training-tab-preset")

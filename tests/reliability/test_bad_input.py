@@ -23,7 +23,7 @@ from core.config.files import save_config
 from core.inference.engine import InferenceEngine
 from core.inference.requests import GenerationError, GenerationRequest, LoraSpec
 from core.models.check import ModelLoadError
-from core.models.loading import load_sd15
+from core.models.loading import load_model
 
 pytestmark = pytest.mark.reliability
 
@@ -110,4 +110,4 @@ def test_damaged_checkpoints_stop_resume_with_a_plain_message(
 def test_damaged_model_files_are_refused_by_name(tmp_path: Path) -> None:
     for path in damaged_copies(good_safetensors(tmp_path), tmp_path / "models", ".safetensors"):
         with pytest.raises(ModelLoadError, match=re.escape(path.name)):
-            load_sd15(str(path))
+            load_model(str(path))
