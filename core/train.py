@@ -50,6 +50,9 @@ class ProgressBar(TrainingCallbacks):
     def __init__(self) -> None:
         self.bar: tqdm | None = None
 
+    def on_run_dir(self, run_dir: Path, resumed: bool) -> None:
+        tqdm.write(f"{'continuing the run in' if resumed else 'run folder'}: {run_dir}")
+
     def on_log(self, message: str) -> None:
         tqdm.write(message)
 

@@ -52,7 +52,7 @@ def test_engine_has_no_ui_and_ui_has_no_torch() -> None:
         assert not re.search(r"^\s*(import|from) (torch|diffusers|transformers|peft)\b", text, flags=re.M), path
 
 
-ENTRY_MODULES = {"__init__.py", "train.py", "generate.py", "caption.py", "lora_tools.py", "config_docs.py"}
+ENTRY_MODULES = {"__init__.py", "train.py", "runs.py", "generate.py", "caption.py", "lora_tools.py", "config_docs.py"}
 
 
 def test_core_holds_packages_and_the_entry_modules_only() -> None:
@@ -64,6 +64,6 @@ def test_core_holds_packages_and_the_entry_modules_only() -> None:
 
 
 def test_config_and_training_events_load_without_torch() -> None:
-    for module in ("core.config", "core.config.files", "core.training.events"):
+    for module in ("core.config", "core.config.files", "core.training.events", "core.training.run_tables", "core.runs"):
         code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(sys.modules)"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

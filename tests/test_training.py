@@ -18,6 +18,7 @@ from core.lora.adapters import add_training_loras
 from core.models.loading import load_model
 from core.training.conditioning import TextEncoders
 from core.training.events import EpochRecord, TrainingCommands
+from core.training.runs import read_run
 from core.training.session import SessionBusy, TrainingSession, explain_error
 from core.training.trainer import Trainer, TrainingError
 from core.training.validation import build_validation_set, validation_loss
@@ -183,6 +184,8 @@ def test_an_image_that_vanishes_gives_a_clean_failure(demo_model: Path, demo_dat
 
     with pytest.raises(TrainingError, match=f"{victim.name} disappeared"):
         Trainer(demo_config(demo_model, demo_dataset, tmp_path), Vanish()).run()
+    failed = read_run(tmp_path / "demo")  # the folder's status record says how the run ended, and why
+    assert failed.state == "failed" and f"{victim.name} disappeared" in failed.error
 
 
 def test_session_runs_in_the_background_with_controls(demo_model: Path, demo_dataset: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from training_helpers import Recorder, demo_config, read_metrics
 from core.config.schema import OptimizerSection, ScheduleSection
 from core.training.losses import min_snr_weights, training_target
 from core.training.optim import make_lr_scheduler, make_optimizer
+from core.training.runs import read_run
 from core.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -108,6 +109,7 @@ def test_early_stop_after_patience_runs_out(demo_model: Path, demo_dataset: Path
         "schedule.epochs=30",
     )
     assert trainer.result.status == "early_stopped" and trainer.result.epoch < 30
+    assert read_run(trainer.run_dir).state == "early_stopped"
     last = recorder.validations[-3:]
     assert last[0].is_best is False or last[0].val_loss == trainer.result.best_val_loss
     assert [v.is_best for v in last[1:]] == [False, False]

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 LOG_LINES = 200
 LOOP = {"training", "validating", "sampling", "saving"}
 STATUS_WORDS = {
-    "idle": "Ready: Start trains with the Training tab's settings",
+    "idle": "Ready: Start trains the Training tab's settings in a new run folder (the Runs tab resumes one)",
     "starting": "Starting",
     "loading": "Loading the model",
     "caching": "Encoding the images (cached for the next run)",
@@ -106,6 +106,7 @@ PANEL_CSS = """
 #monitor-progress .head { display: flex; justify-content: space-between; flex-wrap: wrap; gap: 8px;
   margin-bottom: 6px; }
 #monitor-progress .status { font-weight: 600; }
+#monitor-progress .folder { margin-top: 6px; font-size: var(--text-sm); color: var(--body-text-color-subdued); }
 #monitor-progress .numbers { font-variant-numeric: tabular-nums; color: var(--body-text-color-subdued); }
 #monitor-progress .bar { height: 14px; border-radius: 7px; background: var(--block-border-color); overflow: hidden; }
 #monitor-progress .fill { height: 100%; background: var(--color-accent); }
@@ -156,8 +157,19 @@ def progress_html(snapshot: Snapshot) -> str:
         f'<div class="head"><span class="status">{words}</span>'
         f'<span class="numbers">{" · ".join(parts)}</span></div>'
         f'<div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="{snapshot.total_steps}" '
-        f'aria-valuenow="{snapshot.step}"><div class="fill" style="width: {fraction:.1%}"></div></div></div>'
+        f'aria-valuenow="{snapshot.step}"><div class="fill" style="width: {fraction:.1%}"></div></div>'
+        f"{folder_html(snapshot)}</div>"
     )
+
+
+def folder_html(snapshot: Snapshot) -> str:
+    """Which folder the run writes, and whether it continues the run already there: Start always makes a new one."""
+    if not snapshot.run_dir:
+        return ""
+    words = f"Continuing the run in {code(snapshot.run_dir)}"
+    if not snapshot.resumed:
+        words = f"Writing to {code(snapshot.run_dir)} (a new run folder)"
+    return f'<div class="folder" data-folder="{md(snapshot.run_dir)}">{words}</div>'
 
 
 def error_html(snapshot: Snapshot) -> str:
@@ -180,6 +192,8 @@ def monitor_view(snapshot: Snapshot, known: dict[str, str]) -> dict[str, tuple[s
     losses, validations, lrs = snapshot.loss_history, snapshot.val_history, snapshot.lr_history
     progress = (
         snapshot.run,
+        snapshot.run_dir,
+        snapshot.resumed,
         snapshot.status,
         snapshot.step,
         snapshot.total_steps,

@@ -15,6 +15,7 @@ from ui.context import AppContext
 from ui.dataset_tab import build_dataset_tab
 from ui.inference_tab import build_inference_tab
 from ui.monitor_tab import build_monitor_tab
+from ui.runs_tab import build_runs_tab
 from ui.tools_tab import build_tools_tab
 from ui.training_tab import build_training_tab
 
@@ -33,12 +34,19 @@ def build_app(context: AppContext) -> gr.Blocks:
                 build_training_tab(context, app)
             with gr.Tab("Monitor", id="monitor"):
                 monitor = build_monitor_tab(context, app)
+            with gr.Tab("Runs", id="runs") as runs_tab:
+                runs = build_runs_tab(context, app, runs_tab)
             with gr.Tab("Inference", id="inference") as inference_tab:
                 inference = build_inference_tab(context, app, inference_tab)
             with gr.Tab("Tools", id="tools") as tools_tab:
                 build_tools_tab(context, app, tools_tab)
-        # "Use this epoch" on the Monitor puts that LoRA in an Inference row and opens the Inference tab.
-        inference.use_lora(monitor.use_lora, monitor.chosen_lora).then(
-            lambda: gr.Tabs(selected="inference"), outputs=tabs
+        # "Use this epoch" on the Monitor or the Runs tab puts that LoRA in an Inference row and opens that tab.
+        for source in (monitor, runs):
+            inference.use_lora(source.use_lora, source.chosen_lora).then(
+                lambda: gr.Tabs(selected="inference"), outputs=tabs
+            )
+        # Resume on the Runs tab shows the Monitor, which follows the resumed run.
+        runs.resumed.then(
+            lambda started: gr.Tabs(selected="monitor") if started else gr.skip(), inputs=runs.started, outputs=tabs
         )
     return app

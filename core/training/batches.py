@@ -106,6 +106,11 @@ class BatchOrder:
             self.generator.set_state(current)
         return batches
 
+    def undraw(self) -> None:
+        """Put the generator back to before this epoch's order was drawn: a run stopped before the epoch's first
+        step resumes at its start and draws the same order again (not the order after it)."""
+        self.generator.set_state(self.epoch_start)
+
     def state(self, next_epoch: bool = False) -> dict[str, torch.Tensor]:
         """The states a checkpoint keeps; `next_epoch` when the run resumes at the start of the next epoch."""
         current = self.generator.get_state()

@@ -48,6 +48,9 @@ class ValidationRecord:
 class TrainingCallbacks:
     """Override what you need; every method is called on the training thread and must return quickly."""
 
+    def on_run_dir(self, run_dir: Path, resumed: bool) -> None:
+        """The folder the run writes, as soon as it is chosen: a new one, or the resumed run's own."""
+
     def on_status(self, status: str) -> None:
         """status: loading, caching, training, paused, validating, sampling, saving, finished, stopped, failed."""
 

@@ -19,6 +19,7 @@ from core.config.schema import ConfigError, TrainConfig
 from core.models.check import ModelLoadError
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.preflight import preflight
+from core.training.runs import sample_sets
 
 if TYPE_CHECKING:
     from core.models.loading import ModelComponents
@@ -51,7 +52,8 @@ class Snapshot:
     files: tuple[str, ...] = ()
     log: tuple[str, ...] = ()
     error: str | None = None
-    run_dir: str | None = None
+    run_dir: str | None = None  # the folder the run writes, known once the run has checked its settings
+    resumed: bool = False  # whether the run continues an earlier one in `run_dir`
     run: int = 0  # how many runs this session has started: tells two runs apart even when they end alike
 
     @property
@@ -138,6 +140,14 @@ class _Recorder(TrainingCallbacks):
     def _update(self, **changes: object) -> None:
         with self.session._lock:
             self.session._recording.update(**changes)
+
+    def on_run_dir(self, run_dir: Path, resumed: bool) -> None:
+        """A resumed run shows the samples and LoRA files its folder already holds, as its curve is replayed."""
+        if not resumed:
+            self._update(run_dir=str(run_dir), resumed=False)
+            return
+        files = tuple(str(path) for path in sorted(run_dir.glob("*.safetensors")) if path.is_file())
+        self._update(run_dir=str(run_dir), resumed=True, samples=sample_sets(run_dir), files=files)
 
     def on_status(self, status: str) -> None:
         self._update(status=status)

@@ -37,7 +37,9 @@ from core.training.optim import make_lr_scheduler, make_optimizer
 from core.training.preflight import RunPlan, plan_run, preflight
 from core.training.run_log import RunLog, replay
 from core.training.run_state import Progress, RunResult, model_fingerprint, new_run_dir
+from core.training.run_status import mark_ended, mark_started
 from core.training.samples import render_samples
+from core.training.session import explain_error
 from core.training.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
@@ -111,18 +113,24 @@ class Trainer:
         """One run, top to bottom: setup, the epoch loop, the final save.
 
         Setup is split so a bad config or a damaged checkpoint stops before the model loads. The run log
-        is closed on every exit, an error included, so the folder's history is whole for a later resume.
+        is closed on every exit, an error included, so the folder's history is whole for a later resume, and
+        the folder's status record says how the run ended (a kill leaves it "running": see `run_status`).
         """
         state = self._open_run()
-        self._load_model()
-        progress = self._start_position(state)
-        self.callbacks.on_status("training")
         try:
-            status = self._train(progress)
-            self._finish(progress, status)
-        finally:
-            if self.run_log:
-                self.run_log.close()
+            self._load_model()
+            progress = self._start_position(state)
+            self.callbacks.on_status("training")
+            try:
+                status = self._train(progress)
+                self._finish(progress, status)
+            finally:
+                if self.run_log:
+                    self.run_log.close()
+        except Exception as error:
+            self._record_end("failed", error)
+            raise
+        self._record_end(status)
         self.callbacks.on_status(status)
         return RunResult(
             self.run_dir,
@@ -154,6 +162,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.run_dir)  # half-written files and folders of a killed earlier process
             save_config(cfg, self.run_dir / "config.toml")
+            mark_started(self.run_dir)
+        self.callbacks.on_run_dir(self.run_dir, resumed=state is not None)
         self._say(
             f"{plan.train_images} training and {plan.validation_images} validation images, "
             f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in {plan.epochs} epochs"
@@ -241,6 +251,8 @@ class Trainer:
         accumulation, every = self.config.schedule.gradient_accumulation, self.config.validation.every_n_steps
         while progress.next_batch < len(batches) and progress.step < self.plan.total_steps:
             if self._obey_commands(progress):
+                if progress.next_batch == 0:
+                    self.order.undraw()  # stopped before the epoch's first step: its checkpoint starts the epoch
                 return "stopped"
             self._train_step(progress, batches[progress.next_batch : progress.next_batch + accumulation])
             validate = self.validation is not None and every > 0 and progress.step % every == 0
@@ -453,6 +465,19 @@ class Trainer:
         progress = Progress(**state["progress"])
         self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
         return progress, list(state["history"])
+
+    def _record_end(self, status: str, error: Exception | None = None) -> None:
+        """Write how this session ended into the folder's status record (the main process only).
+
+        A record that cannot be written (a full disk) must not replace the run's own error or outcome; it then
+        still says "running", which a reader takes for killed: resumable, as such a run is.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        try:
+            mark_ended(self.run_dir, status, explain_error(error) if error else "")
+        except OSError as write_error:
+            log.warning("could not record how the run ended in %s: %s", self.run_dir, write_error)
 
     def _finish(self, progress: Progress, status: str) -> None:
         if self.loras:

@@ -120,3 +120,11 @@ def screenshot(page, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def choose(page, dropdown: str, *names: str) -> None:
+    """Pick `names` in the (multi)select dropdown with element id `dropdown`, by their visible text."""
+    for name in names:
+        page.locator(f"#{dropdown} input").click()
+        page.locator(f"#{dropdown}").get_by_role("option", name=name, exact=True).click()
+    page.keyboard.press("Escape")

@@ -26,11 +26,12 @@ from PIL import Image
 from playwright.sync_api import Page, expect
 
 from core.captioning.backups import BACKUP_FOLDER, MANIFEST
+from core.config.files import build_config, config_to_toml
 from core.config.schema import LoraSection
 from core.inference.png_info import save_png_with_parameters
 from core.lora.adapters import add_lora, unet_target_modules
 from core.lora.files import save_lora
-from tests.browser.conftest import AppServer, screenshot
+from tests.browser.conftest import AppServer, choose, screenshot
 from ui.context import SETTINGS_FILE
 
 pytestmark = pytest.mark.browser
@@ -298,6 +299,37 @@ def _tools(page: Page, corpus: dict[str, Path]) -> None:
     expect(report).not_to_contain_text("meta.png")
 
 
+def _runs(page: Page, app_server: AppServer) -> None:
+    """Two run folders copied from elsewhere, named after the corpus, with hostile settings: listed, opened and
+    compared as text."""
+    for name, dataset in ((NAMES[0], NAMES[1]), (NAMES[2], NAMES[4])):
+        folder = app_server.output_dir / name
+        folder.mkdir()
+        config = build_config(overrides=[f"dataset.path={dataset}", f"sampling.prompts=[{json.dumps(NAMES[3])}]"])
+        (folder / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
+        step = {"step": 1, "total_steps": 1, "epoch": 1, "total_epochs": 1, "loss": 0.5, "lr": 1e-4, "its": 1}
+        step["elapsed"] = 1
+        rows = [
+            {"type": "step", "step": "<b>1</b>"},  # not a number: skipped
+            {"type": "step", **step},
+            {"type": "validation", "step": 1, "epoch": 1, "val_loss": 0.4, "is_best": True},
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#runs-refresh").click()
+    expect(page.locator("#runs-table")).to_contain_text("CLICK TO FIX YOUR DATASET", timeout=30_000)
+    _clean(page, "runs table")
+    choose(page, "runs-run", NAMES[0])
+    choose(page, "runs-pick", NAMES[0], NAMES[2])
+    page.locator("#runs-open").click()
+    expect(page.locator("#runs-details")).to_contain_text("CLICK TO FIX YOUR DATASET", timeout=30_000)
+    _clean(page, "runs open")
+    page.locator("#runs-compare").click()
+    expect(page.locator("#runs-compare-table")).to_contain_text("CLICK TO FIX YOUR DATASET", timeout=30_000)
+    expect(page.locator("#runs-compare-chart .legendtext").first).to_contain_text(NAMES[0])  # characters, not markup
+    _clean(page, "runs compare")
+
+
 @pytest.fixture
 def watched(page: Page) -> Iterator[Page]:
     """The page with every request recorded; any to HOST is blocked, and the test fails if one was attempted."""
@@ -319,4 +351,5 @@ def test_the_hostile_corpus_through_every_tab(
     _check_and_start(watched, app_server, corpus)
     _inference(watched, corpus)
     _tools(watched, corpus)
+    _runs(watched, app_server)
     assert _snapshot(outside) == before

@@ -17,6 +17,7 @@ from fault_helpers import assert_files_loadable, finish, kill_when, start_traini
 from core.config.files import build_config
 from core.data.dataset import load_dataset
 from core.training.preflight import plan_run
+from core.training.runs import read_run
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 EPOCHS = 2
@@ -84,6 +85,7 @@ def test_kill_at_any_moment_leaves_whole_files_and_resume_loses_at_most_one_chec
         recorded = step_rows(run)
         seen.update({row["step"]: row["loss"] for row in recorded})
         assert checkpoint, f"no checkpoint after a kill during {what}"
+        assert read_run(run).state == "killed", f"a kill during {what} is not read back as one"
         lost = max(row["step"] for row in recorded) - checkpoint["progress"]["step"]
         assert 0 <= lost <= per_epoch, f"a kill during {what} lost {lost} steps, more than one checkpoint interval"
 
@@ -95,6 +97,7 @@ def test_kill_at_any_moment_leaves_whole_files_and_resume_loses_at_most_one_chec
     assert sorted(final) == list(range(1, plan.total_steps + 1))
     assert {step: final[step] for step in seen} == seen  # every resume continued the very same curve
     assert_files_loadable(run)
+    assert read_run(run).state == "finished"
     assert sorted(p.name for p in run.glob("*.safetensors")) == [
         "demo-best.safetensors",
         "demo-e0001.safetensors",

@@ -1,0 +1,74 @@
+"""The runs in an output folder: `python -m core.runs list|show|compare OUTPUT_DIR [RUN…] [--json]`.
+
+The same tables as the app's Runs tab (both come from `core.training.run_tables`), as aligned text or JSON.
+Loads no torch, so it answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from core.training.run_tables import Table, compare_table, run_details, run_json, runs_table
+from core.training.runs import RunError, RunSummary, find_run, list_runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m core.runs", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("list", "show", "compare"), help="list every run, show some, compare some")
+    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the folder holding the run folders")
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="run folder names (show: one or more; compare: two+)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser.parse_args(argv)
+
+
+def printable(text: str) -> str:
+    """A folder name or value with its control characters (terminal escapes, line breaks) made visible."""
+    return "".join(char if char.isprintable() else "\ufffd" for char in text)
+
+
+def table_text(table: Table) -> str:
+    headers, rows = table
+    cells = [[printable(cell) for cell in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def chosen(args: argparse.Namespace) -> list[RunSummary]:
+    least = {"show": 1, "compare": 2}[args.command]
+    if len(args.runs) < least:
+        raise RunError(f"{args.command} needs at least {least} run name(s) after OUTPUT_DIR; `list` shows them")
+    return [find_run(args.output_dir, name) for name in args.runs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if not args.output_dir.is_dir():
+            raise RunError(f"{args.output_dir} is not a folder: give the output folder that holds the runs")
+        if args.command == "list":
+            runs, problems = list_runs(args.output_dir)
+            notes = problems if runs or problems else [f"no runs in {args.output_dir}"]
+            for note in notes:
+                print(printable(note), file=sys.stderr)
+            print(json.dumps([run_json(run) for run in runs], indent=1) if args.json else table_text(runs_table(runs)))
+            return 0
+        runs = chosen(args)
+    except RunError as error:
+        print(printable(str(error)), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([run_json(run) for run in runs], indent=1))
+    elif args.command == "show":
+        print("\n\n".join(table_text((["field", "value"], [list(row) for row in run_details(run)])) for run in runs))
+    else:
+        print(table_text(compare_table(runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
