@@ -36,8 +36,9 @@ from core.inference.requests import (
 )
 from core.inference.sweep import label_height, sweep_grid, variants_from_files, variants_from_run, variants_from_weights
 from core.lora.adapters import add_training_loras
-from core.lora.files import save_diffusers_lora, save_lora, sd15_index
+from core.lora.files import save_diffusers_lora, save_lora
 from core.lora.header import read_lora_metadata, short_hash
+from core.lora.module_index import sd15_index
 from core.models.check import ModelLoadError
 from core.models.families import SD1
 from core.models.loading import build_pipeline, load_model

@@ -20,8 +20,9 @@ from training_helpers import Recorder, demo_config
 
 from core.config.schema import LoraSection, TrainConfig
 from core.lora.adapters import add_training_loras
-from core.lora.files import kohya_state_dict, read_lora, save_diffusers_lora, save_lora
+from core.lora.files import kohya_state_dict, save_diffusers_lora, save_lora
 from core.lora.header import read_lora_metadata, training_metadata
+from core.lora.reading import read_lora
 from core.training.trainer import Trainer
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank, so a file that stores the wrong alpha changes the outputs

@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from core.config.schema import LoraSection
 from core.lora.adapters import add_training_loras
-from core.lora.files import kohya_tensors, read_lora, save_diffusers_lora, save_lora
+from core.lora.files import kohya_tensors, save_diffusers_lora, save_lora
 from core.lora.merge import extract_lora, merge_loras
+from core.lora.reading import read_lora
 from core.lora.tools import combine_loras, convert_lora, inspect_lora, parse_weighted, resize_lora, run
 from core.lora_tools import main
 from core.models.loading import build_pipeline, load_model

@@ -25,9 +25,10 @@ from diffusers import DiffusionPipeline
 
 from core.common.errors import first_line
 from core.inference.requests import GenerationError, LoraSpec
-from core.lora.files import DIFFUSERS_WEIGHT_NAME, LoraFile, diffusers_tensors, read_lora
+from core.lora.files import DIFFUSERS_WEIGHT_NAME, diffusers_tensors
 from core.lora.header import short_hash
 from core.lora.module_index import TEXT_COMPONENTS, family_index
+from core.lora.reading import LoraFile, read_lora
 from core.models.families import ModelFamily
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from core.lora.files import (
     SavePrecision,
     derived_header,
     prepare_output,
-    read_lora,
     write_lora,
 )
 from core.lora.module_index import ModuleIndex, Target
+from core.lora.reading import read_lora
 from core.lora.svd import LoraModule, ModuleRank, choose_rank, module_from_delta, uniform_alpha
 from core.models.check import PICKLE_SUFFIXES
 from core.models.ldm_convert import save_ldm_checkpoint

@@ -21,16 +21,15 @@ import torch
 
 from core.lora.files import (
     DTYPES,
-    LoraFile,
     LoraFormat,
     SavePrecision,
     derived_header,
     prepare_output,
-    read_lora,
     write_lora,
 )
 from core.lora.merge import extract_lora, merge_loras
 from core.lora.module_index import Target
+from core.lora.reading import LoraFile, read_lora
 from core.lora.svd import LoraModule, ModuleRank, combine_modules, resize_module, uniform_alpha
 
 log = logging.getLogger(__name__)
