@@ -24,7 +24,7 @@ def build_app(context: AppContext) -> gr.Blocks:
     """The app; Gradio's analytics are off, whatever GRADIO_ANALYTICS_ENABLED says: a local tool that
     reads the user's images does not report its use (or check for Gradio updates) to anyone."""
     with gr.Blocks(title="Atelier", analytics_enabled=False) as app:
-        gr.Markdown("# Atelier\nTrain Stable Diffusion 1.5 LoRAs on your own images.")
+        gr.Markdown("# Atelier\nTrain Stable Diffusion LoRAs (SD 1.x, SD 2.x, SDXL) on your own images.")
         with gr.Tabs() as tabs:
             with gr.Tab("Dataset", id="dataset"):
                 build_dataset_tab(context, app)
