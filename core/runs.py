@@ -1,7 +1,8 @@
-"""The runs in an output folder: `python -m core.runs list|show|compare OUTPUT_DIR [RUN…] [--json]`.
+"""The runs in an output folder: `python -m core.runs list|show|compare OUTPUT_DIR [RUN…] [--json] [--csv FILE]`.
 
-The same tables as the app's Runs tab (both come from `core.training.run_tables`), as aligned text or JSON.
-Loads no torch, so it answers at once.
+The same tables as the app's Runs tab (both come from `core.training.run_tables`), as aligned text or JSON;
+`compare --csv` writes the compared curves as the Runs tab's CSV download does. Loads no torch, so it answers
+at once.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from core.common.fsutil import atomic_write_text, backup
+from core.training.run_compare import curves_csv
 from core.training.run_tables import Table, compare_table, run_details, run_json, runs_table
-from core.training.runs import RunError, RunSummary, find_run, list_runs
+from core.training.runs import RunError, RunSummary, find_run, list_runs, read_curves
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the folder holding the run folders")
     parser.add_argument("runs", nargs="*", metavar="RUN", help="run folder names (show: one or more; compare: two+)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--csv", type=Path, metavar="FILE", help="compare: also write the curves (run, epoch, step, kind, value)"
+    )
     return parser.parse_args(argv)
 
 
@@ -45,6 +51,16 @@ def chosen(args: argparse.Namespace) -> list[RunSummary]:
     return [find_run(args.output_dir, name) for name in args.runs]
 
 
+def write_csv(runs: list[RunSummary], target: Path) -> str:
+    """The compared curves into `target` (an existing file is kept as .bak); a line saying where they went."""
+    try:
+        backup(target)
+        atomic_write_text(target, curves_csv([(run.name, read_curves(run.path)) for run in runs]))
+    except OSError as error:
+        raise RunError(f"--csv: cannot write {target} ({error.strerror}); choose another file") from None
+    return f"curves written to {target}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -57,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(printable(note), file=sys.stderr)
             print(json.dumps([run_json(run) for run in runs], indent=1) if args.json else table_text(runs_table(runs)))
             return 0
+        if args.csv and args.command != "compare":
+            raise RunError("--csv goes with compare: python -m core.runs compare OUTPUT_DIR RUN RUN --csv FILE")
         runs = chosen(args)
+        if args.csv:
+            print(printable(write_csv(runs, args.csv)), file=sys.stderr)
     except RunError as error:
         print(printable(str(error)), file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from core.models.check import ModelLoadError
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.preflight import preflight
 from core.training.runs import sample_sets
+from core.training.text_log import saved_message
 
 if TYPE_CHECKING:
     from core.models.loading import ModelComponents
@@ -193,7 +194,7 @@ class _Recorder(TrainingCallbacks):
         with self.session._lock:
             files = tuple(dict.fromkeys((*self.session._recording.fields.files, str(path))))
             self.session._recording.update(run_dir=str(path.parent), files=files)
-        self.on_log(f"saved {kind}: {path.name}")
+        self.on_log(saved_message(path, kind))
 
 
 class TrainingSession:

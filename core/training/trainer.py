@@ -40,6 +40,7 @@ from core.training.run_state import Progress, RunResult, model_fingerprint, new_
 from core.training.run_status import mark_ended, mark_started
 from core.training.samples import render_samples
 from core.training.session import explain_error
+from core.training.text_log import LoggedCallbacks, TextLog
 from core.training.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Trainer:
         self.callbacks = callbacks or TrainingCallbacks()
         self.commands = commands or TrainingCommands()
         self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.text_log: TextLog | None = None
 
     # ----- setup ---------------------------------------------------------------------------------
 
@@ -163,6 +165,8 @@ class Trainer:
             remove_leftovers(self.run_dir)  # half-written files and folders of a killed earlier process
             save_config(cfg, self.run_dir / "config.toml")
             mark_started(self.run_dir)
+            self.text_log = TextLog(self.run_dir, resumed=state is not None)
+            self.callbacks = LoggedCallbacks(self.callbacks, self.text_log)
         self.callbacks.on_run_dir(self.run_dir, resumed=state is not None)
         self._say(
             f"{plan.train_images} training and {plan.validation_images} validation images, "
@@ -474,6 +478,10 @@ class Trainer:
         """
         if not self.accelerator.is_main_process:
             return
+        if self.text_log:
+            if error:
+                self.text_log.write(explain_error(error))
+            self.text_log.close()
         try:
             mark_ended(self.run_dir, status, explain_error(error) if error else "")
         except OSError as write_error:
