@@ -192,6 +192,13 @@ def enqueue(output_dir: Path, configs: Sequence[TrainConfig], label: str | None 
     return added
 
 
+def waiting_alike(output_dir: Path, config: TrainConfig) -> QueueEntry | None:
+    """An unfinished entry with exactly these settings: the same CLI command run again after a kill must not queue
+    its runs twice."""
+    settings = config.model_dump(mode="json")
+    return next((entry for entry in unfinished(output_dir) if entry.config == settings), None)
+
+
 def remove(output_dir: Path, entry_id: str) -> QueueEntry:
     """Take an entry that is not training out of the queue (its run folder, if any, stays)."""
     with editing(output_dir) as queue:
@@ -218,8 +225,10 @@ def cancel(output_dir: Path, entry_id: str) -> QueueEntry:
         entry = queue.find(entry_id)
         if entry.state == "waiting":
             entry.state = "cancelled"
-        elif entry.state == "running":
+        elif entry.state == "running" and queue.owner is not None and queue.owner.alive():
             entry.cancel_requested = True
+        elif entry.state == "running":
+            entry.state = "cancelled"  # left running by a killed process: its folder stays, resumable
         else:
             raise QueueError(f"{entry.label!r} has ended ({entry.state}): there is nothing to cancel")
     return entry
