@@ -3,7 +3,8 @@
 Settings come from the same schema as the UI: defaults ← --preset ← --config ← --model/--dataset/
 --output ← --set section.key=value. `--demo` trains the tiny demo model on the demo data. `--queue a.toml b.toml`
 trains several runs one after another through the queue file in the output folder (each file takes --config's
-place in that order); run again after a kill, it continues the interrupted run and goes on.
+place in that order); run again after a kill, it continues the interrupted run and goes on. `--sweep lr=1e-4,3e-4
+rank=4,8` queues the settings over that grid (`core/train_sweep`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config's place); run again after a kill, the interrupted run resumes from its checkpoint. With no "
         "files: continue that queue",
     )
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="AXIS=VALUES",
+        help="train a grid over lr, rank, epochs or batch (e.g. lr=1e-4,3e-4 rank=4,8) through the queue, print "
+        "the time estimate first and the runs ranked by best validation loss after",
+    )
     args = parser.parse_args(argv)
+    if args.sweep and (args.resume or args.queue is not None):
+        parser.error("--sweep queues its own runs; it cannot be combined with --resume or --queue")
     if args.queue is not None and (args.resume or args.config):
         parser.error("--queue takes its config files itself; it cannot be combined with --resume or --config")
     return args
@@ -126,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from core.train_queue import train_queue
 
         return train_queue(args)
+    if args.sweep:
+        from core.train_sweep import train_sweep
+
+        return train_sweep(args)
     # Read from the launcher's environment: creating accelerate's state here would fix it before the trainer's.
     main_process = os.environ.get("RANK", "0") == "0"
     try:
