@@ -29,6 +29,7 @@ from ui.sample_grid import sample_cell
 
 CSV_NAME = "runs-compare.csv"
 PNG_NAME = "runs-compare.png"
+CAPTION = "<h4>Best-epoch samples, side by side</h4>"
 # Runs in the browser on "Download chart (PNG)": plotly.js renders the shown chart on a white background.
 PNG_JS = """
 async () => {
@@ -61,7 +62,7 @@ def comparison_html(comparison: SampleComparison) -> str:
     """A column per run (its best epoch's samples), a row per prompt; the notes say what is not like for like."""
     if not any(column.images for column in comparison.columns):
         notes = "".join(f"<li>{html.escape(note)}</li>" for note in comparison.notes)
-        return f'<div class="sample-grid" id="runs-best-samples"><ul class="notes">{notes}</ul></div>'
+        return f'<div class="sample-grid" id="runs-best-samples">{CAPTION}<ul class="notes">{notes}</ul></div>'
     head = "".join(
         f"<th>{html.escape(column.run)}<br><span class='badge'>{html.escape(column.label)}</span></th>"
         for column in comparison.columns
@@ -78,7 +79,7 @@ def comparison_html(comparison: SampleComparison) -> str:
     notes = comparison.notes or ["Same prompts, seed and sampling settings in every run: only the LoRA differs."]
     items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     table = f"<table><thead><tr><th>prompt</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return f'<div class="sample-grid" id="runs-best-samples"><ul class="notes">{items}</ul>{table}</div>'
+    return f'<div class="sample-grid" id="runs-best-samples">{CAPTION}<ul class="notes">{items}</ul>{table}</div>'
 
 
 def write_csv(text: str) -> str:
@@ -99,7 +100,6 @@ def build_compare_section(output_dir: Callable[[], Path], table_html: Callable[[
     with gr.Row():
         csv_button = gr.DownloadButton("Download curves (CSV)", elem_id="runs-compare-csv", visible=False, size="sm")
         png_button = gr.Button("Download chart (PNG)", elem_id="runs-compare-png", visible=False, size="sm")
-    gr.Markdown("Best-epoch samples, side by side", elem_classes="caption")
     samples = gr.HTML(elem_id="runs-compare-samples", css_template=GRID_CSS + ".notes { margin: 0 0 6px; }")
     settings = gr.HTML(elem_id="runs-compare-table")
 

@@ -250,15 +250,16 @@ class SweepPlan:
     configs: list[TrainConfig]
 
 
-def plan_sweep(base: TrainConfig, grid: SweepGrid) -> SweepPlan:
+def plan_sweep(base: TrainConfig, grid: SweepGrid, queue_dir: Path | None = None) -> SweepPlan:
     """The sweep's name and its configs, before anything is queued; ConfigError for a value out of range."""
-    name = sweep_name(Path(base.run.output_dir), base.run.name)
+    name = sweep_name(Path(queue_dir or base.run.output_dir), base.run.name)
     return SweepPlan(name, expand(base, grid, name))
 
 
-def queue_sweep(base: TrainConfig, grid: SweepGrid, plan: SweepPlan) -> SweepRecord:
-    """Add the planned runs to the output folder's queue and record the sweep. QueueError for a damaged queue."""
-    output_dir = Path(base.run.output_dir)
+def queue_sweep(base: TrainConfig, grid: SweepGrid, plan: SweepPlan, queue_dir: Path | None = None) -> SweepRecord:
+    """Add the planned runs to the queue in `queue_dir` (the app's output folder; by default the base config's)
+    and record the sweep there. QueueError for a damaged queue."""
+    output_dir = Path(queue_dir or base.run.output_dir)
     entries = enqueue(output_dir, plan.configs)
     record = new_record(plan.name, base, grid, plan.configs, [entry.id for entry in entries])
     write_record(output_dir, record)
