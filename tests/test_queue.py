@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
 import pytest
 from training_helpers import demo_config, read_metrics
 
-from core.config.files import build_config
+from core.config.files import build_config, save_config
 from core.training import queue
 from core.training.queue import QueueBusy, QueueError, enqueue, read_queue
-from core.training.queue_runner import QueueRunner
+from core.training.queue_runner import Outcome, QueueRunner, Start, plan_start
+from core.training.run_status import STATUS_FILE, RunStatus, Session
 from core.training.runs import read_run
-from core.training.session import TrainingSession
+from core.training.session import SessionBusy, TrainingSession
 
 QUICK = ("schedule.epochs=1", "sampling.every_n_epochs=0")  # 7 steps of the demo model, no samples
 
@@ -112,6 +115,32 @@ def test_the_same_settings_waiting_are_found_so_a_rerun_adds_nothing(tmp_path: P
     assert queue.waiting_alike(tmp_path, config) is None  # trained already: queuing it again trains it again
 
 
+def test_an_interrupted_entry_continues_from_its_checkpoint_or_starts_again_without_one(tmp_path: Path) -> None:
+    """What a restarted queue does with the folder of an entry a kill left running (run folders written here as
+    the trainer leaves them: its config, a "running" record of a process that is gone, maybe a checkpoint)."""
+    config = build_config("demo", overrides=[f"run.output_dir={tmp_path}", "run.name=a"])
+    entry = enqueue(tmp_path, [config])[0]
+    folder = tmp_path / "a"
+    save_config(config, folder / "config.toml")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    status = RunStatus("running", int(gone.stdout), socket.gethostname(), time.time(), "", [Session(time.time())])
+    (folder / STATUS_FILE).write_text(json.dumps(asdict(status)))
+    entry = queue.update_entry(tmp_path, entry.id, state="running", run_dir=str(folder))
+
+    fresh = plan_start(entry, "1 of 1")
+    assert isinstance(fresh, Start) and fresh.resume_dir is None and fresh.config == config
+    assert (
+        fresh.note == f"Queue entry 1 of 1, 'a': its interrupted run in {folder} had no checkpoint yet, so it "
+        "starts again in a new folder"
+    )
+    (folder / "checkpoint.pt").write_bytes(b"")  # only its presence matters here; the trainer reads it
+    resumed = plan_start(entry, "1 of 1")
+    assert isinstance(resumed, Start) and resumed.resume_dir == folder and resumed.config == config
+    assert "continuing its interrupted run" in resumed.note
+    (folder / STATUS_FILE).write_text(json.dumps(asdict(replace(status, state="finished"))))
+    assert plan_start(entry, "1 of 1") == Outcome("done")  # killed after the run ended, before the queue knew
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -129,6 +158,8 @@ def test_the_runner_trains_entries_in_order_on_the_session_and_records_their_fol
     enqueue(tmp_path, [configs[0], broken, configs[1]])
     runner = QueueRunner(session, tmp_path)
     assert runner.start() and not runner.start()  # a second start while it trains does nothing
+    with pytest.raises(SessionBusy, match=r"The queue is training its runs .*add this run to the queue"):
+        runner.refuse_while_training()  # what Start and Resume by hand say meanwhile
     assert runner.wait(300) and runner.problem == ""
     first, failed, second = read_queue(tmp_path)
     assert (first.state, failed.state, second.state) == ("done", "failed", "done")
@@ -138,6 +169,7 @@ def test_the_runner_trains_entries_in_order_on_the_session_and_records_their_fol
     snapshot = session.snapshot()  # the Monitor shows the last one, and its log says which entry it was
     assert snapshot.run_dir == str(tmp_path / "b") and snapshot.log[0] == "Queue entry 3 of 3, 'b': a new run"
     assert queue.owner(tmp_path) is None
+    runner.refuse_while_training()  # the queue is done: runs by hand are welcome again
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from ui.context import AppContext
 from ui.dataset_tab import build_dataset_tab
 from ui.inference_tab import build_inference_tab
 from ui.monitor_tab import build_monitor_tab
+from ui.queue_panel import build_queue_panel
 from ui.runs_tab import build_runs_tab
 from ui.sweep_panel import build_sweep_panel
 from ui.sweep_ranking import build_sweep_ranking
@@ -40,6 +41,7 @@ def build_app(context: AppContext) -> gr.Blocks:
             with gr.Tab("Runs", id="runs") as runs_tab:
                 runs = build_runs_tab(context, app, runs_tab)
                 sweeps = build_sweep_ranking(lambda: context.output_dir, runs_tab)
+                build_queue_panel(context, app, runs_tab)
             with gr.Tab("Inference", id="inference") as inference_tab:
                 inference = build_inference_tab(context, app, inference_tab)
             with gr.Tab("Tools", id="tools") as tools_tab:

@@ -73,7 +73,8 @@ def plan_start(entry: QueueEntry, position: str) -> Start | Outcome:
         if run.state in ENTRY_STATES:
             return Outcome(entry_state(run.state), run.error)
         if run.checkpoint:
-            note = f"{head}: continuing its interrupted run in {folder} from the checkpoint (after step {run.step})"
+            note = f"{head}: continuing its interrupted run in {folder} from its last checkpoint (it reached step "
+            note += f"{run.step})"
             return Start(resume_config(run), folder, note)
         return Start(
             entry.train_config(),
@@ -164,6 +165,14 @@ class QueueRunner:
             self._thread = threading.Thread(target=self._run, name="atelier-queue", daemon=True)
             self._thread.start()
             return True
+
+    def refuse_while_training(self) -> None:
+        """SessionBusy for a run started by hand while the queue trains: it would hold up the queue's next run."""
+        if self.active:
+            raise SessionBusy(
+                "The queue is training its runs (Runs tab, Queue): add this run to the queue with Add to queue "
+                "(Training tab), or cancel the queue's running entry first."
+            )
 
     def continue_unfinished(self) -> int:
         """At app start: train what a previous process left waiting or running; how many entries that is."""

@@ -50,13 +50,15 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_app(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Iterator[AppServer]:
-    """`python app.py --demo` with `flags` on a free port, with its own output folder and its own copy of the demo
-    dataset; stopped on exit.
+def running_app(
+    demo_model: Path, tmp_path_factory: pytest.TempPathFactory, *flags: str, output: Path | None = None
+) -> Iterator[AppServer]:
+    """`python app.py --demo` with `flags` on a free port, with its own output folder (or `output`, to start an
+    app again on what an earlier one left) and its own copy of the demo dataset; stopped on exit.
 
     The prebuilt demo model is linked into a fresh cache folder, so the app finds it instead of building it.
     """
-    output = tmp_path_factory.mktemp("app-output")
+    output = output or tmp_path_factory.mktemp("app-output")
     cache = tmp_path_factory.mktemp("app-cache")
     (cache / demo_model.name).symlink_to(demo_model, target_is_directory=True)
     port = _free_port()
@@ -64,7 +66,7 @@ def running_app(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, *fla
     command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(output)]
     tests_folder = str(tmp_path_factory.getbasetemp())  # where the tests put the datasets and LoRAs they type in
     command += ["--datasets-dir", tests_folder, "--models-dir", tests_folder, *flags]
-    log = open(output / "server.log", "w")  # noqa: SIM115 - closed when the server stops
+    log = open(output / "server.log", "a")  # noqa: SIM115 - closed when the server stops
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
