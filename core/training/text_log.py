@@ -38,7 +38,10 @@ class TextLog:
         self._file.write(message.replace("\r", " ").rstrip("\n") + "\n")
         self._file.flush()
 
-    def close(self) -> None:
+    def close(self, last: str = "") -> None:
+        """Close the file, after `last` (why the run failed) when given."""
+        if last:
+            self.write(last)
         self._file.close()
 
 
