@@ -48,7 +48,7 @@ def launch_entry(start: Start, record_dir: Callable[[Path], None]) -> Outcome:
         raise ConfigError(problems)
     report_file_problems(dataset)
     try:
-        result = Trainer(start.config, QueueProgress(record_dir), resume_dir=start.resume_dir).run()
+        result = Trainer(start.config, QueueProgress(record_dir), resume_dir=start.resume_dir, note=start.note).run()
     except Exception as error:  # one failed run must not end the queue: it is recorded and the next one trains
         log.debug("queued run failed", exc_info=True)
         message = explain_error(error)

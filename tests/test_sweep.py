@@ -98,6 +98,7 @@ def test_a_sweep_from_the_command_line_shares_the_cache_and_is_ranked(
     assert lines[1] == "queued 2 runs: tiny-sweep1-lr2e-4-r4, tiny-sweep1-lr2e-3-r4"
 
     first, second = (output / name for name in ("tiny-sweep1-lr2e-4-r4", "tiny-sweep1-lr2e-3-r4"))
+    assert read_log(first)[1] == "Queue entry 1 of 2, 'tiny-sweep1-lr2e-4-r4': a new run"  # the queue's note
     assert "features: 0 reused from the cache, 20 encoded" in read_log(first)
     assert "features: 20 reused from the cache, 0 encoded" in read_log(second)  # lr and rank keep the cache key
 

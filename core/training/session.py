@@ -187,7 +187,7 @@ class TrainingSession:
                 self._recording.log.append(note)
             from core.training.trainer import Trainer  # the first run loads torch and the models' libraries
 
-            trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)
+            trainer = Trainer(config, _Recorder(self), self._commands, resume_dir, note)
             self._thread = threading.Thread(target=self._run, args=(trainer,), name="atelier-training", daemon=True)
             self._thread.start()
 

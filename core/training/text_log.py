@@ -26,11 +26,13 @@ def saved_message(path: Path, kind: str) -> str:
 class TextLog:
     """Appends lines to `run.log`, flushed at once so a kill loses none."""
 
-    def __init__(self, run_dir: Path, resumed: bool) -> None:
+    def __init__(self, run_dir: Path, resumed: bool, note: str = "") -> None:
         self.path = Path(run_dir) / LOG_FILE
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
         when = time.strftime("%Y-%m-%d %H:%M:%S")
         self.write(f"--- {'resumed' if resumed else 'started'} {when} ---")
+        if note:
+            self.write(note)
 
     def write(self, message: str) -> None:
         if self._file.closed:

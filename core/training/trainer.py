@@ -53,12 +53,15 @@ class Trainer:
         callbacks: TrainingCallbacks | None = None,
         commands: TrainingCommands | None = None,
         resume_dir: Path | None = None,
+        note: str = "",
     ) -> None:
+        """`note` opens the run's log file (the queue names the entry there)."""
         self.config = config
         self.callbacks = callbacks or TrainingCallbacks()
         self.commands = commands or TrainingCommands()
         self.resume_dir = Path(resume_dir) if resume_dir else None
         self.text_log: TextLog | None = None
+        self.note = note
 
     # ----- setup ---------------------------------------------------------------------------------
 
@@ -135,7 +138,7 @@ class Trainer:
             remove_leftovers(self.run_dir)  # half-written files and folders of a killed earlier process
             save_config(cfg, self.run_dir / "config.toml")
             mark_started(self.run_dir)
-            self.text_log = TextLog(self.run_dir, resumed=state is not None)
+            self.text_log = TextLog(self.run_dir, resumed=state is not None, note=self.note)
             self.callbacks = LoggedCallbacks(self.callbacks, self.text_log)
         self.callbacks.on_run_dir(self.run_dir, resumed=state is not None)
         self._say(
