@@ -15,7 +15,17 @@ import gradio as gr
 
 from core.config.schema import ConfigError
 from core.training.preflight import preflight
-from core.training.queue import UNFINISHED, QueueEntry, QueueError, enqueue, move, queue_path, read_queue, remove
+from core.training.queue import (
+    UNFINISHED,
+    QueueEntry,
+    QueueError,
+    enqueue,
+    move,
+    owner,
+    queue_path,
+    read_queue,
+    remove,
+)
 from ui.monitor_tab import start_message
 from ui.runs_tab import CSS, table_html
 from ui.safe_text import code, md
@@ -42,6 +52,12 @@ def status_text(context: AppContext, entries: list[QueueEntry]) -> str:
         return f"**The queue stopped:** {md(context.queue.problem)}\n\n{where}"
     if context.queue.active and running:
         return f"**Training** {md(running[0].label)} (the Monitor follows it); {waiting} waiting. {where}"
+    other = None if context.queue.active else owner(context.output_dir)
+    if other is not None:
+        return (
+            f"**Trained by another process** ({other.pid} on {md(other.host)}, e.g. `python -m core.train --queue`): "
+            f"its progress shows there; what is added here trains there. {where}"
+        )
     if running or waiting:
         return f"**Not training**: {len(running) + waiting} unfinished. Start queue trains them. {where}"
     return f"Nothing waiting: Add to queue (Training tab) lines runs up here. {where}"
@@ -58,14 +74,24 @@ def add_to_queue(context: AppContext) -> Callable[[], str]:
             if problems:
                 raise ConfigError(problems)
             entry = enqueue(context.output_dir, [config])[0]
-            position = [item.id for item in read_queue(context.output_dir)].index(entry.id) + 1
-            started = context.queue.start()
+            entries = read_queue(context.output_dir)
         except ConfigError as error:
             return start_message(error)
         except QueueError as error:
             return f"**{md(error)}**"
-        when = "it starts now" if started else "it trains when the runs before it are done"
-        return f"Added {code(entry.name)} to the queue as entry {position}: {when} (Runs tab, Queue)."
+        position = [item.id for item in entries].index(entry.id) + 1
+        first = next(item for item in entries if item.state in UNFINISHED) == entry
+        added = f"Added {code(entry.name)} to the queue as entry {position}"
+        busy = context.session.snapshot().running  # a run started by hand goes first
+        try:
+            started = context.queue.start()
+        except QueueError as error:  # another process trains this queue: the entry trains there
+            return f"{added}: {md(error)}."
+        if started and first and not busy:
+            return f"{added}: it starts now (Runs tab, Queue)."
+        if started and busy:
+            return f"{added}: the queue starts when the run going on now ends (Runs tab, Queue)."
+        return f"{added}: it trains when the runs before it are done (Runs tab, Queue)."
 
     return handler
 
