@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from core.config.schema import ConfigError
 from core.train import ProgressBar, config_from_args, print_result, report_file_problems
+from core.training.errors import explain_error
 from core.training.preflight import preflight
 from core.training.queue import QueueBusy, QueueError, enqueue, queue_path, read_queue, waiting_alike
 from core.training.queue_runner import Outcome, Start, entry_state, run_queue
-from core.training.session import explain_error
 from core.training.trainer import Trainer
 
 log = logging.getLogger("atelier.train")

@@ -57,6 +57,11 @@ def test_entries_keep_their_whole_config_order_and_state(tmp_path: Path) -> None
         queue.remove(tmp_path, "nope")
 
 
+def test_reading_a_folder_without_a_queue_finds_it_empty_and_makes_nothing(tmp_path: Path) -> None:
+    assert read_queue(tmp_path / "none") == [] and queue.owner(tmp_path / "none") is None
+    assert not (tmp_path / "none").exists()
+
+
 def test_an_entry_left_running_is_taken_first_and_cannot_be_removed(tmp_path: Path) -> None:
     waiting, interrupted = enqueue(tmp_path, [build_config("demo", overrides=[f"run.name={n}"]) for n in "ab"])
     queue.update_entry(tmp_path, interrupted.id, state="running")

@@ -15,7 +15,17 @@ import gradio as gr
 
 from core.config.schema import ConfigError
 from core.training.preflight import preflight
-from core.training.queue import UNFINISHED, QueueEntry, QueueError, enqueue, move, queue_path, read_queue, remove
+from core.training.queue import (
+    UNFINISHED,
+    QueueEntry,
+    QueueError,
+    enqueue,
+    move,
+    owner,
+    queue_path,
+    read_queue,
+    remove,
+)
 from ui.monitor_tab import start_message
 from ui.runs_tab import CSS, table_html
 from ui.safe_text import code, md
@@ -42,6 +52,12 @@ def status_text(context: AppContext, entries: list[QueueEntry]) -> str:
         return f"**The queue stopped:** {md(context.queue.problem)}\n\n{where}"
     if context.queue.active and running:
         return f"**Training** {md(running[0].label)} (the Monitor follows it); {waiting} waiting. {where}"
+    other = None if context.queue.active else owner(context.output_dir)
+    if other is not None:
+        return (
+            f"**Trained by another process** ({other.pid} on {md(other.host)}, e.g. `python -m core.train --queue`): "
+            f"its progress shows there; what is added here trains there. {where}"
+        )
     if running or waiting:
         return f"**Not training**: {len(running) + waiting} unfinished. Start queue trains them. {where}"
     return f"Nothing waiting: Add to queue (Training tab) lines runs up here. {where}"
@@ -58,63 +74,48 @@ def add_to_queue(context: AppContext) -> Callable[[], str]:
             if problems:
                 raise ConfigError(problems)
             entry = enqueue(context.output_dir, [config])[0]
-            position = [item.id for item in read_queue(context.output_dir)].index(entry.id) + 1
-            started = context.queue.start()
+            entries = read_queue(context.output_dir)
         except ConfigError as error:
             return start_message(error)
         except QueueError as error:
             return f"**{md(error)}**"
-        when = "it starts now" if started else "it trains when the runs before it are done"
-        return f"Added {code(entry.name)} to the queue as entry {position}: {when} (Runs tab, Queue)."
+        position = [item.id for item in entries].index(entry.id) + 1
+        first = next(item for item in entries if item.state in UNFINISHED) == entry
+        added = f"Added {code(entry.name)} to the queue as entry {position}"
+        busy = context.session.snapshot().running  # a run started by hand goes first
+        try:
+            started = context.queue.start()
+        except QueueError as error:  # another process trains this queue: the entry trains there
+            return f"{added}: {md(error)}."
+        if started and first and not busy:
+            return f"{added}: it starts now (Runs tab, Queue)."
+        if started and busy:
+            return f"{added}: the queue starts when the run going on now ends (Runs tab, Queue)."
+        return f"{added}: it trains when the runs before it are done (Runs tab, Queue)."
 
     return handler
 
 
-def build_queue_panel(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
-    """The panel's widgets and events; `tab` is the Runs tab, whose showing reloads the list."""
-    gr.Markdown("### Queue")
-    status = gr.Markdown(elem_id="queue-status")
-    listing = gr.HTML(elem_id="queue-list", css_template=CSS)
-    with gr.Row(equal_height=True):
-        chosen = gr.Dropdown(label="Queue entry", choices=[], elem_id="queue-entry", scale=3)
-        start = gr.Button("Start queue", elem_id="queue-start", variant="primary", scale=1)
-        refresh = gr.Button("Refresh", elem_id="queue-refresh", scale=1)
-    with gr.Row():
-        up = gr.Button("Move up", elem_id="queue-up", size="sm")
-        down = gr.Button("Move down", elem_id="queue-down", size="sm")
-        dropped = gr.Button("Remove", elem_id="queue-remove", size="sm")
-        cancel = gr.Button("Cancel", elem_id="queue-cancel", variant="stop", size="sm")
-    notice = gr.Markdown(elem_id="queue-notice")
-    quiet = {"show_progress": "hidden", "api_visibility": "private"}
+def panel_state(context: AppContext, message: str, keep: str | None) -> list[Any]:
+    """The notice, the status, the table and the entry picker (keeping the picked entry while it exists)."""
+    try:
+        entries = read_queue(context.output_dir)
+    except QueueError as error:
+        return [message, f"**{md(error)}**", "", gr.update(choices=[], value=None)]
+    choices = [(f"{number}. {entry.label} ({entry.state})", entry.id) for number, entry in enumerate(entries, 1)]
+    ids = [entry.id for entry in entries]
+    table = table_html((HEADERS, queue_rows(entries)), "queue-table") if entries else ""
+    value = keep if keep in ids else next((entry.id for entry in entries if entry.state in UNFINISHED), None)
+    return [message, status_text(context, entries), table, gr.update(choices=choices, value=value)]
 
-    def shown(message: str, keep: str | None) -> list[Any]:
-        """The notice, the status, the table and the entry picker (keeping the picked entry while it exists)."""
-        try:
-            entries = read_queue(context.output_dir)
-        except QueueError as error:
-            return [message, f"**{md(error)}**", "", gr.update(choices=[], value=None)]
-        choices = [(f"{number}. {entry.label} ({entry.state})", entry.id) for number, entry in enumerate(entries, 1)]
-        ids = [entry.id for entry in entries]
-        table = table_html((HEADERS, queue_rows(entries)), "queue-table") if entries else ""
-        value = keep if keep in ids else next((entry.id for entry in entries if entry.state in UNFINISHED), None)
-        return [message, status_text(context, entries), table, gr.update(choices=choices, value=value)]
 
-    def acting(operation: Callable[[str], str]) -> Callable[[str | None], list[Any]]:
-        def handler(entry_id: str | None) -> list[Any]:
-            if not entry_id:
-                return shown("**Pick a queue entry first.**", None)
-            try:
-                message = operation(entry_id)
-            except QueueError as error:
-                message = f"**{md(error)}**"
-            return shown(message, entry_id)
-
-        return handler
+def entry_operations(context: AppContext) -> dict[str, Callable[[str], str]]:
+    """What each entry button does to the picked entry, and the sentence it answers with."""
 
     def moved(offset: int) -> Callable[[str], str]:
         def operation(entry_id: str) -> str:
             move(context.output_dir, entry_id, offset)
-            return ""
+            return ""  # the table shows the new order
 
         return operation
 
@@ -127,25 +128,54 @@ def build_queue_panel(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
             return f"Stopping {code(entry.label)}: it ends as cancelled, its folder kept; the queue goes on."
         return f"Cancelled {code(entry.label)}."
 
+    return {"up": moved(-1), "down": moved(+1), "remove": removed, "cancel": cancelled}
+
+
+def build_queue_panel(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> None:
+    """The panel's widgets and events; `tab` is the Runs tab, whose showing reloads the list."""
+    gr.Markdown("### Queue")
+    status = gr.Markdown(elem_id="queue-status")
+    listing = gr.HTML(elem_id="queue-list", css_template=CSS)
+    with gr.Row(equal_height=True):
+        chosen = gr.Dropdown(label="Queue entry", choices=[], elem_id="queue-entry", scale=3)
+        start = gr.Button("Start queue", elem_id="queue-start", variant="primary", scale=1)
+        refresh = gr.Button("Refresh", elem_id="queue-refresh", scale=1)
+    with gr.Row():
+        buttons = {
+            "up": gr.Button("Move up", elem_id="queue-up", size="sm"),
+            "down": gr.Button("Move down", elem_id="queue-down", size="sm"),
+            "remove": gr.Button("Remove", elem_id="queue-remove", size="sm"),
+            "cancel": gr.Button("Cancel", elem_id="queue-cancel", variant="stop", size="sm"),
+        }
+    notice = gr.Markdown(elem_id="queue-notice")
+    panel = [notice, status, listing, chosen]
+    quiet = {"show_progress": "hidden", "api_visibility": "private"}
+
+    def acting(operation: Callable[[str], str]) -> Callable[[str | None], list[Any]]:
+        def handler(entry_id: str | None) -> list[Any]:
+            if not entry_id:
+                return panel_state(context, "**Pick a queue entry first.**", None)
+            try:
+                message = operation(entry_id)
+            except QueueError as error:
+                message = f"**{md(error)}**"
+            return panel_state(context, message, entry_id)
+
+        return handler
+
     def started(keep: str | None) -> list[Any]:
         try:
             if not any(entry.state in UNFINISHED for entry in read_queue(context.output_dir)):
-                return shown("**Nothing is waiting in the queue.**", keep)
+                return panel_state(context, "**Nothing is waiting in the queue.**", keep)
             message = "Training the queue: the Monitor follows each run."
             if not context.queue.start():
                 message = "The queue is training already."
         except QueueError as error:
             message = f"**{md(error)}**"
-        return shown(message, keep)
+        return panel_state(context, message, keep)
 
-    panel = [notice, status, listing, chosen]
-    for button, handler in (
-        (up, acting(moved(-1))),
-        (down, acting(moved(+1))),
-        (dropped, acting(removed)),
-        (cancel, acting(cancelled)),
-        (start, started),
-    ):
-        button.click(handler, inputs=chosen, outputs=panel, **quiet)
+    for name, operation in entry_operations(context).items():
+        buttons[name].click(acting(operation), inputs=chosen, outputs=panel, **quiet)
+    start.click(started, inputs=chosen, outputs=panel, **quiet)
     for event in (tab.select, refresh.click, app.load):
-        event(lambda keep: shown("", keep), inputs=chosen, outputs=panel, **quiet)
+        event(lambda keep: panel_state(context, "", keep), inputs=chosen, outputs=panel, **quiet)

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from core.common.fsutil import atomic_write_text
+from core.common.fsutil import atomic_write_text, write_advice
 from core.config.schema import ConfigError, TrainConfig, parse_config
 from core.training.run_status import process_alive
 
@@ -155,8 +155,12 @@ def _file_lock(output_dir: Path) -> Iterator[None]:
         if fcntl is None:
             yield
             return
-        key.mkdir(parents=True, exist_ok=True)
-        with open(key / LOCK_FILE, "a") as handle:
+        try:
+            key.mkdir(parents=True, exist_ok=True)
+            handle = open(key / LOCK_FILE, "a")  # noqa: SIM115 - closed below, after the unlock
+        except OSError as error:
+            raise QueueError(f"the queue in {key} cannot be used: {write_advice(error)}") from None
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -171,11 +175,16 @@ def editing(output_dir: Path) -> Iterator[QueueFile]:
         path = queue_path(output_dir)
         queue = load_queue_file(path)
         yield queue
-        _write(path, queue)
+        try:
+            _write(path, queue)
+        except OSError as error:
+            raise QueueError(f"{path} cannot be written: {write_advice(error)}") from None
 
 
 def read_queue(output_dir: Path) -> list[QueueEntry]:
     """The entries in order (finished ones included); QueueError when the file is damaged."""
+    if not queue_path(output_dir).exists():
+        return []  # nothing to lock: reading must not make the folder
     with _file_lock(output_dir):
         return load_queue_file(queue_path(output_dir)).entries
 
@@ -256,6 +265,8 @@ def unfinished(output_dir: Path) -> list[QueueEntry]:
 
 def owner(output_dir: Path) -> Owner | None:
     """The live process training the queue, if any."""
+    if not queue_path(output_dir).exists():
+        return None
     with _file_lock(output_dir):
         found = load_queue_file(queue_path(output_dir)).owner
     return found if found is not None and found.alive() else None

@@ -206,14 +206,23 @@ class QueueRunner:
         return thread is None or not thread.is_alive()
 
     def _run(self) -> None:
+        """Train until nothing waits; an entry added while the last one ended is still taken, because `start`
+        sees the runner as gone only once it has looked for one under the lock."""
         try:
-            run_queue(self.output_dir, self._launch)
+            while True:
+                outcomes = run_queue(self.output_dir, self._launch)
+                with self._lock:
+                    if (outcomes and outcomes[-1].state == "stopped") or next_entry(self.output_dir) is None:
+                        self._thread = None
+                        return
         except QueueError as error:
             self.problem = str(error)
             log.warning("the queue stopped: %s", error)
         except Exception as error:  # the runner's thread must not die silently: say why the queue stopped
             log.exception("the queue stopped")
             self.problem = f"The queue stopped on an unexpected error: {type(error).__name__}: {error}"
+        with self._lock:
+            self._thread = None
 
     def _launch(self, start: Start, record_dir: Callable[[Path], None]) -> Outcome:
         """Start the entry on the session once it is free (a run started by hand goes first), and follow it."""

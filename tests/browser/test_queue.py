@@ -18,7 +18,7 @@ from core.config.files import load_config
 from core.training.queue import read_queue
 from core.training.run_status import read_status
 from core.training.trainer import Trainer
-from tests.browser.conftest import AppServer, running_app, screenshot
+from tests.browser.conftest import AppServer, choose, running_app, screenshot
 from tests.browser.test_monitor_tab import RUN_TIMEOUT_MS, button, open_monitor, set_setting
 
 pytestmark = pytest.mark.browser
@@ -81,6 +81,17 @@ def test_a_queue_survives_a_killed_app_and_resumes_its_interrupted_run(
             ["2", *["queued-b"] * 2, "waiting"],
         ]
         screenshot(page, "queue-panel-training")
+        add_to_queue(page, server, "queued-c", 2)  # reordered, cancelled and removed from the panel
+        page.get_by_role("tab", name="Runs").click()
+        choose(page, "queue-entry", "3. queued-c (waiting)")
+        page.locator("#queue-up").click()
+        expect(page.locator("#queue-table tbody tr:nth-child(2)")).to_contain_text("queued-c")
+        page.locator("#queue-cancel").click()
+        expect(page.locator("#queue-notice")).to_contain_text("Cancelled queued-c")
+        expect(page.locator("#queue-table tbody tr:nth-child(2)")).to_contain_text("cancelled")
+        page.locator("#queue-remove").click()
+        expect(page.locator("#queue-notice")).to_contain_text("Removed queued-c from the queue")
+        assert [row[1] for row in queue_rows(page)[1:]] == ["queued-a", "queued-b"]
         deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
         while steps_written(first) < KILL_AFTER:
             assert time.monotonic() < deadline, "the first queued run did not get past its first checkpoint"
