@@ -13,7 +13,14 @@ import torch
 from fake_hub import FakeHub, etag_of, folder_files, serving
 
 from core.models.check import check_model, human_size, pipeline_files
-from core.models.download import DownloadCancelled, DownloadError, DownloadProgress, Downloads, HubDownload
+from core.models.download import (
+    DownloadBusy,
+    DownloadCancelled,
+    DownloadError,
+    DownloadProgress,
+    Downloads,
+    HubDownload,
+)
 from core.models.families import SD1
 from core.models.loading import load_model
 
@@ -170,13 +177,13 @@ def test_downloads_run_in_the_background_one_at_a_time(hub: FakeHub) -> None:
     hub.bytes_per_second = 4e6
     downloads.start(REPO)
     downloads.start(REPO)  # the same model again: keeps following it
-    with pytest.raises(Exception, match="is downloading: cancel it first"):
+    with pytest.raises(DownloadBusy, match="is downloading: cancel it first"):
         downloads.start("atelier-tests/other")
     downloads.cancel()
-    downloads._thread.join(30)
+    downloads.wait(30)
     final = downloads.progress()
     assert final is not None and final.state == "cancelled" and "continues where it stopped" in final.message
     hub.bytes_per_second = None
     downloads.start("atelier-tests/missing")
-    downloads._thread.join(30)
+    downloads.wait(30)
     assert downloads.progress().state == "failed" and "atelier-tests/missing" in downloads.progress().message

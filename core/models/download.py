@@ -319,6 +319,12 @@ class Downloads:
             if self._download is not None:
                 self._download.cancel()
 
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the running download ends, or `timeout` seconds; the UI polls `progress` instead."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
     def progress(self) -> DownloadProgress | None:
         """The running download's progress, or how the last one ended; None before the first."""
         with self._lock:
