@@ -93,7 +93,8 @@ def progress_html(progress: DownloadProgress | None) -> str:
 
 
 def build_models_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> ModelsTab:
-    """The tab's widgets and events; the list is read again whenever the tab is shown."""
+    """The tab's widgets and events. The list is read whenever the tab is shown (not on page load: the walk and
+    the header reads are spent only when someone looks)."""
     downloads = Downloads()
     empty = gr.Markdown(visible=False, elem_id="models-empty")
     listing = gr.HTML(elem_id="models-list", css_template=TABLE_CSS)
@@ -161,7 +162,6 @@ def build_models_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> Models
     quiet = {"show_progress": "hidden"}
     for event in (tab.select, refresh.click):
         event(show_list, inputs=pick, outputs=list_outputs, **quiet)
-    app.load(show_list, inputs=pick, outputs=list_outputs, **quiet)
     app.load(lambda: progress_html(downloads.progress()), outputs=progress, **quiet)
     used = use.click(use_for_training, inputs=pick, outputs=[status, chosen], **quiet)
     download.click(follow_download, inputs=[hub_id, pick], outputs=[status, progress, *list_outputs], **quiet)
