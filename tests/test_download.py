@@ -4,6 +4,10 @@ and the result loading offline bit for bit. No test touches the network."""
 from __future__ import annotations
 
 import filecmp
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from core.models.families import SD1
 from core.models.loading import load_model
 
 REPO = "atelier-tests/tiny-sd"
+ROOT = Path(__file__).resolve().parents[1]
 DECOYS = {  # files a diffusers repository holds that load_model never reads: none may be downloaded
     "unet/diffusion_pytorch_model.fp16.safetensors": b"v" * 20_000,
     "unet/diffusion_pytorch_model.bin": b"b" * 20_000,
@@ -187,3 +192,32 @@ def test_downloads_run_in_the_background_one_at_a_time(hub: FakeHub) -> None:
     downloads.start("atelier-tests/missing")
     downloads.wait(30)
     assert downloads.progress().state == "failed" and "atelier-tests/missing" in downloads.progress().message
+
+
+def test_a_killed_download_resumes(hub: FakeHub, demo_model: Path) -> None:
+    """SIGKILL a download in another process midway; the next one continues the partial file with a Range request
+    (huggingface_hub's own downloads delete theirs)."""
+    hub.bytes_per_second = 2e6
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    script = f"from core.models.download import HubDownload; HubDownload({REPO!r}).run()"
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (partial := [p for p in cache.glob("*/blobs/*.incomplete") if p.stat().st_size > 500_000]):
+        assert process.poll() is None and time.monotonic() < deadline, "the download did not start"
+        time.sleep(0.05)
+    process.kill()
+    process.wait(10)
+    kept = partial[0].stat().st_size
+    hub.bytes_per_second = None
+    snapshot = HubDownload(REPO).run()
+    [(path, byte_range)] = hub.ranges()
+    assert path.endswith(".safetensors") and int(byte_range.removeprefix("bytes=").rstrip("-")) >= kept
+    for name in _expected_files(demo_model):
+        assert filecmp.cmp(snapshot / name, demo_model / name, shallow=False), name
