@@ -80,10 +80,14 @@ def test_hub_cache_lists_diffusers_models_only(demo_model: Path, tmp_path: Path)
         shutil.copytree(source, repo / "snapshots" / ("a" * 40))
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text("a" * 40)
+    (cache / "models--org--nothing-yet" / "blobs").mkdir(parents=True)
     (cache / "models--org--half-downloaded" / "blobs").mkdir(parents=True)
+    (cache / "models--org--half-downloaded" / "blobs" / f"{'b' * 64}.incomplete").write_bytes(b"x" * 100)
     entries = list_models([], cache)
     assert [(entry.name, entry.reference, entry.format, entry.family) for entry in entries] == [
-        ("org/tiny-sd", "org/tiny-sd", "hub (diffusers)", SD1)
+        ("org/tiny-sd", "org/tiny-sd", "hub (diffusers)", SD1),
+        ("org/half-downloaded", "org/half-downloaded", "hub (partial)", None),
     ]
+    assert "download not finished" in entries[1].problem and entries[1].size_bytes == 100
     assert entries[0].where == f"Hugging Face cache {cache}" and entries[0].size_bytes > 1_000_000
     assert list_models([], tmp_path / "no-cache") == []

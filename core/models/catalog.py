@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_DEPTH = 4
 """How deep below a models folder to look: `models/sd/xl/juggernaut/` is found, a captioner's tree is not walked."""
 CHECKPOINT_UNET_PREFIX = "model.diffusion_model."  # what makes a .safetensors a full checkpoint, not a LoRA or VAE
+PARTIAL_NAME = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?\.incomplete")  # an etag (git sha1 or LFS sha256)
 PICKLE_REFUSED = (
     "a pickled checkpoint (.ckpt) can carry code that runs when it is opened, so it is not offered here: "
     "use the model's .safetensors version, or convert this file to .safetensors with a tool you trust"
@@ -188,4 +190,20 @@ def hub_entries(cache: Path) -> list[CatalogEntry]:
                 result.problem,
             )
         )
+    return entries + _unfinished_downloads(cache, {entry.name for entry in entries})
+
+
+def _unfinished_downloads(cache: Path, listed: set[str]) -> list[CatalogEntry]:
+    """Repositories with only a partial download (`core.models.download`'s `blobs/<etag>.incomplete`): shown, so
+    the user knows that Download continues them."""
+    entries = []
+    for repo in sorted(cache.glob("models--*")):
+        repo_id = repo.name.removeprefix("models--").replace("--", "/")
+        partial = [path for path in (repo / "blobs").glob("*.incomplete") if PARTIAL_NAME.fullmatch(path.name)]
+        if partial and repo_id not in listed:
+            size = sum(path.stat().st_size for path in (repo / "blobs").iterdir() if path.is_file())
+            problem = "download not finished: Download it again, and it continues from what arrived"
+            entries.append(
+                CatalogEntry(repo_id, repo_id, f"Hugging Face cache {cache}", "hub (partial)", size, problem=problem)
+            )
     return entries

@@ -111,6 +111,9 @@ def test_download_shows_progress_cancels_and_resumes(page: Page, hub: FakeHub) -
     page.locator("#models-cancel").click()
     expect(state).to_have_attribute("data-state", "cancelled", timeout=20_000)
     expect(state).to_contain_text("continues where it stopped")
+    partial = page.locator("#models-table tbody tr", has_text=REPO)
+    expect(partial).to_contain_text("hub (partial)")
+    expect(partial).to_contain_text("download not finished")
     screenshot(page, "models-download-cancelled")
     assert not hub.ranges()
 
