@@ -31,7 +31,9 @@ class FakeHub:
     repos: dict[str, dict[str, bytes]]
     url: str = ""
     bytes_per_second: float | None = None
+    cdn_host: str = ""  # when set, large files redirect there, as the hub sends them to its CDN
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, Range header)
+    authorized: list[str] = field(default_factory=list)  # paths of the requests that carried a token
 
     def commit(self, repo_id: str) -> str:
         return hashlib.sha1(repo_id.encode()).hexdigest()
@@ -77,6 +79,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, send_body: bool) -> None:
         path = unquote(urlparse(self.path).path)
         self.hub.requests.append((self.command, path, self.headers.get("Range", "")))
+        if self.headers.get("Authorization"):
+            self.hub.authorized.append(path)
+        if path.startswith("/cdn/"):
+            repo_id, _, etag = path.removeprefix("/cdn/").rpartition("/")
+            by_etag = {etag_of(content): name for name, content in self.hub.repos.get(repo_id, {}).items()}
+            self._file(repo_id, by_etag.get(etag, ""), send_body)
+            return
         if path.startswith("/api/models/"):
             self._model_info(path.removeprefix("/api/models/"))
             return
@@ -123,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found("EntryNotFound", self.hub.commit(repo_id))
             return
         content = files[name]
+        if self.hub.cdn_host and len(content) > LFS_THRESHOLD and "/resolve/" in self.path:
+            self._redirect(repo_id, content)
+            return
         start = 0
         byte_range = self.headers.get("Range", "")
         if byte_range.startswith("bytes="):
@@ -141,6 +153,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if send_body:
             self._send_slowly(content[start:])
+
+    def _redirect(self, repo_id: str, content: bytes) -> None:
+        """What the hub answers for an LFS file: its etag and size, and a signed address on another host."""
+        self.send_response(302)
+        self.send_header("X-Repo-Commit", self.hub.commit(repo_id))
+        self.send_header("X-Linked-Etag", f'"{etag_of(content)}"')
+        self.send_header("X-Linked-Size", str(len(content)))
+        port = self.server.server_address[1]
+        self.send_header("Location", f"http://{self.hub.cdn_host}:{port}/cdn/{repo_id}/{etag_of(content)}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send_slowly(self, body: bytes) -> None:
         try:

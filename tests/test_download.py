@@ -14,7 +14,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from fake_hub import FakeHub, etag_of, folder_files, serving
+from fake_hub import LFS_THRESHOLD, FakeHub, etag_of, folder_files, serving
+from training_helpers import demo_config
 
 from core.models.check import check_model, human_size, pipeline_files
 from core.models.download import (
@@ -27,6 +28,7 @@ from core.models.download import (
 )
 from core.models.families import SD1
 from core.models.loading import load_model
+from core.training.preflight import check_run
 
 REPO = "atelier-tests/tiny-sd"
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +223,31 @@ def test_a_killed_download_resumes(hub: FakeHub, demo_model: Path) -> None:
     assert path.endswith(".safetensors") and int(byte_range.removeprefix("bytes=").rstrip("-")) >= kept
     for name in _expected_files(demo_model):
         assert filecmp.cmp(snapshot / name, demo_model / name, shallow=False), name
+
+
+def test_the_token_goes_to_the_hub_not_to_the_cdn(
+    hub: FakeHub, demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large files redirect to another host, as the hub's CDN; its signed address must not receive the user's token."""
+    monkeypatch.setenv("HF_TOKEN", "hf_atelier_test_token")
+    hub.cdn_host = "localhost"  # the same server under another host name
+    snapshot = HubDownload(REPO).run()
+    cdn = {path for method, path, _ in hub.requests if method == "GET" and path.startswith("/cdn/")}
+    files = folder_files(demo_model)
+    assert len(cdn) == len([name for name in _expected_files(demo_model) if len(files[name]) > LFS_THRESHOLD]) == 4
+    assert cdn.isdisjoint(hub.authorized) and any(path.startswith("/api/models/") for path in hub.authorized)
+    for name in _expected_files(demo_model):
+        assert filecmp.cmp(snapshot / name, demo_model / name, shallow=False), name
+
+
+def test_check_tells_a_missing_base_model_from_a_present_one(
+    hub: FakeHub, demo_model: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    """What the Training tab reads to refuse "Ready to train": the base model is not on this machine."""
+    present = check_run(demo_config(demo_model, demo_dataset, tmp_path))
+    assert not present.model_missing and present.problems == [] and present.family == SD1
+    for missing in (REPO, str(tmp_path / "no-such-model.safetensors")):
+        report = check_run(demo_config(Path(missing), demo_dataset, tmp_path))
+        assert report.model_missing, missing
+    assert check_model(str(tmp_path / "no-such-model.safetensors")).missing
+    assert not check_model(str(demo_model)).missing
