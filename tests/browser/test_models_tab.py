@@ -101,6 +101,9 @@ def test_models_folder_lists_each_kind_and_one_trains(
 def test_download_shows_progress_cancels_and_resumes(page: Page, hub: FakeHub) -> None:
     hub.bytes_per_second = 1.5e6
     open_models(page)
+    page.locator("#models-hub-id textarea").fill("../not an id")
+    page.locator("#models-download").click()
+    expect(page.locator("#models-status")).to_contain_text("Hugging Face id: type one like")
     page.locator("#models-hub-id textarea").fill(REPO)
     page.locator("#models-download").click()
     state = page.locator("#models-progress-state")
