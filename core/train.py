@@ -1,7 +1,9 @@
 """Headless training: `python -m core.train --preset bauhaus --dataset DIR`, or under `accelerate launch`.
 
 Settings come from the same schema as the UI: defaults ← --preset ← --config ← --model/--dataset/
---output ← --set section.key=value. `--demo` trains the tiny demo model on the demo data.
+--output ← --set section.key=value. `--demo` trains the tiny demo model on the demo data. `--queue a.toml b.toml`
+trains several runs one after another through the queue file in the output folder (each file takes --config's
+place in that order); run again after a kill, it continues the interrupted run and goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from core.training.checkpoint import CheckpointError
 from core.training.errors import TrainingError
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
 from core.training.preflight import preflight
+from core.training.run_state import RunResult
 from core.training.trainer import Trainer
 
 log = logging.getLogger("atelier.train")
@@ -42,7 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
     parser.add_argument("--demo", action="store_true", help="use the tiny demo model and demo dataset (CPU-friendly)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--queue",
+        nargs="*",
+        type=Path,
+        metavar="TOML",
+        help="train these config files one after another through the output folder's queue.json (each in "
+        "--config's place); run again after a kill, the interrupted run resumes from its checkpoint. With no "
+        "files: continue that queue",
+    )
+    args = parser.parse_args(argv)
+    if args.queue is not None and (args.resume or args.config):
+        parser.error("--queue takes its config files itself; it cannot be combined with --resume or --config")
+    return args
 
 
 class ProgressBar(TrainingCallbacks):
@@ -72,7 +87,8 @@ class ProgressBar(TrainingCallbacks):
             self.bar.close()
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, config_file: Path | None = None) -> TrainConfig:
+    """The settings the flags give; `config_file` in --config's place (a queued file)."""
     overrides = list(args.set)
     presets = [args.preset]
     if args.demo:
@@ -88,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             overrides.append(f"{key}={flag}")
     if args.resume:
         return build_config(config_file=args.resume / "config.toml", overrides=overrides)
-    return build_config(presets, args.config, overrides)
+    return build_config(presets, config_file or args.config, overrides)
 
 
 def report_file_problems(dataset: Dataset) -> None:
@@ -107,6 +123,10 @@ def report_file_problems(dataset: Dataset) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.queue is not None:
+        from core.train_queue import train_queue
+
+        return train_queue(args)
     # Read from the launcher's environment: creating accelerate's state here would fix it before the trainer's.
     main_process = os.environ.get("RANK", "0") == "0"
     try:
@@ -126,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Training failed: {error}", file=sys.stderr)
         return 1
     if main_process:
-        print(f"\n{result.status}: {result.step} steps, {result.epoch} epochs -> {result.run_dir}")
-        if result.best_epoch:
-            print(f"best epoch: {result.best_epoch} (validation loss {result.best_val_loss:.5f})")
-        for path in result.files:
-            print(f"  {path}")
+        print_result(result)
     return 0
+
+
+def print_result(result: RunResult) -> None:
+    print(f"\n{result.status}: {result.step} steps, {result.epoch} epochs -> {result.run_dir}")
+    if result.best_epoch:
+        print(f"best epoch: {result.best_epoch} (validation loss {result.best_val_loss:.5f})")
+    for path in result.files:
+        print(f"  {path}")
 
 
 if __name__ == "__main__":
