@@ -3,8 +3,11 @@
 Settings come from the same schema as the UI: defaults ← --preset ← --config ← --model/--dataset/
 --output ← --set section.key=value. `--demo` trains the tiny demo model on the demo data. `--queue a.toml b.toml`
 trains several runs one after another through the queue file in the output folder (each file takes --config's
-place in that order); run again after a kill, it continues the interrupted run and goes on. `--sweep lr=1e-4,3e-4
-rank=4,8` queues the settings over that grid (`core/train_sweep`).
+place in that order); run again after a kill, it continues the interrupted run and goes on. The files go
+into the output folder's queue file (`core.training.queue`) and the loop the app also uses trains it
+(`core.training.queue_runner.run_queue`), so the app and the shell keep one queue; the files already waiting
+are not queued twice. `--sweep lr=1e-4,3e-4 rank=4,8` queues the settings over that grid
+(`core.training.sweep`) and trains that queue the same way, with the estimate before and the ranking after.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,11 +29,25 @@ from core.config.files import build_config, list_presets
 from core.config.schema import ConfigError, TrainConfig
 from core.data.dataset import Dataset, summarize
 from core.models.demo import ensure_demo_dataset, ensure_demo_model
+from core.runs import table_text
 from core.training.checkpoint import CheckpointError
-from core.training.errors import TrainingError
+from core.training.errors import TrainingError, explain_error
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
 from core.training.preflight import preflight
+from core.training.queue import QueueBusy, QueueError, enqueue, queue_path, read_queue, waiting_alike
+from core.training.queue_runner import Outcome, Start, entry_state, run_queue
 from core.training.run_state import RunResult
+from core.training.sweep import (
+    AXES,
+    SweepError,
+    SweepGrid,
+    estimate,
+    estimate_text,
+    parse_grid,
+    plan_sweep,
+    queue_sweep,
+)
+from core.training.sweep_results import ranking_table, sweep_results
 from core.training.trainer import Trainer
 
 log = logging.getLogger("atelier.train")
@@ -134,12 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.queue is not None:
-        from core.train_queue import train_queue
-
         return train_queue(args)
     if args.sweep:
-        from core.train_sweep import train_sweep
-
         return train_sweep(args)
     # Read from the launcher's environment: creating accelerate's state here would fix it before the trainer's.
     main_process = os.environ.get("RANK", "0") == "0"
@@ -170,6 +184,115 @@ def print_result(result: RunResult) -> None:
         print(f"best epoch: {result.best_epoch} (validation loss {result.best_val_loss:.5f})")
     for path in result.files:
         print(f"  {path}")
+
+
+# ----- --queue: several runs through the output folder's queue file ------------------------------------
+
+
+class QueueProgress(ProgressBar):
+    """The CLI's progress bar, which also tells the queue the run folder once the trainer has chosen it."""
+
+    def __init__(self, record_dir: Callable[[Path], None]) -> None:
+        super().__init__()
+        self.record_dir = record_dir
+
+    def on_run_dir(self, run_dir: Path, resumed: bool) -> None:
+        super().on_run_dir(run_dir, resumed)
+        self.record_dir(run_dir)
+
+
+def launch_entry(start: Start, record_dir: Callable[[Path], None]) -> Outcome:
+    """Train one entry in this process; any error ends the entry as failed and the queue goes on."""
+    tqdm.write(start.note)
+    dataset, problems = preflight(start.config)
+    if problems:
+        raise ConfigError(problems)
+    report_file_problems(dataset)
+    try:
+        result = Trainer(start.config, QueueProgress(record_dir), resume_dir=start.resume_dir, note=start.note).run()
+    except Exception as error:  # one failed run must not end the queue: it is recorded and the next one trains
+        log.debug("queued run failed", exc_info=True)
+        message = explain_error(error)
+        print(f"Training failed: {message}", file=sys.stderr)
+        return Outcome("failed", message)
+    print_result(result)
+    return Outcome(entry_state(result.status))
+
+
+def add_files(args: argparse.Namespace, output_dir: Path) -> int:
+    """Queue each file not already waiting in the queue; how many were added."""
+    added = 0
+    for file in args.queue:
+        config = config_from_args(args, file)
+        if (entry := waiting_alike(output_dir, config)) is not None:
+            print(f"{file}: already in the queue ({entry.state}), not added again")
+            continue
+        enqueue(output_dir, [config], label=file.stem)
+        added += 1
+    return added
+
+
+def train_queue(args: argparse.Namespace) -> int:
+    """0 when every entry this process took ended done (or there was none), 1 when one did not, 2 for a bad
+    config file or a damaged queue file."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("--queue trains in one process: run it without accelerate launch", file=sys.stderr)
+        return 2
+    try:
+        output_dir = Path(config_from_args(args).run.output_dir)
+        added = add_files(args, output_dir)
+        if args.queue:
+            print(f"queued {added} run(s) in {queue_path(output_dir)}")
+        outcomes = run_queue(output_dir, launch_entry, say=print)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except QueueBusy as error:
+        print(error, file=sys.stderr)
+        return 0 if args.queue else 1
+    except QueueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    left = [entry for entry in read_queue(output_dir) if entry.state in ("waiting", "running")]
+    if left:
+        print(f"{len(left)} entries are still waiting in {queue_path(output_dir)}: run --queue again to go on")
+    return 0 if all(outcome.state == "done" for outcome in outcomes) else 1
+
+
+def grid_from_args(values: list[str]) -> SweepGrid:
+    """`["lr=1e-4,3e-4", "rank=4,8"]` as a grid; SweepError naming the argument that is not AXIS=VALUES."""
+    typed: dict[str, str] = {}
+    for value in values:
+        axis, equals, numbers = value.partition("=")
+        if not equals or axis.strip() not in AXES:
+            raise SweepError(
+                f"--sweep {value}: write AXIS=VALUES with AXIS one of {', '.join(AXES)} (e.g. lr=1e-4,3e-4)"
+            )
+        typed[axis.strip()] = numbers
+    return parse_grid(**typed)
+
+
+def train_sweep(args: argparse.Namespace) -> int:
+    """0 when every run trained, 1 when one did not, 2 for a bad grid, config or queue file."""
+    try:
+        grid = grid_from_args(args.sweep)
+        base = config_from_args(args)
+        dataset, problems = preflight(base)
+        if problems or dataset is None:
+            raise ConfigError(problems)
+        report_file_problems(dataset)
+        plan = plan_sweep(base, grid)
+        print(f"sweep {plan.name}: {estimate_text(estimate(plan.configs, dataset, Path(base.run.output_dir)))}")
+        record = queue_sweep(base, grid, plan)
+        print(f"queued {len(plan.configs)} runs: {', '.join(config.run.name for config in plan.configs)}")
+        outcomes = run_queue(Path(base.run.output_dir), launch_entry, say=print)
+        record, results = sweep_results(Path(base.run.output_dir), record.name)
+    except (SweepError, QueueError, ConfigError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"\nsweep {record.name}, ranked by best validation loss:")
+    print(table_text(ranking_table(record, results)))
+    return 0 if all(outcome.state == "done" for outcome in outcomes) else 1
 
 
 if __name__ == "__main__":

@@ -52,11 +52,7 @@ def test_engine_has_no_ui_and_ui_has_no_torch() -> None:
         assert not re.search(r"^\s*(import|from) (torch|diffusers|transformers|peft)\b", text, flags=re.M), path
 
 
-ENTRY_MODULES = {
-    "__init__.py",
-    *("train.py", "train_queue.py", "train_sweep.py"),  # python -m core.train, its --queue and --sweep
-    *("runs.py", "generate.py", "caption.py", "lora_tools.py", "config_docs.py"),
-}
+ENTRY_MODULES = {"__init__.py", "train.py", "runs.py", "generate.py", "caption.py", "lora_tools.py", "config_docs.py"}
 
 
 def test_core_holds_packages_and_the_entry_modules_only() -> None:

@@ -54,10 +54,10 @@ def running_app(
     demo_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
     *flags: str,
-    output: Path | None = None,
     demo: bool = True,
     models: Path | None = None,
     env: dict[str, str] | None = None,
+    output: Path | None = None,
 ) -> Iterator[AppServer]:
     """`python app.py --demo` with `flags` on a free port, with its own output folder (or `output`, to start an
     app again on what an earlier one left) and its own copy of the demo dataset; stopped on exit. Without `demo`
