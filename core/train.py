@@ -6,7 +6,8 @@ trains several runs one after another through the queue file in the output folde
 place in that order); run again after a kill, it continues the interrupted run and goes on. The files go
 into the output folder's queue file (`core.training.queue`) and the loop the app also uses trains it
 (`core.training.queue_runner.run_queue`), so the app and the shell keep one queue; the files already waiting
-are not queued twice.
+are not queued twice. `--sweep lr=1e-4,3e-4 rank=4,8` queues the settings over that grid
+(`core.training.sweep`) and trains that queue the same way, with the estimate before and the ranking after.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from core.config.files import build_config, list_presets
 from core.config.schema import ConfigError, TrainConfig
 from core.data.dataset import Dataset, summarize
 from core.models.demo import ensure_demo_dataset, ensure_demo_model
+from core.runs import table_text
 from core.training.checkpoint import CheckpointError
 from core.training.errors import TrainingError, explain_error
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
@@ -35,6 +37,17 @@ from core.training.preflight import preflight
 from core.training.queue import QueueBusy, QueueError, enqueue, queue_path, read_queue, waiting_alike
 from core.training.queue_runner import Outcome, Start, entry_state, run_queue
 from core.training.run_state import RunResult
+from core.training.sweep import (
+    AXES,
+    SweepError,
+    SweepGrid,
+    estimate,
+    estimate_text,
+    parse_grid,
+    plan_sweep,
+    queue_sweep,
+)
+from core.training.sweep_results import ranking_table, sweep_results
 from core.training.trainer import Trainer
 
 log = logging.getLogger("atelier.train")
@@ -60,7 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config's place); run again after a kill, the interrupted run resumes from its checkpoint. With no "
         "files: continue that queue",
     )
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="AXIS=VALUES",
+        help="train a grid over lr, rank, epochs or batch (e.g. lr=1e-4,3e-4 rank=4,8) through the queue, print "
+        "the time estimate first and the runs ranked by best validation loss after",
+    )
     args = parser.parse_args(argv)
+    if args.sweep and (args.resume or args.queue is not None):
+        parser.error("--sweep queues its own runs; it cannot be combined with --resume or --queue")
     if args.queue is not None and (args.resume or args.config):
         parser.error("--queue takes its config files itself; it cannot be combined with --resume or --config")
     return args
@@ -131,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.queue is not None:
         return train_queue(args)
+    if args.sweep:
+        return train_sweep(args)
     # Read from the launcher's environment: creating accelerate's state here would fix it before the trainer's.
     main_process = os.environ.get("RANK", "0") == "0"
     try:
@@ -185,7 +209,7 @@ def launch_entry(start: Start, record_dir: Callable[[Path], None]) -> Outcome:
         raise ConfigError(problems)
     report_file_problems(dataset)
     try:
-        result = Trainer(start.config, QueueProgress(record_dir), resume_dir=start.resume_dir).run()
+        result = Trainer(start.config, QueueProgress(record_dir), resume_dir=start.resume_dir, note=start.note).run()
     except Exception as error:  # one failed run must not end the queue: it is recorded and the next one trains
         log.debug("queued run failed", exc_info=True)
         message = explain_error(error)
@@ -232,6 +256,42 @@ def train_queue(args: argparse.Namespace) -> int:
     left = [entry for entry in read_queue(output_dir) if entry.state in ("waiting", "running")]
     if left:
         print(f"{len(left)} entries are still waiting in {queue_path(output_dir)}: run --queue again to go on")
+    return 0 if all(outcome.state == "done" for outcome in outcomes) else 1
+
+
+def grid_from_args(values: list[str]) -> SweepGrid:
+    """`["lr=1e-4,3e-4", "rank=4,8"]` as a grid; SweepError naming the argument that is not AXIS=VALUES."""
+    typed: dict[str, str] = {}
+    for value in values:
+        axis, equals, numbers = value.partition("=")
+        if not equals or axis.strip() not in AXES:
+            raise SweepError(
+                f"--sweep {value}: write AXIS=VALUES with AXIS one of {', '.join(AXES)} (e.g. lr=1e-4,3e-4)"
+            )
+        typed[axis.strip()] = numbers
+    return parse_grid(**typed)
+
+
+def train_sweep(args: argparse.Namespace) -> int:
+    """0 when every run trained, 1 when one did not, 2 for a bad grid, config or queue file."""
+    try:
+        grid = grid_from_args(args.sweep)
+        base = config_from_args(args)
+        dataset, problems = preflight(base)
+        if problems or dataset is None:
+            raise ConfigError(problems)
+        report_file_problems(dataset)
+        plan = plan_sweep(base, grid)
+        print(f"sweep {plan.name}: {estimate_text(estimate(plan.configs, dataset, Path(base.run.output_dir)))}")
+        record = queue_sweep(base, grid, plan)
+        print(f"queued {len(plan.configs)} runs: {', '.join(config.run.name for config in plan.configs)}")
+        outcomes = run_queue(Path(base.run.output_dir), launch_entry, say=print)
+        record, results = sweep_results(Path(base.run.output_dir), record.name)
+    except (SweepError, QueueError, ConfigError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"\nsweep {record.name}, ranked by best validation loss:")
+    print(table_text(ranking_table(record, results)))
     return 0 if all(outcome.state == "done" for outcome in outcomes) else 1
 
 

@@ -2,7 +2,8 @@
 
 The tables are `core.training.run_tables`' (the same as `python -m core.runs`), drawn as HTML with every cell
 escaped: run names, paths and config values come from the disk. An opened run is turned into the Monitor's
-`Snapshot`, so its chart, sample grid and file list are the Monitor's own. The list is read again whenever
+`Snapshot`, so its chart, sample grid and file list are the Monitor's own; its log is the folder's `run.log`.
+The comparison is `ui.run_compare`'s. The list is read again whenever
 the tab is shown, so a run that just ended appears with its new state.
 """
 
@@ -16,12 +17,13 @@ import gradio as gr
 from gradio.events import Dependency
 
 from core.config.schema import ConfigError
-from core.training.run_tables import Table, compare_table, run_details, runs_table
+from core.training.run_tables import Table, run_details, runs_table
 from core.training.runs import Curves, RunError, RunSummary, find_run, list_runs, read_curves, resume_config
 from core.training.session import SessionBusy, Snapshot
+from core.training.text_log import read_log
 from ui.charts import loss_figure
 from ui.monitor_tab import default_lora, lora_files, start_message
-from ui.run_charts import compare_figure
+from ui.run_compare import build_compare_section
 from ui.safe_text import code, md
 from ui.sample_grid import CSS as GRID_CSS
 from ui.sample_grid import sample_grid_html
@@ -113,15 +115,11 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
     details = gr.Markdown(elem_id="runs-details")
     chart = gr.Plot(elem_id="runs-chart", show_label=False, visible=False)
     samples = gr.HTML(elem_id="runs-samples", css_template=GRID_CSS)
+    run_log = gr.Textbox(label="Run log", lines=10, max_lines=10, interactive=False, elem_id="runs-log")
     with gr.Row(equal_height=True):
         files = gr.Dropdown(label="LoRA files of this run", choices=[], elem_id="runs-files", scale=3)
         use = gr.Button("Use this epoch", elem_id="runs-use", scale=1)
-    gr.Markdown("### Compare runs")
-    with gr.Row(equal_height=True):
-        compared = gr.Dropdown(label="Runs to compare", choices=[], multiselect=True, elem_id="runs-pick", scale=4)
-        compare_button = gr.Button("Compare", elem_id="runs-compare", scale=1)
-    compare_chart = gr.Plot(elem_id="runs-compare-chart", show_label=False, visible=False)
-    compare_settings = gr.HTML(elem_id="runs-compare-table", css_template=CSS)
+    compared = build_compare_section(output_dir, table_html).picker
     chosen_lora, started = gr.State(None), gr.State(False)
     quiet = {"show_progress": "hidden", "api_visibility": "private"}
 
@@ -141,7 +139,7 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
         try:
             run = find_run(output_dir(), name or "")
         except RunError as error:
-            return [f"**{md(error)}**", "", gr.update(visible=False), "", gr.update(choices=[], value=None)]
+            return [f"**{md(error)}**", "", gr.update(visible=False), "", "", gr.update(choices=[], value=None)]
         snapshot = run_snapshot(run, read_curves(run.path))
         choices = lora_files(snapshot)
         return [
@@ -149,6 +147,7 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
             details_markdown(run),
             gr.update(value=loss_figure(snapshot), visible=True),
             sample_grid_html(snapshot),
+            "\n".join(read_log(run.path)) or "No run log in this folder: it was trained before runs kept one.",
             gr.update(choices=choices, value=default_lora(choices, current)),
         ]
 
@@ -162,16 +161,6 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
             return [start_message(error, f"{name}/config.toml in the output folder"), False]
         return [f"Resuming {code(run.name)} in its own folder: follow it in the Monitor tab.", True]
 
-    def compare(names: list[str] | None) -> list[Any]:
-        if not names or len(names) < 2:
-            return ["**Pick two or more runs to compare.**", gr.update(visible=False), ""]
-        try:
-            runs = [find_run(output_dir(), name) for name in names]
-        except RunError as error:
-            return [f"**{md(error)}**", gr.update(visible=False), ""]
-        figure = compare_figure([(run.name, read_curves(run.path)) for run in runs])
-        return ["", gr.update(value=figure, visible=True), table_html(compare_table(runs), "runs-compare-settings")]
-
     def use_file(path: str | None) -> tuple[str | None, str]:
         if not path:
             return None, "**Open a run and pick a LoRA file first.**"
@@ -180,9 +169,9 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
     listed = [heading, listing, chosen, compared]
     for event in (tab.select, refresh.click):
         event(reload, inputs=[chosen, compared], outputs=listed, **quiet)
-    open_button.click(open_run, inputs=[chosen, files], outputs=[notice, details, chart, samples, files], **quiet)
+    opened = [notice, details, chart, samples, run_log, files]
+    open_button.click(open_run, inputs=[chosen, files], outputs=opened, **quiet)
     resumed = resume_button.click(resume_run, inputs=[chosen, epochs], outputs=[notice, started], **quiet)
-    compare_button.click(compare, inputs=compared, outputs=[notice, compare_chart, compare_settings], **quiet)
     use_lora = use.click(use_file, inputs=files, outputs=[chosen_lora, notice], **quiet)
     app.load(reload, inputs=[chosen, compared], outputs=listed, **quiet)
     return RunsTab(chosen_lora, use_lora, started, resumed)

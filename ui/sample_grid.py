@@ -90,7 +90,7 @@ def _short(text: str) -> str:
     return text if len(text) <= PROMPT_CHARS else text[: PROMPT_CHARS - 1] + "…"
 
 
-def _cell(path: str, caption: str) -> str:
+def sample_cell(path: str, caption: str) -> str:
     url, alt = html.escape(serve(path)), html.escape(caption)
     return (
         f'<td><details><summary><img class="thumb" src="{url}" alt="{alt}" title="{alt}">'
@@ -114,7 +114,7 @@ def sample_grid_html(snapshot: Snapshot) -> str:
     for row in rows:
         best = row.epoch is not None and row.epoch == snapshot.best_epoch
         badge = '<br><span class="badge">★ best</span>' if best else ""
-        cells = "".join(_cell(path, f"{row.label} · {names[i]}") for i, path in enumerate(row.paths))
+        cells = "".join(sample_cell(path, f"{row.label} · {names[i]}") for i, path in enumerate(row.paths))
         body.append(f'<tr class="{"best" if best else ""}"><th>{html.escape(row.label)}{badge}</th>{cells}</tr>')
     table = f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     return f'<div class="sample-grid">{table}</div>'

@@ -18,6 +18,8 @@ from ui.models_tab import build_models_tab
 from ui.monitor_tab import build_monitor_tab
 from ui.queue_panel import build_queue_panel
 from ui.runs_tab import build_runs_tab
+from ui.sweep_panel import build_sweep_panel
+from ui.sweep_ranking import build_sweep_ranking
 from ui.tools_tab import build_tools_tab
 from ui.training_tab import build_training_tab
 
@@ -36,17 +38,20 @@ def build_app(context: AppContext) -> gr.Blocks:
                 models = build_models_tab(context, app, models_tab)
             with gr.Tab("Training", id="training"):
                 training = build_training_tab(context, app)
+                build_sweep_panel(context)
             with gr.Tab("Monitor", id="monitor"):
                 monitor = build_monitor_tab(context, app)
             with gr.Tab("Runs", id="runs") as runs_tab:
                 runs = build_runs_tab(context, app, runs_tab)
+                sweeps = build_sweep_ranking(lambda: context.output_dir, runs_tab)
                 build_queue_panel(context, app, runs_tab)
             with gr.Tab("Inference", id="inference") as inference_tab:
                 inference = build_inference_tab(context, app, inference_tab)
             with gr.Tab("Tools", id="tools") as tools_tab:
                 build_tools_tab(context, app, tools_tab)
-        # "Use this epoch" on the Monitor or the Runs tab puts that LoRA in an Inference row and opens that tab.
-        for source in (monitor, runs):
+        # "Use this epoch" on the Monitor or the Runs tab, or a sweep's winner, puts that LoRA in an Inference row
+        # and opens that tab.
+        for source in (monitor, runs, sweeps):
             inference.use_lora(source.use_lora, source.chosen_lora).then(
                 lambda: gr.Tabs(selected="inference"), outputs=tabs
             )

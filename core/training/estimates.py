@@ -265,14 +265,20 @@ def time_per_epoch(its: float | None, steps_per_epoch: int) -> float | None:
     return steps_per_epoch / its
 
 
-def latest_measured_its(output_dir: Path) -> float | None:
-    """The last it/s recorded by the most recently written run under `output_dir`, if any run has stepped."""
+def latest_measurement(output_dir: Path) -> tuple[float, Path] | None:
+    """The last it/s recorded by the most recently written run under `output_dir`, and that run's folder."""
     logs = [path for path in Path(output_dir).expanduser().glob(f"*/{METRICS_FILE}") if path.is_file()]
     for path in sorted(logs, key=os.path.getmtime, reverse=True):
         its = _last_its(path)
         if its:
-            return its
+            return its, path.parent
     return None
+
+
+def latest_measured_its(output_dir: Path) -> float | None:
+    """The last it/s recorded by the most recently written run under `output_dir`, if any run has stepped."""
+    measured = latest_measurement(output_dir)
+    return measured[0] if measured else None
 
 
 def _last_its(path: Path, tail_bytes: int = 65536) -> float | None:

@@ -19,6 +19,7 @@ from core.training.errors import explain_error
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.preflight import preflight
 from core.training.runs import sample_sets
+from core.training.text_log import saved_message
 
 if TYPE_CHECKING:
     from core.models.loading import ModelComponents
@@ -159,7 +160,7 @@ class _Recorder(TrainingCallbacks):
         with self.session._lock:
             files = tuple(dict.fromkeys((*self.session._recording.fields.files, str(path))))
             self.session._recording.update(run_dir=str(path.parent), files=files)
-        self.on_log(f"saved {kind}: {path.name}")
+        self.on_log(saved_message(path, kind))
 
 
 class TrainingSession:
@@ -186,7 +187,7 @@ class TrainingSession:
                 self._recording.log.append(note)
             from core.training.trainer import Trainer  # the first run loads torch and the models' libraries
 
-            trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)
+            trainer = Trainer(config, _Recorder(self), self._commands, resume_dir, note)
             self._thread = threading.Thread(target=self._run, args=(trainer,), name="atelier-training", daemon=True)
             self._thread.start()
 

@@ -27,7 +27,7 @@ from core.models.loading import ModelComponents
 from core.training.batches import BatchOrder, FeatureOptions, TrainingSet, cache_run_features
 from core.training.checkpoint import ResumableState, load_checkpoint, save_checkpoint
 from core.training.conditioning import TextEncoders
-from core.training.errors import nonfinite_loss_error
+from core.training.errors import explain_error, nonfinite_loss_error
 from core.training.events import StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.lora_saver import LoraSaver
 from core.training.loss_readback import LossReadback
@@ -39,6 +39,7 @@ from core.training.run_log import RunLog, replay
 from core.training.run_state import Progress, RunResult, model_fingerprint, new_run_dir
 from core.training.run_status import mark_started, record_end
 from core.training.samples import render_samples
+from core.training.text_log import LoggedCallbacks, TextLog
 from core.training.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,15 @@ class Trainer:
         callbacks: TrainingCallbacks | None = None,
         commands: TrainingCommands | None = None,
         resume_dir: Path | None = None,
+        note: str = "",
     ) -> None:
+        """`note` opens the run's log file (the queue names the entry there)."""
         self.config = config
         self.callbacks = callbacks or TrainingCallbacks()
         self.commands = commands or TrainingCommands()
         self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.text_log: TextLog | None = None
+        self.note = note
 
     # ----- setup ---------------------------------------------------------------------------------
 
@@ -133,6 +138,8 @@ class Trainer:
             remove_leftovers(self.run_dir)  # half-written files and folders of a killed earlier process
             save_config(cfg, self.run_dir / "config.toml")
             mark_started(self.run_dir)
+            self.text_log = TextLog(self.run_dir, resumed=state is not None, note=self.note)
+            self.callbacks = LoggedCallbacks(self.callbacks, self.text_log)
         self.callbacks.on_run_dir(self.run_dir, resumed=state is not None)
         self._say(
             f"{plan.train_images} training and {plan.validation_images} validation images, "
@@ -387,8 +394,11 @@ class Trainer:
         return progress, history
 
     def _record_end(self, status: str, error: Exception | None = None) -> None:
-        if self.accelerator.is_main_process:
-            record_end(self.run_dir, status, error)
+        if not self.accelerator.is_main_process:
+            return
+        if self.text_log:
+            self.text_log.close(explain_error(error) if error else "")
+        record_end(self.run_dir, status, error)
 
     def _finish(self, progress: Progress, status: str) -> None:
         if self.loras:

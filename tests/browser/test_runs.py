@@ -1,4 +1,5 @@
-"""The Runs tab in a real browser: open a finished run, resume a stopped one, compare three.
+"""The Runs tab in a real browser: open a finished run (its log too), resume a stopped one, compare three (best
+samples side by side, CSV and PNG exports).
 
 The three runs to open and compare are trained by the engine in this process, straight into the app's output
 folder (two epochs of the demo model each, a few seconds); the run to resume is started, stopped and resumed
@@ -8,16 +9,21 @@ tables and the chart must show it as text.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
+from PIL import Image
 from playwright.sync_api import Page, expect
 from training_helpers import Recorder, read_metrics
 
 from core.config.files import build_config, load_config
 from core.training.events import TrainingCommands
+from core.training.runs import find_run
 from core.training.trainer import Trainer
 from tests.browser.conftest import AppServer, choose, screenshot
 from tests.browser.test_monitor_tab import RUN_TIMEOUT_MS, button, open_monitor, progress, set_setting, step, stored
@@ -85,9 +91,13 @@ def test_a_finished_run_opens_with_its_curves_samples_and_files(
     expect(grid.locator("img.thumb")).to_have_count(len(prompts))  # epoch 2's row
     assert grid.locator("img.thumb").first.evaluate("img => img.complete && img.naturalWidth > 0")
     expect(page.locator("#runs-files input")).to_have_value("style-a-best.safetensors")
+    log = page.locator("#runs-log textarea")  # the folder's run.log, as the Monitor showed it live
+    expect(log).to_have_value(re.compile(r"^--- started .*\nfeatures: .*saved best: style-a-best\.safetensors", re.S))
+    expect(log).to_have_value(re.compile(r"finished at step 14\. best epoch \d"))
     screenshot(page, "runs-tab-open")
     page.locator("#runs-use").click()
-    expect(page.get_by_role("tab", name="Inference")).to_have_attribute("aria-selected", "true")
+    inference = page.get_by_role("tab", name="Inference")
+    expect(inference).to_have_attribute("aria-selected", "true", timeout=30_000)  # three events, on a busy CI
     expect(page.locator("#inference-lora-0-file input")).to_have_value(re.compile("style-a-best"))
 
 
@@ -149,7 +159,9 @@ def test_a_stopped_run_is_resumed_from_the_ui_and_its_curve_continues(
     assert name == stored(app_server)["run"]["name"]
 
 
-def test_three_runs_are_compared_on_one_chart_with_the_settings_that_differ(page: Page, trained: list[str]) -> None:
+def test_three_runs_are_compared_on_one_chart_with_the_settings_that_differ(
+    page: Page, app_server: AppServer, trained: list[str], tmp_path: Path
+) -> None:
     open_runs(page)
     page.locator("#runs-refresh").click()
     expect(page.locator("#runs-table")).to_contain_text(trained[-1])
@@ -169,4 +181,43 @@ def test_three_runs_are_compared_on_one_chart_with_the_settings_that_differ(page
     assert rows["lora.rank"] == ["16", "8", "16"] and rows["run.name"] == ["style-a", "style-b", "style-c"]
     assert "schedule.epochs" not in rows  # the same in all three
     expect(page.locator("#runs-compare-table img, #runs-compare-table a")).to_have_count(0)
+    check_best_samples(page, app_server, trained)
     screenshot(page, "runs-tab-compare")
+    check_exports(page, trained, tmp_path)
+
+
+def check_best_samples(page: Page, app_server: AppServer, trained: list[str]) -> None:
+    """A column per run, a row per prompt, each image from the run's own best epoch (or the nearest sampled)."""
+    grid = page.locator("#runs-best-samples")
+    prompts = load_config(app_server.output_dir / "style-a" / "config.toml").sampling.prompts
+    expect(grid.locator("tbody tr")).to_have_count(len(prompts))
+    headers = grid.locator("thead th").all_inner_texts()
+    assert [header.split("\n")[0] for header in headers[1:]] == trained  # the hostile name as text
+    for column, name in enumerate(trained, start=1):
+        run = find_run(app_server.output_dir, name)
+        shown = run.best_epoch if f"epoch-{run.best_epoch:04d}" in run.samples else 2  # the one set sampled
+        assert f"epoch {shown}" in headers[column]
+        source = grid.locator(f"tbody tr:first-child td:nth-child({column + 1}) img.thumb").get_attribute("src")
+        assert unquote(source or "").endswith(f"/samples/epoch-{shown:04d}/00.png")
+    assert grid.locator("img.thumb").first.evaluate("img => img.complete && img.naturalWidth > 0")
+    expect(grid.locator(".notes")).to_contain_text("only the LoRA differs")  # same prompts and seed in all three
+    expect(grid.locator("img:not(.thumb):not([src^='gradio_api/file='])")).to_have_count(0)
+
+
+def check_exports(page: Page, trained: list[str], tmp_path: Path) -> None:
+    """The CSV of the curves and a real PNG of the chart arrive as downloads."""
+    with page.expect_download() as csv_download:
+        page.locator("#runs-compare-csv").click()
+    rows = list(csv.DictReader(io.StringIO(Path(csv_download.value.path()).read_text())))
+    assert [name for name in dict.fromkeys(row["run"] for row in rows)] == trained
+    assert {row["kind"] for row in rows} >= {"train_loss", "val_loss", "best_val_loss"}
+    assert len([row for row in rows if row["kind"] == "train_loss"]) == 3 * 14
+    with page.expect_download() as png_download:
+        page.locator("#runs-compare-png").click()
+    assert png_download.value.suggested_filename == "runs-compare.png"
+    target = tmp_path / "chart.png"
+    png_download.value.save_as(target)
+    with Image.open(target) as image:
+        assert image.format == "PNG" and image.size == (1200, 620)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 20  # a drawn chart, not a blank image
