@@ -90,6 +90,10 @@ def test_the_curves_csv_holds_every_point_of_every_run(runs: Path, tmp_path: Pat
         assert int(best["epoch"]) == find_run(runs, name).best_epoch
         assert len([row for row in mine if row["kind"] == "epoch_train_loss"]) == 2
 
+    hostile = curves_csv([('=HYPERLINK("http://x")', read_curves(runs / "a")), ("-2+3", read_curves(runs / "b"))])
+    hostile_rows = list(csv.DictReader(io.StringIO(hostile)))
+    assert {row["run"] for row in hostile_rows} == {'\'=HYPERLINK("http://x")', "'-2+3"}  # text, not formulas
+
     target = tmp_path / "curves.csv"
     target.write_text("mine\n")
     command = [sys.executable, "-m", "core.runs", "compare", str(runs), *names, "--csv", str(target)]

@@ -15,6 +15,7 @@ from training_helpers import Recorder, demo_config, read_metrics
 
 from core.config.schema import ConfigError, TrainConfig
 from core.lora.adapters import add_training_loras
+from core.lora.header import read_lora_metadata
 from core.models.loading import load_model
 from core.training.conditioning import TextEncoders
 from core.training.errors import TrainingError
@@ -48,6 +49,8 @@ def test_training_learns_tracks_the_best_epoch_and_writes_a_run_folder(
         "demo-e0002.safetensors",
         "demo-e0004.safetensors",
     ]
+    assert read_lora_metadata(run / "demo.safetensors")["ss_epoch"] == "5"  # the loop's counter stands at 6
+    assert read_lora_metadata(run / "demo-e0004.safetensors")["ss_epoch"] == "4"
     assert list((run / "tensorboard").iterdir())
     assert sorted(recorder.samples) == ["epoch-0002", "epoch-0004"]
     for epoch in (2, 4):

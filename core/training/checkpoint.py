@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from core.common.fsutil import atomic_path
 from core.training.batches import BatchOrder
+from core.training.run_state import Progress
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -76,7 +77,7 @@ class ResumableState:
             "history": history,
         }
 
-    def restore(self, state: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
+    def restore(self, state: dict[str, Any]) -> tuple[Progress, list[dict]]:
         """Put every live object back where `state` was taken; returns its progress and history."""
         set_peft_model_state_dict(self.unet, state["unet_lora"])
         for key, encoder in zip(TEXT_KEYS, self.text_encoders, strict=False):
@@ -85,4 +86,4 @@ class ResumableState:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.order.restore(state)
         self.noise.set_state(state["noise_state"])
-        return state["progress"], list(state["history"])
+        return Progress(**state["progress"]), list(state["history"])

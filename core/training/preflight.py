@@ -215,3 +215,10 @@ def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:
     """The dataset and every problem that stops a run; an empty list means the run can start."""
     report = check_run(config)
     return report.dataset, report.problems
+
+
+def device_problems(config: TrainConfig, device_type: str) -> list[Problem]:
+    """What the device the run landed on cannot do; known only once accelerate has chosen it."""
+    if config.performance.mixed_precision == "fp16" and device_type != "cuda":
+        return [Problem("performance.mixed_precision", "fp16", "fp16 needs a CUDA GPU; use bf16 or no")]
+    return []

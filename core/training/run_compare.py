@@ -27,6 +27,7 @@ SAMPLE_SETTINGS = (  # what else decides a sample image, besides the prompt and 
     "model.base",
 )
 CSV_COLUMNS = ("run", "epoch", "step", "kind", "value")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,17 @@ def curve_rows(runs: list[tuple[str, Curves]]) -> list[tuple[str, int, int, str,
     return rows
 
 
+def spreadsheet_text(text: str) -> str:
+    """`text` as a spreadsheet shows it, never runs it: a cell starting with = + - @ (or a tab or CR) is a formula
+    to Excel and LibreOffice, and a run's name is a folder name anyone could have chosen, so it gets a leading '."""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
 def curves_csv(runs: list[tuple[str, Curves]]) -> str:
     """`curve_rows` as CSV with a header (run, epoch, step, kind, value); values at full precision."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    writer.writerows((name, epoch, step, kind, repr(value)) for name, epoch, step, kind, value in curve_rows(runs))
+    rows = curve_rows(runs)
+    writer.writerows((spreadsheet_text(run), epoch, step, kind, repr(value)) for run, epoch, step, kind, value in rows)
     return buffer.getvalue()

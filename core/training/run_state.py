@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,11 @@ class Progress:
         else:
             self.validations_without_improvement += 1
         return is_best
+
+    def capped(self, epochs: int) -> Progress:
+        """This position with the epoch counter at most `epochs`: once a run finished, the counter stands one past
+        its last epoch (where an extension would start), which a file's `ss_epoch` must not name."""
+        return replace(self, epoch=min(self.epoch, epochs))
 
     def epoch_record(self, val_loss: float | None, lr: float) -> EpochRecord:
         """The epoch that just ended: its mean train loss, its validation (if any) and the best so far."""

@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 
 from core.common.fsutil import remove_leftovers
 from core.config.files import save_config
-from core.config.schema import ConfigError, Problem, TrainConfig
+from core.config.schema import ConfigError, TrainConfig
 from core.models.loading import ModelComponents
 from core.training.batches import BatchOrder, FeatureOptions, TrainingSet, cache_run_features
 from core.training.checkpoint import ResumableState, load_checkpoint, save_checkpoint
@@ -34,7 +34,7 @@ from core.training.loss_readback import LossReadback
 from core.training.losses import batch_loss
 from core.training.model_setup import load_for_training
 from core.training.optim import make_lr_scheduler, make_optimizer, step_unless_nonfinite
-from core.training.preflight import RunPlan, plan_run, preflight
+from core.training.preflight import RunPlan, device_problems, plan_run, preflight
 from core.training.run_log import RunLog, replay
 from core.training.run_state import Progress, RunResult, model_fingerprint, new_run_dir
 from core.training.run_status import mark_started, record_end
@@ -71,9 +71,7 @@ class Trainer:
 
     def _check(self) -> RunPlan:
         dataset, problems = preflight(self.config)
-        on_gpu = self.accelerator.device.type == "cuda"
-        if self.config.performance.mixed_precision == "fp16" and not on_gpu:
-            problems.append(Problem("performance.mixed_precision", "fp16", "fp16 needs a CUDA GPU; use bf16 or no"))
+        problems += device_problems(self.config, self.accelerator.device.type)
         if problems:
             raise ConfigError(problems)
         self.dataset = dataset
@@ -185,7 +183,9 @@ class Trainer:
         self.resumable = ResumableState(
             self.lora_unet, self.lora_text_encoders, self.optimizer, self.lr_scheduler, self.order, self.noise
         )
-        progress, history = self._restore(state) if state is not None else (Progress(), [])
+        progress, history = self.resumable.restore(state) if state is not None else (Progress(), [])
+        if state is not None:
+            self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
         main = self.accelerator.is_main_process
         self.run_log = RunLog(self.run_dir, history) if main else None
         self.loras = (
@@ -373,36 +373,27 @@ class Trainer:
         return False
 
     def _sample(self, folder: Path, epoch: int) -> None:
-        if not self.accelerator.is_main_process or not self.config.sampling.prompts:
-            return
-        self.callbacks.on_status("sampling")
-        paths = render_samples(self.components, self.config.sampling, folder, self.accelerator.device)
-        self.callbacks.on_sample(epoch, paths)
-        self.callbacks.on_status("training")
+        if self.accelerator.is_main_process and self.config.sampling.prompts:
+            self.callbacks.on_status("sampling")
+            paths = render_samples(self.components, self.config.sampling, folder, self.accelerator.device)
+            self.callbacks.on_sample(epoch, paths)
+            self.callbacks.on_status("training")
 
     def _checkpoint(self, progress: Progress, next_epoch: bool = False) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        history = self.run_log.history if self.run_log else []
-        state = self.resumable.capture(dict(progress.__dict__), history, next_epoch)
-        self.callbacks.on_saved(save_checkpoint(self.run_dir, state), "checkpoint")
-
-    def _restore(self, state: dict) -> tuple[Progress, list[dict]]:
-        position, history = self.resumable.restore(state)
-        progress = Progress(**position)
-        self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
-        return progress, history
+        if self.accelerator.is_main_process:
+            history = self.run_log.history if self.run_log else []
+            state = self.resumable.capture(dict(progress.__dict__), history, next_epoch)
+            self.callbacks.on_saved(save_checkpoint(self.run_dir, state), "checkpoint")
 
     def _record_end(self, status: str, error: Exception | None = None) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        if self.text_log:
-            self.text_log.close(explain_error(error) if error else "")
-        record_end(self.run_dir, status, error)
+        if self.accelerator.is_main_process:
+            if self.text_log:
+                self.text_log.close(explain_error(error) if error else "")
+            record_end(self.run_dir, status, error)
 
     def _finish(self, progress: Progress, status: str) -> None:
         if self.loras:
-            self.loras.save(self.config.run.name, progress, "final")
+            self.loras.save(self.config.run.name, progress.capped(self.plan.epochs), "final")
         self._checkpoint(progress)
         self.accelerator.wait_for_everyone()
         best = progress.best_epoch and f"best epoch {progress.best_epoch} (val loss {progress.best_val_loss:.5f})"

@@ -157,7 +157,8 @@ def test_the_default_run_is_watched_to_the_end(page: Page, app_server: AppServer
     )
     screenshot(page, "monitor-tab-finished")
     button(page, "use").click()  # the chosen LoRA goes into the Inference tab, which opens
-    expect(page.get_by_role("tab", name="Inference")).to_have_attribute("aria-selected", "true")
+    inference = page.get_by_role("tab", name="Inference")
+    expect(inference).to_have_attribute("aria-selected", "true", timeout=30_000)  # three events, on a busy CI
     expect(page.locator("#inference-lora-0-file input")).to_have_value(re.compile(f"{run_name}-best"))
 
     page.reload()
