@@ -191,8 +191,11 @@ class InferenceEngine:
         self._cancel.set()
 
     def _install(self, components: ModelComponents, key: tuple[str, str]) -> None:
-        for module in (components.unet, *components.text_encoders, components.vae):
+        """Use `components` as the base; its VAE in the UNet's dtype (a trained run's may be in fp32), so that the
+        SDXL pipelines' own `force_upcast` handling decides when it works in fp32."""
+        for module in (components.unet, *components.text_encoders):
             module.to(self.device)
+        components.vae.to(self.device, components.unet.dtype)
         self._base = build_pipeline(components)
         self._base.set_progress_bar_config(disable=True)
         self._components, self._key = components, key
@@ -288,6 +291,8 @@ class InferenceEngine:
             seed = request.seed + index
             callback = self._step_callback(progress, index, request.batch_count)
             image = pipe(**kwargs, generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback)
+            if pipe.vae.dtype != pipe.unet.dtype:  # SDXL's ControlNet inpainting leaves an upcast VAE in fp32
+                pipe.vae.to(pipe.unet.dtype)
             if self._cancel.is_set():
                 raise GenerationCancelled(f"generation cancelled after {index} of {request.batch_count} image(s)")
             result.images.append(region.finish(image.images[0]))

@@ -76,7 +76,7 @@ def _checked_folder(path: Path, role: str) -> ModelCheck:
 
 def _checked_single_file(path: Path, role: str) -> ModelCheck:
     try:
-        keys = _header_keys(path)
+        keys = list(read_header(path))
     except (OSError, struct.error, ValueError, AttributeError) as error:
         reason = first_line(error)
         return ModelCheck(
@@ -123,11 +123,15 @@ def _folder_problem(path: Path, role: str, family: ModelFamily = SD1) -> str:
     return ""
 
 
-def _header_keys(path: Path) -> list[str]:
-    """The tensor names of a .safetensors file, from its header alone (8-byte length, then JSON)."""
+def read_header(path: Path) -> dict:
+    """A .safetensors file's header alone (8-byte length, then JSON): each tensor's dtype, shape and offsets by
+    name, and `__metadata__`. Raises OSError, struct.error or ValueError for a file that is not one."""
     with path.open("rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
-        return list(json.loads(file.read(length)).keys())
+        header = json.loads(file.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header
 
 
 def _single_file_problem(path: Path, keys: list[str], role: str) -> str:
