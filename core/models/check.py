@@ -63,6 +63,18 @@ def check_model(source: str, role: str = "base") -> ModelCheck:
     return _checked_single_file(path, role)
 
 
+def known_family(source: str) -> ModelFamily | None:
+    """A base model's family when it can be told without the network (a folder's configs, a file's keys, a hub
+    model's cached configs); None otherwise, e.g. for a model that is gone or not downloaded."""
+    try:
+        kind, _ = classify_source(source)
+    except ModelLoadError:
+        return None
+    if kind == "hub" and not isinstance(huggingface_hub.try_to_load_from_cache(source, "model_index.json"), str):
+        return None
+    return check_model(source).family
+
+
 def _checked_folder(path: Path, role: str) -> ModelCheck:
     """The folder's parts first (a damaged folder says which file), then its family and the parts it needs."""
     if (problem := _folder_problem(path, role)) or role != "base":
