@@ -59,11 +59,11 @@ from core.inference.requests import (
     GenerationError,
     GenerationRequest,
     LoraSpec,
+    with_family_controlnets,
 )
 from core.inference.samplers import make_sampler
 from core.inference.sweep import SweepResult, SweepVariant, sweep_grid
 from core.models.controlnets import ControlNetCache
-from core.models.families import SD1
 from core.models.loading import ModelComponents, build_pipeline, load_model
 from core.models.preprocessors import make_control_image
 
@@ -255,6 +255,7 @@ class InferenceEngine:
         request.check()
         if self._components is None:
             raise GenerationError("no base model is loaded: load one (load_base) before generating")
+        request = with_family_controlnets(request, self._components.family)
         self._cancel.clear()
         if request.seed == -1:
             request = replace(request, seed=random.randint(0, MAX_SEED))
@@ -325,16 +326,10 @@ class InferenceEngine:
         return pipe
 
     def _controlnet(self, number: int, unit: ControlSpec) -> ControlNetModel:
-        """The unit's ControlNet, refused by name when it is made for another family than the model's: the
-        default ControlNet 1.1 models are SD 1.5's, and another family's fails deep inside with shapes."""
+        """The unit's ControlNet, refused by name when it is made for another family than the model's (another
+        family's fails deep inside with shapes)."""
         assert self._components is not None
         family, unet = self._components.family, self._components.unet
-        if not unit.model and family.lora_group != SD1.lora_group:
-            raise GenerationError(
-                f"ControlNet unit {number} ({unit.kind}): the standard ControlNet 1.1 models are SD 1.5's and do not "
-                f"fit this {family.label} model; give the unit an {family.label} ControlNet (a hub id such as "
-                f"diffusers/controlnet-depth-sdxl-1.0 for SDXL, a diffusers folder or a .safetensors file)"
-            )
         model = self._controlnets.get(unit, dtype=unet.dtype, device=unet.device)
         fits = all(
             model.config.get(name) == unet.config.get(name) for name in ("cross_attention_dim", "addition_embed_type")
