@@ -23,9 +23,10 @@ from core.config.schema import ConfigError, TrainConfig
 from core.data.dataset import Dataset, summarize
 from core.models.demo import ensure_demo_dataset, ensure_demo_model
 from core.training.checkpoint import CheckpointError
+from core.training.errors import TrainingError
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
 from core.training.preflight import preflight
-from core.training.trainer import Trainer, TrainingError
+from core.training.trainer import Trainer
 
 log = logging.getLogger("atelier.train")
 

@@ -135,6 +135,8 @@ def test_errors_are_shown_in_plain_words() -> None:
         "**The settings need fixing before training can start** (Training tab):\n"
         "- <code>dataset.path</code>: folder not found"
     )
+    resumed = start_message(ConfigError([problem]), "bauhaus/config.toml in the output folder")
+    assert "(bauhaus/config.toml in the output folder):" in resumed and "Training tab" not in resumed
     assert "already running" in start_message(SessionBusy("A training run is already running: stop it first."))
     assert error_html(snapshot()) == ""
     shown = error_html(snapshot(status="failed", error="The GPU ran out of memory <for real>."))

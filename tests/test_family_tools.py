@@ -18,9 +18,10 @@ from core.config.schema import LoraSection
 from core.lora.adapters import add_training_loras
 from core.lora.files import save_lora
 from core.lora.merge import extract_lora, merge_loras
+from core.lora.module_index import family_index
 from core.lora.reading import read_lora
 from core.lora.tools import combine_loras, convert_lora, inspect_lora, resize_lora
-from core.models.families import SD2_V, SDXL, ModelFamily
+from core.models.families import SD1, SD2_V, SDXL, ModelFamily
 from core.models.loading import build_pipeline, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
@@ -150,3 +151,32 @@ def test_merge_and_extract_on_the_family_models(family_model: tuple[Path, ModelF
     assert result.family.lora_group == family.lora_group and result.modules.keys() <= lora.modules.keys()
     for name, module in result.modules.items():
         torch.testing.assert_close(module.delta(), 0.5 * lora.modules[name].delta(), atol=1e-4, rtol=1e-3)
+
+
+def released_width_lora(path: Path, width: int) -> Path:
+    """A headerless kohya file with one cross-attention and one text-encoder module at a released model's width
+    (768 for SD 1.x, 1024 for SD 2.x): the tiny test models are narrower, so this file is built by hand."""
+    tensors = {}
+    for name, out_features in (
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320),
+        ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", width),
+    ):
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, width)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, 2)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_headerless_sd2_lora_is_told_from_sd1_by_its_text_feature_width(tmp_path: Path) -> None:
+    """SD 1.x and 2.x files share their key names; the width their layers read tells them apart, so a tool's copy
+    (resize) of a headerless SD 2.x LoRA is labelled sd_v2 and an SD 1.x model refuses it by name."""
+    sd2 = released_width_lora(tmp_path / "sd2.safetensors", 1024)
+    sd1 = released_width_lora(tmp_path / "sd1.safetensors", 768)
+    assert inspect_lora(sd2).base_model == "SD 2.x (from its keys)"
+    assert inspect_lora(sd1).base_model == "SD 1.x (from its keys)"
+    smaller = resize_lora(sd2, tmp_path / "smaller.safetensors", rank=1).output
+    assert read_lora(smaller).metadata["ss_base_model_version"] == "sd_v2"
+    refusal = "is an SD 2.x LoRA (its layers read 1024-wide text features, as SD 2.x's do) and the model is SD 1.x"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        read_lora(sd2, family_index(SD1))

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from inference_helpers import make_loras
 from PIL import Image, ImageDraw
-from test_inference import make_loras
 
 from core import train
 from core.generate import main, parse_args, parse_control, parse_lora

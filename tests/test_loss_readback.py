@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.training.errors import TrainingError
 from core.training.events import StepRecord
 from core.training.loss_readback import LossReadback
-from core.training.trainer import Trainer, TrainingError
+from core.training.trainer import Trainer
 from tests.training_helpers import Recorder, demo_config
 
 DEFERRED = "performance.loss_readback_seconds=60"

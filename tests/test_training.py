@@ -17,10 +17,11 @@ from core.config.schema import ConfigError, TrainConfig
 from core.lora.adapters import add_training_loras
 from core.models.loading import load_model
 from core.training.conditioning import TextEncoders
+from core.training.errors import TrainingError
 from core.training.events import EpochRecord, TrainingCommands
 from core.training.runs import read_run
 from core.training.session import SessionBusy, TrainingSession, explain_error
-from core.training.trainer import Trainer, TrainingError
+from core.training.trainer import Trainer
 from core.training.validation import build_validation_set, validation_loss
 
 pytestmark = pytest.mark.slow

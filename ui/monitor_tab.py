@@ -255,10 +255,11 @@ def controls(snapshot: Snapshot, chosen: str | None) -> list[Any]:
     return [gr.update(choices=choices, value=default_lora(choices, chosen)), *button_updates(snapshot)]
 
 
-def start_message(error: Exception) -> str:
+def start_message(error: Exception, where: str = "Training tab") -> str:
+    """`where` names the place the settings are fixed: the Training tab, or a resumed run's own config."""
     if isinstance(error, ConfigError):
         problems = "\n".join(f"- {code(problem.field)}: {md(problem.message)}" for problem in error.problems)
-        return f"**The settings need fixing before training can start** (Training tab):\n{problems}"
+        return f"**The settings need fixing before training can start** ({md(where)}):\n{problems}"
     return f"**{md(error)}**"
 
 

@@ -158,7 +158,7 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
             config = resume_config(run, int(total) if total else None)
             context.session.start(context.workspace.check_config(config), resume_dir=run.path)
         except (RunError, ConfigError, SessionBusy) as error:
-            return [start_message(error), False]
+            return [start_message(error, f"{name}/config.toml in the output folder"), False]
         return [f"Resuming {code(run.name)} in its own folder: follow it in the Monitor tab.", True]
 
     def compare(names: list[str] | None) -> list[Any]:

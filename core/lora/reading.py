@@ -15,7 +15,7 @@ import collections
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,11 +101,26 @@ def _refuse_unsupported(path: Path, keys: Iterable[str]) -> None:
 _SECOND_ENCODER = ("lora_te2_", "text_encoder_2.")
 
 
-def _stated_family(metadata: dict[str, str], keys: Iterable[str]) -> tuple[str, str, str] | None:
-    """(LoRA group, family label, why) when the header or the key names say which family a LoRA is for."""
+# The width of the text features the UNet's cross-attention reads: CLIP ViT-L's for SD 1.x, OpenCLIP ViT-H's for
+# SD 2.x, both encoders' together for SDXL. SD 1.x and 2.x name their layers alike, so without a header only these
+# widths tell them apart. A `lora_te_` text encoder (SD 1.x/2.x naming) is as wide as the features it makes.
+_CROSS_WIDTHS = {768: SD1, 1024: SD2, 2048: SDXL}
+_CROSS_KEYS = ("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight")
+
+
+def _family_by_width(tensors: Mapping[str, torch.Tensor]) -> ModelFamily | None:
+    """The family whose text-feature width the file's cross-attention (else its `lora_te_` modules) reads, None
+    when neither is in the file or the width is none of the released models' (a test model's)."""
+    cross = [t.shape[1] for k, t in tensors.items() if k.endswith(_CROSS_KEYS) and t.dim() == 2]
+    text = [t.shape[1] for k, t in tensors.items() if k.startswith(TEXT_ENCODER_PREFIX) and ".lora_down." in k]
+    return next((_CROSS_WIDTHS[width] for width in cross or text if width in _CROSS_WIDTHS), None)
+
+
+def _stated_family(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor]) -> tuple[str, str, str] | None:
+    """(LoRA group, family label, why) when the header, the key names or the widths say which family it is for."""
     if family := lora_family(metadata):
         return family.lora_group, family.label, "its header says so"
-    keys = list(keys)
+    keys = list(tensors)
     if any(key.startswith(_SECOND_ENCODER) for key in keys):
         return (
             SDXL.lora_group,
@@ -113,15 +128,20 @@ def _stated_family(metadata: dict[str, str], keys: Iterable[str]) -> tuple[str, 
             "it has keys for SDXL's second text encoder, e.g. "
             + next(key for key in keys if key.startswith(_SECOND_ENCODER)),
         )
+    if family := _family_by_width(tensors):
+        width = next(width for width, known in _CROSS_WIDTHS.items() if known is family)
+        return family.lora_group, family.label, f"its layers read {width}-wide text features, as {family.label}'s do"
     if any(key.startswith(TEXT_ENCODER_PREFIX) for key in keys):
         return "sd1|sd2", "SD 1.x/2.x", f"its text-encoder keys use SD 1.x/2.x's {TEXT_ENCODER_PREFIX}"
     return None
 
 
-def refuse_other_family(path: Path, metadata: dict[str, str], keys: Iterable[str], family: ModelFamily) -> None:
+def refuse_other_family(
+    path: Path, metadata: dict[str, str], tensors: Mapping[str, torch.Tensor], family: ModelFamily
+) -> None:
     """Refuse a LoRA whose header or keys name another family than the model's, naming both, before its first
     mismatched shape."""
-    stated = _stated_family(metadata, keys)
+    stated = _stated_family(metadata, tensors)
     if stated is not None and family.lora_group not in stated[0].split("|"):
         raise ValueError(
             f"{path} is an {stated[1]} LoRA ({stated[2]}) and the model is {family.label}: use the LoRA with an "
@@ -129,9 +149,9 @@ def refuse_other_family(path: Path, metadata: dict[str, str], keys: Iterable[str
         )
 
 
-def _candidate_indexes(metadata: dict[str, str], keys: Iterable[str]) -> list[ModuleIndex]:
-    """The family indexes to read a file against: the one its header or keys state, else SD 1.x, then SDXL."""
-    stated = _stated_family(metadata, keys)
+def _candidate_indexes(metadata: dict[str, str], tensors: Mapping[str, torch.Tensor]) -> list[ModuleIndex]:
+    """The family indexes to read a file against: the one its header, keys or widths state, else SD 1.x, then SDXL."""
+    stated = _stated_family(metadata, tensors)
     if stated is None or "|" in stated[0]:
         return [sd15_index(), family_index(SDXL)] if stated is None else [sd15_index()]
     return [family_index(next(f for f in (SD1, SD2, SDXL) if f.lora_group == stated[0]))]
@@ -141,8 +161,8 @@ def read_lora(path: Path, index: ModuleIndex | None = None) -> LoraFile:
     """Read a kohya/A1111 or diffusers/peft LoRA (a file, or a diffusers LoRA folder) of any family.
 
     With `index` (the loaded model's family) names are resolved against it and a LoRA stating another family
-    is refused by name; without, against the family its header or keys state (SD 1.x, then SDXL, when
-    nothing says: a headerless SD 2.x LoRA has SD 1.x's names and reads the same)."""
+    is refused by name; without, against the family its header, keys or text-feature widths state (SD 1.x, then
+    SDXL, when nothing says)."""
     path = Path(path)
     if path.is_dir() and (path / DIFFUSERS_WEIGHT_NAME).is_file():
         path = path / DIFFUSERS_WEIGHT_NAME  # a folder written by save_lora_weights

@@ -10,13 +10,16 @@ mirrored and VAE-encoded when it is drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from core.config.schema import TrainConfig
 from core.data.dataset import Dataset, ImageRecord
-from core.data.feature_cache import FeatureCache, LatentDistribution, bucket_pixels, encode_images
+from core.data.feature_cache import CacheStats, FeatureCache, LatentDistribution, bucket_pixels, encode_images
 from core.models.loading import ModelComponents
 from core.training.conditioning import TextEncoders, TextFeatures, time_ids
+from core.training.errors import TrainingError
 from core.training.validation import ValidationSet, build_validation_set
 
 
@@ -132,6 +135,21 @@ class FeatureOptions:
     validation_timesteps: int
     validation_seed: int
 
+    @classmethod
+    def for_run(
+        cls, config: TrainConfig, device: torch.device, dtype: torch.dtype, text_trains: bool
+    ) -> FeatureOptions:
+        return cls(
+            device=device,
+            dtype=dtype,
+            flip=config.dataset.flip,
+            cache_latents=config.performance.cache_latents,
+            cache_captions=not text_trains,
+            batch_size=config.schedule.batch_size,
+            validation_timesteps=config.validation.timesteps,
+            validation_seed=config.validation.seed,
+        )
+
 
 def encode_features(
     dataset: Dataset, components: ModelComponents, cache: FeatureCache, options: FeatureOptions
@@ -170,6 +188,20 @@ def encode_features(
         )
     vae = None if options.cache_latents else components.vae
     return TrainingSet(items, options.batch_size, vae), validation
+
+
+def cache_run_features(
+    config: TrainConfig, dataset: Dataset, components: ModelComponents, options: FeatureOptions, fingerprint: str
+) -> tuple[tuple[TrainingSet, ValidationSet | None], CacheStats]:
+    """`encode_features` through the output folder's cache, whose entries are keyed by the encoders' `fingerprint`.
+
+    An image that vanished since the dataset was read would otherwise fail deep in the encoder.
+    """
+    cache = FeatureCache(Path(config.run.output_dir) / "cache", fingerprint)
+    missing = [r.path for r in (*dataset.train, *dataset.validation) if not r.path.is_file()]
+    if missing:
+        raise TrainingError(f"{missing[0]} disappeared after the dataset was read; restore it or reload")
+    return encode_features(dataset, components, cache, options), cache.stats
 
 
 def _validation_latent(

@@ -7,6 +7,8 @@ Every schedule starts with a linear warm-up; "constant" means constant after the
 from __future__ import annotations
 
 import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -60,3 +62,29 @@ def make_lr_scheduler(section: ScheduleSection, optimizer: torch.optim.Optimizer
         num_training_steps=total_steps,
         num_cycles=section.restarts,
     )
+
+
+def step_unless_nonfinite(
+    accelerator: Accelerator,
+    optimizer: AcceleratedOptimizer,
+    loss: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> None:
+    """Take the optimizer step unless `loss` is not finite.
+
+    A non-finite loss has non-finite gradients, and stepping would poison the LoRA. Torch's fused
+    optimizers take a device-side "leave this step out" flag, so the check needs no wait for the GPU;
+    the others read the loss back. fp16's gradient scaler sets that flag itself.
+    """
+    inner = optimizer.optimizer
+    if inner.defaults.get("fused"):
+        if accelerator.scaler is None:
+            inner.found_inf = (~torch.isfinite(loss)).float()
+        step = True
+    else:
+        step = bool(torch.isfinite(loss))
+    if step:
+        if max_grad_norm:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from core.config.schema import TrainConfig
+from core.training.events import EpochRecord
 
 
 @dataclass
@@ -43,6 +44,11 @@ class Progress:
         else:
             self.validations_without_improvement += 1
         return is_best
+
+    def epoch_record(self, val_loss: float | None, lr: float) -> EpochRecord:
+        """The epoch that just ended: its mean train loss, its validation (if any) and the best so far."""
+        train_loss = sum(self.epoch_losses) / max(1, len(self.epoch_losses))
+        return EpochRecord(self.epoch, self.step, train_loss, val_loss, lr, self.best_epoch, self.best_val_loss)
 
 
 def new_run_dir(output_dir: Path, name: str) -> Path:

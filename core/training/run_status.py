@@ -11,6 +11,7 @@ write is atomic, so the record is always whole. No torch here: the Runs tab and 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -20,7 +21,10 @@ from pathlib import Path
 import psutil
 
 from core.common.fsutil import atomic_write_text
+from core.training.errors import explain_error
 from core.training.events import METRICS_FILE
+
+log = logging.getLogger(__name__)
 
 STATUS_FILE = "run.json"
 ENDED = ("finished", "stopped", "early_stopped", "failed")
@@ -105,6 +109,18 @@ def mark_ended(run_dir: Path, state: str, error: str = "") -> None:
         last = status.sessions[-1]
         last.ended, last.state = time.time(), state
     _write(run_dir, status)
+
+
+def record_end(run_dir: Path, state: str, error: BaseException | None = None) -> None:
+    """`mark_ended`, with the error's plain sentence; a record that cannot be written is only logged.
+
+    A full disk must not replace the run's own error or outcome; the record then still says "running",
+    which a reader takes for killed: resumable, as such a run is.
+    """
+    try:
+        mark_ended(run_dir, state, explain_error(error) if error else "")
+    except OSError as write_error:
+        log.warning("could not record how the run ended in %s: %s", run_dir, write_error)
 
 
 def duration(status: RunStatus, run_dir: Path) -> float:

@@ -7,7 +7,6 @@ second tab) sees the same run, and errors arrive as one plain sentence, never as
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 from collections import deque
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.config.schema import ConfigError, TrainConfig
-from core.models.check import ModelLoadError
+from core.training.errors import explain_error
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.preflight import preflight
 from core.training.runs import sample_sets
@@ -59,39 +58,6 @@ class Snapshot:
     @property
     def running(self) -> bool:
         return self.status in ACTIVE
-
-
-def explain_error(error: BaseException) -> str:
-    """One plain sentence a user can act on."""
-    import torch  # here, not at the top: the UI imports this module and must start without torch
-
-    from core.training.checkpoint import CheckpointError
-    from core.training.trainer import TrainingError
-
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return (
-            "The GPU ran out of memory. Lower schedule.batch_size or dataset.resolution or lora.rank, turn on "
-            "performance.gradient_checkpointing, or use optimizer.name = adamw8bit. The last saved LoRA is kept."
-        )
-    if isinstance(error, (ConfigError, TrainingError, CheckpointError, ModelLoadError)):
-        return str(error)
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return (
-            "The disk is full: free some space or choose another run.output_dir, then resume the run. "
-            "The last saved LoRA and checkpoint are kept."
-        )
-    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        where = f" ({error.filename})" if error.filename else ""
-        return (
-            f"The output folder can no longer be written{where}: make it writable again (or free the read-only "
-            "disk), then resume the run, or choose another run.output_dir. The last saved LoRA and checkpoint are "
-            "kept."
-        )
-    if isinstance(error, FileNotFoundError):
-        return (
-            f"A file disappeared during training: {error.filename}. Restore it, or reload the dataset and start again."
-        )
-    return f"Training stopped on an unexpected error: {type(error).__name__}: {error}"
 
 
 class _Recording:

@@ -23,31 +23,26 @@ from accelerate.utils import broadcast_object_list
 from core.common.fsutil import remove_leftovers
 from core.config.files import save_config
 from core.config.schema import ConfigError, Problem, TrainConfig
-from core.data.feature_cache import FeatureCache
 from core.models.loading import ModelComponents
-from core.training.batches import BatchOrder, FeatureOptions, TrainingSet, encode_features
-from core.training.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
-from core.training.conditioning import Conditioning, TextEncoders
-from core.training.events import EpochRecord, StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
+from core.training.batches import BatchOrder, FeatureOptions, TrainingSet, cache_run_features
+from core.training.checkpoint import ResumableState, load_checkpoint, save_checkpoint
+from core.training.conditioning import TextEncoders
+from core.training.errors import nonfinite_loss_error
+from core.training.events import StepRecord, TrainingCallbacks, TrainingCommands, ValidationRecord
 from core.training.lora_saver import LoraSaver
 from core.training.loss_readback import LossReadback
-from core.training.losses import diffusion_loss, training_target
+from core.training.losses import batch_loss
 from core.training.model_setup import load_for_training
-from core.training.optim import make_lr_scheduler, make_optimizer
+from core.training.optim import make_lr_scheduler, make_optimizer, step_unless_nonfinite
 from core.training.preflight import RunPlan, plan_run, preflight
 from core.training.run_log import RunLog, replay
 from core.training.run_state import Progress, RunResult, model_fingerprint, new_run_dir
-from core.training.run_status import mark_ended, mark_started
+from core.training.run_status import mark_started, record_end
 from core.training.samples import render_samples
-from core.training.session import explain_error
 from core.training.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainingError(RuntimeError):
-    """A run ended for a reason the user can act on; the message says what to change."""
 
 
 class Trainer:
@@ -81,27 +76,9 @@ class Trainer:
 
     def _cache_features(self, components: ModelComponents) -> tuple[TrainingSet, ValidationSet | None]:
         self.callbacks.on_status("caching")
-        cfg = self.config
-        cache = FeatureCache(Path(cfg.run.output_dir) / "cache", model_fingerprint(cfg, self.weight_dtype))
-        missing = [r.path for r in (*self.dataset.train, *self.dataset.validation) if not r.path.is_file()]
-        if missing:
-            raise TrainingError(f"{missing[0]} disappeared after the dataset was read; restore it or reload")
-        features = encode_features(
-            self.dataset,
-            components,
-            cache,
-            FeatureOptions(
-                device=self.accelerator.device,
-                dtype=self.weight_dtype,
-                flip=cfg.dataset.flip,
-                cache_latents=cfg.performance.cache_latents,
-                cache_captions=not self.text_params,
-                batch_size=cfg.schedule.batch_size,
-                validation_timesteps=cfg.validation.timesteps,
-                validation_seed=cfg.validation.seed,
-            ),
-        )
-        stats = cache.stats
+        cfg, dtype = self.config, self.weight_dtype
+        options = FeatureOptions.for_run(cfg, self.accelerator.device, dtype, bool(self.text_params))
+        features, stats = cache_run_features(cfg, self.dataset, components, options, model_fingerprint(cfg, dtype))
         self._say(f"features: {stats.reused} reused from the cache, {stats.encoded} encoded")
         if not cfg.performance.cache_latents:
             self._say("latents are not cached (performance.cache_latents = false): images are encoded at every step")
@@ -132,15 +109,8 @@ class Trainer:
             raise
         self._record_end(status)
         self.callbacks.on_status(status)
-        return RunResult(
-            self.run_dir,
-            status,
-            progress.step,
-            min(progress.epoch, self.plan.epochs),
-            progress.best_epoch,
-            progress.best_val_loss,
-            self.loras.files if self.loras else [],
-        )
+        files, epoch = self.loras.files if self.loras else [], min(progress.epoch, self.plan.epochs)
+        return RunResult(self.run_dir, status, progress.step, epoch, progress.best_epoch, progress.best_val_loss, files)
 
     def _open_run(self) -> dict | None:
         """Check the config, read the checkpoint and fix the run folder, all before anything heavy loads.
@@ -205,6 +175,9 @@ class Trainer:
         cfg, rank = self.config, self.accelerator.process_index
         self.order = BatchOrder(cfg.run.seed + rank)
         self.noise = torch.Generator(self.accelerator.device).manual_seed(cfg.run.seed + 10_000 + rank)
+        self.resumable = ResumableState(
+            self.lora_unet, self.lora_text_encoders, self.optimizer, self.lr_scheduler, self.order, self.noise
+        )
         progress, history = self._restore(state) if state is not None else (Progress(), [])
         main = self.accelerator.is_main_process
         self.run_log = RunLog(self.run_dir, history) if main else None
@@ -281,48 +254,24 @@ class Trainer:
         """Forward and backward over `group` (one batch per accumulation micro-step), then one optimizer step;
         returns the loss, averaged over processes, still on the device.
 
-        A step whose loss is not finite has non-finite gradients, and stepping would poison the LoRA, so it is
-        left out: by the fused optimizer on the device where it can (no waiting for the GPU), else after
-        reading the loss back. Every process sees the same reduced loss, so all leave it out together. The
-        learning-rate schedule advances either way: it follows the step number, which a skipped step keeps.
+        A step whose loss is not finite is left out (`step_unless_nonfinite`). Every process sees the same
+        reduced loss, so all leave it out together. The learning-rate schedule advances either way: it follows
+        the step number, which a skipped step keeps.
         """
         cfg, device, dtype = self.config, self.accelerator.device, self.weight_dtype
         scheduler = self.components.noise_scheduler
         total = torch.zeros((), device=device)
         for index, indices in enumerate(group):
             batch = self.train_set.batch(indices, self.order.generator, self.noise, cfg.dataset.flip)
-            latents = batch.latents
-            noise = torch.randn(latents.shape, generator=self.noise, device=device)
-            if cfg.loss.noise_offset:
-                offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.noise, device=device)
-                noise = noise + cfg.loss.noise_offset * offset
-            timesteps = torch.randint(
-                0, scheduler.config.num_train_timesteps, (len(latents),), generator=self.noise, device=device
-            )
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            features = batch.embeddings if batch.embeddings is not None else self.text.encode(batch.captions)
-            condition = Conditioning(features["hidden"].to(dtype), features.get("pooled"), batch.time_ids)
             last = index == len(group) - 1
             sync = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
             with sync, self.accelerator.autocast():
-                extras = condition.unet_kwargs(dtype)
-                prediction = self.unet(noisy.to(dtype), timesteps, condition.hidden, **extras).sample
-                target = training_target(scheduler, latents, noise, timesteps)
-                loss = diffusion_loss(prediction, target, scheduler, timesteps, cfg.loss.min_snr_gamma) / len(group)
+                loss = batch_loss(self.unet, self.text, scheduler, batch, self.noise, dtype, cfg.loss) / len(group)
                 self.accelerator.backward(loss)
             total += loss.detach()
         loss = self.accelerator.reduce(total, reduction="mean")
-        inner = self.optimizer.optimizer
-        if inner.defaults.get("fused"):  # torch's fused optimizers take a device-side "leave this step out" flag
-            if self.accelerator.scaler is None:  # fp16's gradient scaler sets that flag itself
-                inner.found_inf = (~torch.isfinite(loss)).float()
-            step = True
-        else:
-            step = bool(torch.isfinite(loss))
-        if step:
-            if cfg.optimizer.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.unet_params + self.text_params, cfg.optimizer.max_grad_norm)
-            self.optimizer.step()
+        params = self.unet_params + self.text_params
+        step_unless_nonfinite(self.accelerator, self.optimizer, loss, params, cfg.optimizer.max_grad_norm)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
@@ -347,11 +296,7 @@ class Trainer:
         for record in self.losses.take():
             if not math.isfinite(record.loss):
                 if self.config.loss.on_nan == "stop":
-                    raise TrainingError(
-                        f"the loss became {record.loss} at step {record.step}: lower optimizer.learning_rate "
-                        f"(now {self.config.optimizer.learning_rate:g}), keep optimizer.max_grad_norm above 0, or "
-                        "use bf16 instead of fp16 (or set loss.on_nan = skip). The LoRA files saved so far are kept."
-                    )
+                    raise nonfinite_loss_error(record.loss, record.step, self.config.optimizer.learning_rate)
                 # The step keeps its number and its batch is used up, so the run's length, epoch ends and
                 # resume positions stay as planned; it only leaves a gap in the loss curve.
                 self._say(f"skipped step {record.step}: loss was {record.loss}")
@@ -383,16 +328,7 @@ class Trainer:
         val_loss = None
         if self.validation and cfg.validation.every_n_epochs and epoch % cfg.validation.every_n_epochs == 0:
             val_loss = self._validate_and_track(progress)
-        train_loss = sum(progress.epoch_losses) / max(1, len(progress.epoch_losses))
-        record = EpochRecord(
-            epoch,
-            progress.step,
-            train_loss,
-            val_loss,
-            self.lr_scheduler.get_last_lr()[0],
-            progress.best_epoch,
-            progress.best_val_loss,
-        )
+        record = progress.epoch_record(val_loss, self.lr_scheduler.get_last_lr()[0])
         if self.run_log:
             self.run_log.epoch(record)
         self.callbacks.on_epoch(record)
@@ -409,15 +345,9 @@ class Trainer:
     def _validate_and_track(self, progress: Progress) -> float:
         """One validation: record it, and keep the LoRA as `<name>-best` when it is the lowest so far."""
         self.callbacks.on_status("validating")
-        components = self.components
+        text, scheduler = TextEncoders.of(self.components), self.components.noise_scheduler
         with self.accelerator.autocast():
-            val_loss = validation_loss(
-                self.lora_unet,
-                TextEncoders.of(components),
-                components.noise_scheduler,
-                self.validation,
-                self.weight_dtype,
-            )
+            val_loss = validation_loss(self.lora_unet, text, scheduler, self.validation, self.weight_dtype)
         is_best = progress.record_validation(val_loss)
         if is_best and self.loras:
             self.loras.save(f"{self.config.run.name}-best", progress, "best")
@@ -446,45 +376,24 @@ class Trainer:
     def _checkpoint(self, progress: Progress, next_epoch: bool = False) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = training_state(
-            self.lora_unet,
-            self.lora_text_encoders,
-            self.optimizer,
-            self.lr_scheduler,
-            progress=dict(progress.__dict__),
-            **self.order.state(next_epoch),
-            noise_state=self.noise.get_state(),
-            history=self.run_log.history if self.run_log else [],
-        )
+        history = self.run_log.history if self.run_log else []
+        state = self.resumable.capture(dict(progress.__dict__), history, next_epoch)
         self.callbacks.on_saved(save_checkpoint(self.run_dir, state), "checkpoint")
 
     def _restore(self, state: dict) -> tuple[Progress, list[dict]]:
-        restore_training_state(state, self.lora_unet, self.lora_text_encoders, self.optimizer, self.lr_scheduler)
-        self.order.restore(state)
-        self.noise.set_state(state["noise_state"])
-        progress = Progress(**state["progress"])
+        position, history = self.resumable.restore(state)
+        progress = Progress(**position)
         self._say(f"resumed at step {progress.step}, epoch {progress.epoch}")
-        return progress, list(state["history"])
+        return progress, history
 
     def _record_end(self, status: str, error: Exception | None = None) -> None:
-        """Write how this session ended into the folder's status record (the main process only).
-
-        A record that cannot be written (a full disk) must not replace the run's own error or outcome; it then
-        still says "running", which a reader takes for killed: resumable, as such a run is.
-        """
-        if not self.accelerator.is_main_process:
-            return
-        try:
-            mark_ended(self.run_dir, status, explain_error(error) if error else "")
-        except OSError as write_error:
-            log.warning("could not record how the run ended in %s: %s", self.run_dir, write_error)
+        if self.accelerator.is_main_process:
+            record_end(self.run_dir, status, error)
 
     def _finish(self, progress: Progress, status: str) -> None:
         if self.loras:
             self.loras.save(self.config.run.name, progress, "final")
         self._checkpoint(progress)
         self.accelerator.wait_for_everyone()
-        best = (
-            f"best epoch {progress.best_epoch} (val loss {progress.best_val_loss:.5f})" if progress.best_epoch else ""
-        )
-        self._say(f"{status} at step {progress.step}. {best}".strip())
+        best = progress.best_epoch and f"best epoch {progress.best_epoch} (val loss {progress.best_val_loss:.5f})"
+        self._say(f"{status} at step {progress.step}. {best or ''}".strip())

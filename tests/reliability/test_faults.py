@@ -28,10 +28,11 @@ from training_helpers import Recorder, demo_config, read_metrics
 import core.lora.files
 import core.training.session
 from core.config.schema import ConfigError
+from core.training.errors import TrainingError
 from core.training.events import StepRecord
 from core.training.preflight import preflight
 from core.training.session import TrainingSession, explain_error
-from core.training.trainer import Trainer, TrainingError
+from core.training.trainer import Trainer
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 QUIET = ("sampling.every_n_epochs=0",)
