@@ -27,6 +27,7 @@ from core.models.ldm_convert import vae_to_ldm
 from core.models.loading import load_model
 from core.training.model_setup import load_for_training
 from core.training.preflight import check_run, preflight
+from core.training.run_state import model_fingerprint
 from core.training.samples import render_samples
 
 pytestmark = pytest.mark.slow
@@ -97,6 +98,9 @@ def test_fp16_training_caches_and_samples_with_the_vae_in_fp32_when_it_says_forc
         (sample,) = render_samples(components, config.sampling, tmp_path, torch.device("cpu"))
     assert seen == {"encode": [expected], "decode": [expected]}
     assert torch.isfinite(latents.mean).all() and latents.mean.dtype == torch.float32
+    # latents encoded by an fp32 VAE are cached apart from fp16 ones; a VAE in the run's own dtype keeps its key
+    fingerprint = model_fingerprint(config, torch.float16, components.vae.dtype)
+    assert (fingerprint == model_fingerprint(config, torch.float16)) is replacement
     assert Image.open(sample).size == (64, 64)
 
 

@@ -78,7 +78,8 @@ class Trainer:
         self.callbacks.on_status("caching")
         cfg, dtype = self.config, self.weight_dtype
         options = FeatureOptions.for_run(cfg, self.accelerator.device, dtype, bool(self.text_params))
-        features, stats = cache_run_features(cfg, self.dataset, components, options, model_fingerprint(cfg, dtype))
+        fingerprint = model_fingerprint(cfg, dtype, components.vae.dtype)
+        features, stats = cache_run_features(cfg, self.dataset, components, options, fingerprint)
         self._say(f"features: {stats.reused} reused from the cache, {stats.encoded} encoded")
         if not cfg.performance.cache_latents:
             self._say("latents are not cached (performance.cache_latents = false): images are encoded at every step")
