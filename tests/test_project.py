@@ -11,7 +11,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
-TOUCHED_INTERNALS = {"torch", "diffusers", "transformers", "peft", "accelerate", "gradio"}
+TOUCHED_INTERNALS = {"torch", "diffusers", "transformers", "peft", "accelerate", "gradio", "huggingface-hub"}
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:

@@ -14,6 +14,7 @@ from ui.captioning_tab import build_captioning_tab
 from ui.context import AppContext
 from ui.dataset_tab import build_dataset_tab
 from ui.inference_tab import build_inference_tab
+from ui.models_tab import build_models_tab
 from ui.monitor_tab import build_monitor_tab
 from ui.runs_tab import build_runs_tab
 from ui.tools_tab import build_tools_tab
@@ -30,8 +31,10 @@ def build_app(context: AppContext) -> gr.Blocks:
                 build_dataset_tab(context, app)
             with gr.Tab("Captioning", id="captioning") as captioning_tab:
                 build_captioning_tab(context, app, captioning_tab)
+            with gr.Tab("Models", id="models") as models_tab:
+                models = build_models_tab(context, app, models_tab)
             with gr.Tab("Training", id="training"):
-                build_training_tab(context, app)
+                training = build_training_tab(context, app)
             with gr.Tab("Monitor", id="monitor"):
                 monitor = build_monitor_tab(context, app)
             with gr.Tab("Runs", id="runs") as runs_tab:
@@ -45,6 +48,13 @@ def build_app(context: AppContext) -> gr.Blocks:
             inference.use_lora(source.use_lora, source.chosen_lora).then(
                 lambda: gr.Tabs(selected="inference"), outputs=tabs
             )
+        # "Use for training" on the Models tab shows the Training form with that model.
+        models.used.then(
+            lambda chosen: training.show_stored() if chosen else [gr.skip()] * len(training.outputs),
+            inputs=models.chosen,
+            outputs=training.outputs,
+            **training.lane,
+        ).then(lambda chosen: gr.Tabs(selected="training") if chosen else gr.skip(), inputs=models.chosen, outputs=tabs)
         # Resume on the Runs tab shows the Monitor, which follows the resumed run.
         runs.resumed.then(
             lambda started: gr.Tabs(selected="monitor") if started else gr.skip(), inputs=runs.started, outputs=tabs

@@ -22,9 +22,10 @@ from core.config.schema import ConfigError, Problem, TrainConfig, config_fields
 from core.data.dataset import Dataset
 from core.models.families import SD1, ModelFamily
 from core.training.estimates import measured_speed, memory_estimate, time_per_epoch
-from core.training.preflight import RunPlan, check_run, plan_run
+from core.training.preflight import Preflight, RunPlan, check_run, plan_run
 from ui.config_store import ConfigStore
 from ui.form import ConfigForm, FormField, build_form, field_label, field_path, from_widget, humanise, range_text
+from ui.models_tab import ways_to_get_a_model
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:
@@ -163,15 +164,17 @@ def _summary(
     problems: list[Problem],
     notes: Sequence[Problem] = (),
     family: ModelFamily | None = None,
+    get_a_model: str = "",
 ) -> str:
     """Whether the run can start, why not, and what to know first (the model's detected family, a download,
-    captions that disagree): the family leads, so a wrong guess is seen before anything else."""
+    captions that disagree): the family leads, so a wrong guess is seen before anything else. `get_a_model`
+    (the ways to get one) is given when the base model is not on this machine: then the run is not ready."""
     worth_knowing = [f"- ℹ {md(form.label(note))}: {md(note.message)}" for note in notes]
     if family is not None:
         worth_knowing.insert(0, f"- Model: {md(family.describe())}")
-    if not refused and not problems:
+    if not refused and not problems and not get_a_model:
         return "\n".join(["✓ **Ready to train** with these settings.", *worth_knowing])
-    lines = []
+    lines = [f"{get_a_model}\n"] if get_a_model else []  # a blank line ends its numbered list
     if refused:
         names = md(", ".join(form.label(problem) for problem in refused))
         lines.append(f"⚠ **Fix the marked fields first** (their values are not saved): {names}.")
@@ -179,6 +182,11 @@ def _summary(
         lines.append(f"⚠ **{len(problems)} problem(s) would stop the run:**")
         lines += [f"- {md(form.label(problem))}: {md(problem.message)}" for problem in problems]
     return "\n".join(lines + worth_knowing)
+
+
+def missing_model(report: Preflight, context: AppContext) -> str:
+    """The ways to get a model, when Check found the base model missing from this machine."""
+    return ways_to_get_a_model(context.workspace) if report.model_missing else ""
 
 
 def refused_fields(form: ConfigForm, payloads: tuple[Any, ...], store: ConfigStore) -> list[Problem]:
@@ -190,7 +198,17 @@ def refused_fields(form: ConfigForm, payloads: tuple[Any, ...], store: ConfigSto
     return []
 
 
-def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
+@dataclass(frozen=True)
+class TrainingTab:
+    """For the shell: `show_stored` returns, for `outputs`, the form as the shared store holds it, after another tab
+    changed a setting there (the Models tab's "Use for training"); `lane` is the form's one queue lane."""
+
+    show_stored: Callable[[], list[Any]]
+    outputs: list[Any]
+    lane: dict[str, Any]
+
+
+def build_training_tab(context: AppContext, app: gr.Blocks) -> TrainingTab:
     """Widgets and events of the tab; the form's values live in `context.store`, shared with the other tabs."""
     with gr.Row(equal_height=True):
         preset = gr.Dropdown(
@@ -308,7 +326,7 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             *widgets,
             *form.problem_updates(refused + problems + report.notes),
             estimator.describe(config),
-            _summary(form, refused, problems, report.notes, report.family),
+            _summary(form, refused, problems, report.notes, report.family, missing_model(report, context)),
         ]
 
     def on_field(entry: FormField) -> Callable[[Any], list[Any]]:
@@ -349,3 +367,4 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> None:
             show_progress="hidden",
             **lane,
         )
+    return TrainingTab(lambda: filled(context.store.get()), everything, lane)

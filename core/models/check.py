@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ class ModelCheck:
     problem: str = ""
     note: str = ""
     family: ModelFamily | None = None  # the detected family of a base model, None when it cannot be told yet
+    missing: bool = False  # not on this machine: a path that does not exist, or a hub id not in the cache
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -53,7 +56,7 @@ def check_model(source: str, role: str = "base") -> ModelCheck:
     try:
         kind, path = classify_source(source, markers=markers)
     except ModelLoadError as error:
-        return ModelCheck(problem=str(error))
+        return ModelCheck(problem=str(error), missing=not Path(source).expanduser().exists())
     if kind == "hub":
         return _check_hub(source, markers, role)
     if kind == "folder":
@@ -88,7 +91,7 @@ def _checked_folder(path: Path, role: str) -> ModelCheck:
 
 def _checked_single_file(path: Path, role: str) -> ModelCheck:
     try:
-        keys = list(read_header(path))
+        keys = header_keys(path)
     except (OSError, struct.error, ValueError, AttributeError) as error:
         reason = first_line(error)
         return ModelCheck(
@@ -135,6 +138,11 @@ def _folder_problem(path: Path, role: str, family: ModelFamily = SD1) -> str:
     return ""
 
 
+def header_keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file, from its header alone (see `read_header`)."""
+    return list(read_header(path))
+
+
 def read_header(path: Path) -> dict:
     """A .safetensors file's header alone (8-byte length, then JSON): each tensor's dtype, shape and offsets by
     name, and `__metadata__`. Raises OSError, struct.error or ValueError for a file that is not one."""
@@ -161,33 +169,73 @@ def _single_file_problem(path: Path, keys: list[str], role: str) -> str:
 
 
 def _check_hub(repo_id: str, markers: tuple[str, ...], role: str) -> ModelCheck:
-    """A cached model is checked like a folder; otherwise say that Start downloads it, how much, over the network."""
+    """A cached model is checked like a folder; otherwise say that it is missing and, online, what its download costs
+    (the files `pipeline_files` picks, sized by the hub's API)."""
     for marker in markers:
         cached = huggingface_hub.try_to_load_from_cache(repo_id, marker)
         if isinstance(cached, str):
             return _checked_folder(Path(cached).parent, role)
     if hub_offline():
-        return ModelCheck(problem=offline_message(repo_id))
+        return ModelCheck(problem=offline_message(repo_id), missing=True)
     try:
-        info = huggingface_hub.model_info(repo_id, timeout=15, files_metadata=True)
+        info = huggingface_hub.HfApi(endpoint=hub_endpoint()).model_info(repo_id, timeout=15, files_metadata=True)
     except Exception as exc:  # network, auth and missing-repo errors come in many unrelated types
-        return ModelCheck(problem=hub_failure(repo_id, exc))
-    size = sum(file.size or 0 for file in info.siblings or [] if _downloaded(file.rfilename))
+        return ModelCheck(problem=hub_failure(repo_id, exc), missing=True)
+    sizes = {file.rfilename: file.size or 0 for file in info.siblings or []}
+    size = sum(sizes[name] for name in pipeline_files(sizes))
     return ModelCheck(
-        note=f"{repo_id!r} is not in the Hugging Face cache: Start downloads about {size / 2**30:.1f} GB, "
-        "which needs the network (once; later runs use the cache)."
+        note=f"{repo_id!r} is not on this machine yet: downloading it takes {human_size(size)} "
+        "(once, into the Hugging Face cache; the Models tab shows the progress).",
+        missing=True,
     )
 
 
-def _downloaded(name: str) -> bool:
-    """Files `from_pretrained` fetches: the components' configs, tokenizer and safetensors weights, no variants."""
-    folder, _, file = name.rpartition("/")
-    variant = any(tag in file for tag in (".fp16.", ".ema.", ".non_ema."))
-    return (
-        folder in {*NETWORKS, "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
-        and not variant
-        and not file.endswith((".bin", ".ckpt"))
-    )
+def human_size(size: float) -> str:
+    """Bytes in the unit a download dialog uses: 512 B, 3.4 MB, 5.21 GB (powers of 1000, as the hub shows them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}" if unit == "GB" else f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
+def hub_endpoint() -> str:
+    """The hub's address, read at call time: huggingface_hub reads HF_ENDPOINT only at import."""
+    return os.environ.get("HF_ENDPOINT") or huggingface_hub.constants.ENDPOINT
+
+
+PIPELINE_FOLDERS = {*NETWORKS, "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+WEIGHT_FORMATS = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".gguf")
+
+
+def pipeline_files(names: Iterable[str]) -> list[str]:
+    """The files of a hub repository that `load_model` reads, as `from_pretrained` picks them: model_index.json,
+    each component's configs and tokenizer files, and its weights in one format: .safetensors when the component
+    has them, else .bin; never a variant (fp16, ema), another framework's weights, or the safety checker."""
+    chosen: list[str] = []
+    by_folder: dict[str, list[str]] = {}
+    for name in names:
+        folder, _, file = name.rpartition("/")
+        if name == "model_index.json":
+            chosen.append(name)
+        elif folder in PIPELINE_FOLDERS:
+            by_folder.setdefault(folder, []).append(file)
+    for folder, files in sorted(by_folder.items()):
+        weights = [file for file in files if _weight_format(file)]
+        safetensors = [file for file in weights if _weight_format(file) == ".safetensors"]
+        kept = safetensors or [file for file in weights if _weight_format(file) == ".bin"]
+        chosen += [f"{folder}/{file}" for file in sorted(files) if file in kept or not _weight_format(file)]
+    return chosen
+
+
+def _weight_format(file: str) -> str:
+    """ ".safetensors" or ".bin" for a plain (not variant) weights file or shard index, "other" for weights that are
+    not read (variants, other frameworks), "" for a file that holds no weights."""
+    stem = file.removesuffix(".index.json")
+    suffix = next((suffix for suffix in WEIGHT_FORMATS if stem.endswith(suffix)), "")
+    if not suffix:
+        return ""
+    base = re.sub(r"-\d+-of-\d+$", "", stem.removesuffix(suffix))  # a shard's number is not a variant
+    return suffix if suffix in (".safetensors", ".bin") and "." not in base else "other"
 
 
 def classify_source(source: str, markers: tuple[str, ...] = ("model_index.json",)) -> tuple[str, Path]:

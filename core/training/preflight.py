@@ -58,10 +58,11 @@ def plan_run(config: TrainConfig, dataset: Dataset, world_size: int = 1) -> RunP
     return RunPlan(len(dataset.train), len(dataset.validation), batches, steps_per_epoch, total, epochs)
 
 
-def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem], ModelFamily | None]:
-    """Problems and notes about the base model and VAE, and the base model's family, from their files and configs
-    (nothing is loaded)."""
+def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem], ModelFamily | None, bool]:
+    """Problems and notes about the base model and VAE, the base model's family, and whether the base model is
+    missing from this machine, from their files and configs (nothing is loaded)."""
     problems, notes, family = [], [], None
+    missing = not config.model.base
     if not config.model.base:
         problems.append(Problem("model.base", "", "choose a base model: a hub id, folder or .safetensors"))
     for field, reference, role in (("model.base", config.model.base, "base"), ("model.vae", config.model.vae, "vae")):
@@ -71,6 +72,7 @@ def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem], Mo
         problems += [Problem(field, reference, result.problem)] if result.problem else []
         notes += [Problem(field, reference, result.note)] if result.note else []
         family = family or result.family
+        missing = missing or (role == "base" and result.missing)
     if family is not None and config.model.vae and not problems and (fit := vae_fit_problem(config.model.vae, family)):
         problems.append(Problem("model.vae", config.model.vae, fit))
     if family is not None and config.dataset.resolution < family.resolution and family.resolution > SD1.resolution:
@@ -79,7 +81,7 @@ def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem], Mo
             f"{config.dataset.resolution}: set dataset.resolution = {family.resolution} (or start from its preset)"
         )
         notes.append(Problem("dataset.resolution", config.dataset.resolution, message))
-    return problems, notes, family
+    return problems, notes, family, missing
 
 
 def _nearest_existing(folder: str) -> Path:
@@ -197,18 +199,19 @@ class Preflight:
     problems: list[Problem]
     notes: list[Problem]
     family: ModelFamily | None = None  # the base model's, when its configs or checkpoint keys could be read
+    model_missing: bool = False  # the base model is not on this machine: a run would download it, or fail offline
 
 
 def check_run(config: TrainConfig) -> Preflight:
     """Load the dataset and check everything a run needs, before any model loads."""
-    problems, notes, family = _model_checks(config)
+    problems, notes, family, missing = _model_checks(config)
     problems += _output_problems(config)
     try:
         dataset = load_dataset(config.dataset, config.run.seed)
     except DatasetError as error:
-        return Preflight(None, [*problems, Problem(error.field, error.value, error.message)], notes, family)
+        return Preflight(None, [*problems, Problem(error.field, error.value, error.message)], notes, family, missing)
     problems += _plan_problems(config, dataset) + _disk_problems(config, dataset)
-    return Preflight(dataset, problems, notes + _caption_notes(config, dataset), family)
+    return Preflight(dataset, problems, notes + _caption_notes(config, dataset), family, missing)
 
 
 def preflight(config: TrainConfig) -> tuple[Dataset | None, list[Problem]]:

@@ -50,9 +50,17 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_app(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Iterator[AppServer]:
+def running_app(
+    demo_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    *flags: str,
+    demo: bool = True,
+    models: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[AppServer]:
     """`python app.py --demo` with `flags` on a free port, with its own output folder and its own copy of the demo
-    dataset; stopped on exit.
+    dataset; stopped on exit. Without `demo` it starts as a new user's app does; `models` replaces the tests'
+    folder as the only models folder; `env` adds to the environment.
 
     The prebuilt demo model is linked into a fresh cache folder, so the app finds it instead of building it.
     """
@@ -60,10 +68,24 @@ def running_app(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, *fla
     cache = tmp_path_factory.mktemp("app-cache")
     (cache / demo_model.name).symlink_to(demo_model, target_is_directory=True)
     port = _free_port()
-    env = {**os.environ, "ATELIER_CACHE": str(cache), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "0"}
-    command = [sys.executable, "app.py", "--demo", "--no-browser", "--port", str(port), "--output-dir", str(output)]
+    env = {
+        **os.environ,
+        "ATELIER_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "GRADIO_ANALYTICS_ENABLED": "0",
+        **(env or {}),
+    }
+    command = [sys.executable, "app.py", *(["--demo"] if demo else []), "--no-browser", "--port", str(port)]
     tests_folder = str(tmp_path_factory.getbasetemp())  # where the tests put the datasets and LoRAs they type in
-    command += ["--datasets-dir", tests_folder, "--models-dir", tests_folder, *flags]
+    command += [
+        "--output-dir",
+        str(output),
+        "--datasets-dir",
+        tests_folder,
+        "--models-dir",
+        str(models or tests_folder),
+    ]
+    command += flags
     log = open(output / "server.log", "w")  # noqa: SIM115 - closed when the server stops
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
