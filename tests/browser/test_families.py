@@ -86,6 +86,7 @@ def generate_with_the_lora(
 ) -> None:
     """The Monitor's "use" puts the run's LoRA in the Inference tab, which inpaints the photo through a painted
     (soft-edged) mask, steered by a depth ControlNet of the family."""
+    expect(page.locator("#monitor-files input")).to_have_value(f"{run}-best.safetensors")  # the file "use" sends
     button(page, "use").click()
     expect(page.get_by_role("tab", name="Inference")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#inference-lora-0-file input")).to_have_value(re.compile(run))
