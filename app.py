@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import gradio as gr
 
+    from ui.context import AppContext
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # How long Gradio's queue loops sleep between looks at an empty queue. Gradio's own values for Windows; elsewhere
 # it uses 1 ms and 10 ms, which woke the server ~1100 times a second with nobody connected (~5% of a core idle).
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind in ("datasets", "models", "output"):
         log.info("Folders for %s: %s", kind, context.workspace.allowed(kind))
     app = build_app(context)
+    continue_queue(context)
     quiet_queue(app.queue())
     app.launch(
         server_name=args.host,
@@ -118,6 +121,17 @@ def main(argv: list[str] | None = None) -> None:
         app_kwargs={"middleware": security_middleware()},  # CSP, no framing, nosniff: ui/http_headers.py
     )
     serve_until_interrupted(app)
+
+
+def continue_queue(context: AppContext) -> None:
+    """Train what the queue file still holds (an app killed mid-queue resumes its interrupted run); a queue another
+    process trains, or a damaged file, is left as it is with a warning."""
+    from core.training.queue import QueueError
+
+    try:
+        context.queue.continue_unfinished()
+    except QueueError as error:
+        log.warning("The queue is not continued: %s", error)
 
 
 def quiet_queue(app: gr.Blocks) -> None:

@@ -1,7 +1,12 @@
 """Headless training: `python -m core.train --preset bauhaus --dataset DIR`, or under `accelerate launch`.
 
 Settings come from the same schema as the UI: defaults ← --preset ← --config ← --model/--dataset/
---output ← --set section.key=value. `--demo` trains the tiny demo model on the demo data.
+--output ← --set section.key=value. `--demo` trains the tiny demo model on the demo data. `--queue a.toml b.toml`
+trains several runs one after another through the queue file in the output folder (each file takes --config's
+place in that order); run again after a kill, it continues the interrupted run and goes on. The files go
+into the output folder's queue file (`core.training.queue`) and the loop the app also uses trains it
+(`core.training.queue_runner.run_queue`), so the app and the shell keep one queue; the files already waiting
+are not queued twice.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,9 +29,12 @@ from core.config.schema import ConfigError, TrainConfig
 from core.data.dataset import Dataset, summarize
 from core.models.demo import ensure_demo_dataset, ensure_demo_model
 from core.training.checkpoint import CheckpointError
-from core.training.errors import TrainingError
+from core.training.errors import TrainingError, explain_error
 from core.training.events import EpochRecord, StepRecord, TrainingCallbacks
 from core.training.preflight import preflight
+from core.training.queue import QueueBusy, QueueError, enqueue, queue_path, read_queue, waiting_alike
+from core.training.queue_runner import Outcome, Start, entry_state, run_queue
+from core.training.run_state import RunResult
 from core.training.trainer import Trainer
 
 log = logging.getLogger("atelier.train")
@@ -42,7 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
     parser.add_argument("--demo", action="store_true", help="use the tiny demo model and demo dataset (CPU-friendly)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--queue",
+        nargs="*",
+        type=Path,
+        metavar="TOML",
+        help="train these config files one after another through the output folder's queue.json (each in "
+        "--config's place); run again after a kill, the interrupted run resumes from its checkpoint. With no "
+        "files: continue that queue",
+    )
+    args = parser.parse_args(argv)
+    if args.queue is not None and (args.resume or args.config):
+        parser.error("--queue takes its config files itself; it cannot be combined with --resume or --config")
+    return args
 
 
 class ProgressBar(TrainingCallbacks):
@@ -72,7 +93,8 @@ class ProgressBar(TrainingCallbacks):
             self.bar.close()
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, config_file: Path | None = None) -> TrainConfig:
+    """The settings the flags give; `config_file` in --config's place (a queued file)."""
     overrides = list(args.set)
     presets = [args.preset]
     if args.demo:
@@ -88,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             overrides.append(f"{key}={flag}")
     if args.resume:
         return build_config(config_file=args.resume / "config.toml", overrides=overrides)
-    return build_config(presets, args.config, overrides)
+    return build_config(presets, config_file or args.config, overrides)
 
 
 def report_file_problems(dataset: Dataset) -> None:
@@ -107,6 +129,8 @@ def report_file_problems(dataset: Dataset) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.queue is not None:
+        return train_queue(args)
     # Read from the launcher's environment: creating accelerate's state here would fix it before the trainer's.
     main_process = os.environ.get("RANK", "0") == "0"
     try:
@@ -126,12 +150,89 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Training failed: {error}", file=sys.stderr)
         return 1
     if main_process:
-        print(f"\n{result.status}: {result.step} steps, {result.epoch} epochs -> {result.run_dir}")
-        if result.best_epoch:
-            print(f"best epoch: {result.best_epoch} (validation loss {result.best_val_loss:.5f})")
-        for path in result.files:
-            print(f"  {path}")
+        print_result(result)
     return 0
+
+
+def print_result(result: RunResult) -> None:
+    print(f"\n{result.status}: {result.step} steps, {result.epoch} epochs -> {result.run_dir}")
+    if result.best_epoch:
+        print(f"best epoch: {result.best_epoch} (validation loss {result.best_val_loss:.5f})")
+    for path in result.files:
+        print(f"  {path}")
+
+
+# ----- --queue: several runs through the output folder's queue file ------------------------------------
+
+
+class QueueProgress(ProgressBar):
+    """The CLI's progress bar, which also tells the queue the run folder once the trainer has chosen it."""
+
+    def __init__(self, record_dir: Callable[[Path], None]) -> None:
+        super().__init__()
+        self.record_dir = record_dir
+
+    def on_run_dir(self, run_dir: Path, resumed: bool) -> None:
+        super().on_run_dir(run_dir, resumed)
+        self.record_dir(run_dir)
+
+
+def launch_entry(start: Start, record_dir: Callable[[Path], None]) -> Outcome:
+    """Train one entry in this process; any error ends the entry as failed and the queue goes on."""
+    tqdm.write(start.note)
+    dataset, problems = preflight(start.config)
+    if problems:
+        raise ConfigError(problems)
+    report_file_problems(dataset)
+    try:
+        result = Trainer(start.config, QueueProgress(record_dir), resume_dir=start.resume_dir).run()
+    except Exception as error:  # one failed run must not end the queue: it is recorded and the next one trains
+        log.debug("queued run failed", exc_info=True)
+        message = explain_error(error)
+        print(f"Training failed: {message}", file=sys.stderr)
+        return Outcome("failed", message)
+    print_result(result)
+    return Outcome(entry_state(result.status))
+
+
+def add_files(args: argparse.Namespace, output_dir: Path) -> int:
+    """Queue each file not already waiting in the queue; how many were added."""
+    added = 0
+    for file in args.queue:
+        config = config_from_args(args, file)
+        if (entry := waiting_alike(output_dir, config)) is not None:
+            print(f"{file}: already in the queue ({entry.state}), not added again")
+            continue
+        enqueue(output_dir, [config], label=file.stem)
+        added += 1
+    return added
+
+
+def train_queue(args: argparse.Namespace) -> int:
+    """0 when every entry this process took ended done (or there was none), 1 when one did not, 2 for a bad
+    config file or a damaged queue file."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("--queue trains in one process: run it without accelerate launch", file=sys.stderr)
+        return 2
+    try:
+        output_dir = Path(config_from_args(args).run.output_dir)
+        added = add_files(args, output_dir)
+        if args.queue:
+            print(f"queued {added} run(s) in {queue_path(output_dir)}")
+        outcomes = run_queue(output_dir, launch_entry, say=print)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except QueueBusy as error:
+        print(error, file=sys.stderr)
+        return 0 if args.queue else 1
+    except QueueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    left = [entry for entry in read_queue(output_dir) if entry.state in ("waiting", "running")]
+    if left:
+        print(f"{len(left)} entries are still waiting in {queue_path(output_dir)}: run --queue again to go on")
+    return 0 if all(outcome.state == "done" for outcome in outcomes) else 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,17 @@ def test_toml_round_trip_is_lossless(tmp_path: Path) -> None:
     save_config(config, path)
     assert load_config(path) == config
     assert config_to_toml(load_config(path)) == config_to_toml(config)
+
+
+def test_a_config_file_can_start_from_a_preset(tmp_path: Path) -> None:
+    path = tmp_path / "bauhaus.toml"
+    path.write_text('[preset]\ninherits = "bauhaus"\n[dataset]\npath = "datasets/bauhaus"\n[lora]\nrank = 8\n')
+    config = load_config(path)
+    assert config == build_config("bauhaus", overrides=["dataset.path=datasets/bauhaus", "lora.rank=8"])
+    assert build_config("demo", path).dataset.resolution == 512  # the file's preset comes after --preset
+    path.write_text('[preset]\ninherits = "bauhas"\n')
+    with pytest.raises(ConfigError, match=f"in {re.escape(str(path))}:\n.*unknown preset; available: bauhaus"):
+        load_config(path)
 
 
 def test_saving_over_a_config_keeps_a_backup(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from core.common.workspace import Workspace, default_cache_dir
 from core.config.files import build_config
 from core.config.schema import TrainConfig
+from core.training.queue_runner import QueueRunner
 from core.training.session import TrainingSession
 from ui.config_store import ConfigStore
 
@@ -43,12 +44,13 @@ class _EngineSlot:
 @dataclass(frozen=True)
 class AppContext:
     """What every tab may use: where runs go, the folders it may touch, the demo assets, the one training
-    session, the shared config."""
+    session and the queue that trains on it, the shared config."""
 
     output_dir: Path
     session: TrainingSession
     store: ConfigStore
     workspace: Workspace
+    queue: QueueRunner  # trains the output folder's queue file on `session`
     demo_model: Path | None = None
     demo_dataset: Path | None = None
     _engine: _EngineSlot = field(default_factory=lambda: _EngineSlot(), repr=False, compare=False)
@@ -98,4 +100,6 @@ class AppContext:
         store = ConfigStore(
             output_dir / SETTINGS_FILE, build_config(presets, overrides=overrides), workspace.config_problems
         )
-        return cls(output_dir, TrainingSession(), store, workspace, demo_model, demo_dataset)
+        session = TrainingSession()
+        queue = QueueRunner(session, output_dir, workspace.check_config)
+        return cls(output_dir, session, store, workspace, queue, demo_model, demo_dataset)

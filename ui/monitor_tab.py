@@ -308,6 +308,7 @@ def build_monitor_tab(context: AppContext, app: gr.Blocks) -> MonitorTab:
 
     def start_run(chosen: str | None) -> list[Any]:
         try:
+            context.queue.refuse_while_training()
             session.start(context.workspace.check_config(context.store.get()))
             message = ""
         except (ConfigError, SessionBusy) as error:

@@ -156,6 +156,7 @@ def build_runs_tab(context: AppContext, app: gr.Blocks, tab: gr.Tab) -> RunsTab:
         try:
             run = find_run(output_dir(), name or "")
             config = resume_config(run, int(total) if total else None)
+            context.queue.refuse_while_training()
             context.session.start(context.workspace.check_config(config), resume_dir=run.path)
         except (RunError, ConfigError, SessionBusy) as error:
             return [start_message(error, f"{name}/config.toml in the output folder"), False]

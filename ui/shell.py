@@ -16,6 +16,7 @@ from ui.dataset_tab import build_dataset_tab
 from ui.inference_tab import build_inference_tab
 from ui.models_tab import build_models_tab
 from ui.monitor_tab import build_monitor_tab
+from ui.queue_panel import build_queue_panel
 from ui.runs_tab import build_runs_tab
 from ui.tools_tab import build_tools_tab
 from ui.training_tab import build_training_tab
@@ -39,6 +40,7 @@ def build_app(context: AppContext) -> gr.Blocks:
                 monitor = build_monitor_tab(context, app)
             with gr.Tab("Runs", id="runs") as runs_tab:
                 runs = build_runs_tab(context, app, runs_tab)
+                build_queue_panel(context, app, runs_tab)
             with gr.Tab("Inference", id="inference") as inference_tab:
                 inference = build_inference_tab(context, app, inference_tab)
             with gr.Tab("Tools", id="tools") as tools_tab:

@@ -26,6 +26,7 @@ from core.training.preflight import Preflight, RunPlan, check_run, plan_run
 from ui.config_store import ConfigStore
 from ui.form import ConfigForm, FormField, build_form, field_label, field_path, from_widget, humanise, range_text
 from ui.models_tab import ways_to_get_a_model
+from ui.queue_panel import add_to_queue
 from ui.safe_text import code, md
 
 if TYPE_CHECKING:
@@ -242,7 +243,9 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> TrainingTab:
         )
     with gr.Row(equal_height=True):
         check = gr.Button("Check", variant="primary", elem_id="training-check", scale=1)
+        queue_button = gr.Button("Add to queue", elem_id="training-queue", scale=1)
         summary = gr.Markdown(UNCHECKED, elem_id="training-summary")
+    queue_notice = gr.Markdown(elem_id="training-queue-notice")
     estimate = gr.Markdown(elem_id="training-estimate")
     form = build_form(config_fields(), context.store.get())
     estimator = Estimator()
@@ -353,6 +356,7 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> TrainingTab:
     upload.upload(on_upload, inputs=upload, outputs=[*everything, file_status], **lane)
     save.click(on_save, inputs=[config_path, *form.inputs], outputs=file_status, preprocess=False, **lane)
     check.click(on_check, inputs=form.inputs, outputs=everything, preprocess=False, **lane)
+    queue_button.click(add_to_queue(context), outputs=queue_notice, show_progress="hidden", **lane)
     for entry in form.fields:
         # Gradio 6's Textbox fires `input` only on a key press (not on paste or delete), so text fields listen
         # to `change`, which also fires when a fill sets them: that re-stores the value just read, harmlessly.

@@ -1,7 +1,8 @@
 """Configs as TOML files, presets as sparse TOML overlays, and `section.key=value` overrides.
 
 A preset only lists what it changes from the defaults; `[preset] inherits = "sd15"` stacks it on
-another preset. The final config is: defaults ← preset chain ← config file ← `--set` overrides.
+another preset, and a config file may start from a preset the same way. The final config is: defaults ←
+preset chain ← config file (its own preset chain, then its settings) ← `--set` overrides.
 """
 
 from __future__ import annotations
@@ -139,14 +140,30 @@ def build_config(
         str(config_file) if config_file else ("preset " + " + ".join(filter(None, presets)) if any(presets) else "")
     )
     if config_file:
-        data = merge(data, read_toml(config_file))
+        data = merge(data, config_file_settings(config_file))
     for assignment in overrides:
         data = merge(data, parse_override(assignment))
     return parse_config(data, source)
 
 
+def config_file_settings(path: Path) -> dict[str, Any]:
+    """A config file's settings; one that starts with `[preset] inherits = "bauhaus"` (as presets do) is that
+    preset's settings with the file's own on top, so a few lines name a style and its dataset."""
+    data = read_toml(path)
+    table = data.pop(PRESET_TABLE, {})
+    base = table.get("inherits", "") if isinstance(table, dict) else ""
+    if not isinstance(base, str):
+        raise ConfigError([Problem("preset.inherits", base, f'in {path}: the name of a preset, e.g. "bauhaus"')])
+    if not base:
+        return data
+    try:
+        return merge(preset_overlay(base), data)
+    except ConfigError as error:
+        raise ConfigError(error.problems, str(path)) from None
+
+
 def load_config(path: Path) -> TrainConfig:
-    return parse_config(read_toml(path), str(path))
+    return parse_config(config_file_settings(path), str(path))
 
 
 def config_to_toml(config: TrainConfig) -> str:

@@ -30,6 +30,17 @@ STATUS_FILE = "run.json"
 ENDED = ("finished", "stopped", "early_stopped", "failed")
 
 
+def process_alive(pid: int, host: str, started: float) -> bool:
+    """Whether process `pid` on `host`, started at `started`, still runs: same machine, same id, same start time
+    (a reused id does not count)."""
+    if host != socket.gethostname():
+        return True  # another machine's process cannot be checked: trust the record
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
 @dataclass
 class Session:
     """One stretch of training in the folder: the first start, then one per resume."""
@@ -49,13 +60,8 @@ class RunStatus:
     sessions: list[Session] = field(default_factory=list)
 
     def alive(self) -> bool:
-        """Whether the process that wrote "running" is still there: same machine, same id, same start time."""
-        if self.host != socket.gethostname():
-            return True  # another machine's process cannot be checked: trust the record
-        try:
-            return abs(psutil.Process(self.pid).create_time() - self.process_started) < 1.0
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-            return False
+        """Whether the process that wrote "running" is still there."""
+        return process_alive(self.pid, self.host, self.process_started)
 
     @property
     def effective_state(self) -> str:

@@ -170,8 +170,9 @@ class TrainingSession:
         self._recording = _Recording("idle")
         self._finished: Trainer | None = None  # the last run, whose loaded model inference may take over
 
-    def start(self, config: TrainConfig, resume_dir: Path | None = None) -> None:
-        """Check the config against the data (raising ConfigError at once), then train in the background."""
+    def start(self, config: TrainConfig, resume_dir: Path | None = None, note: str = "") -> None:
+        """Check the config against the data (raising ConfigError at once), then train in the background.
+        `note` opens the run's log (the queue says there which entry this is)."""
         with self._lock:
             if self._recording.fields.running:
                 raise SessionBusy("A training run is already running: stop it before starting another.")
@@ -181,6 +182,8 @@ class TrainingSession:
             self._commands = TrainingCommands()
             self._finished = None
             self._recording = _Recording("starting", self._recording.fields.run + 1)
+            if note:
+                self._recording.log.append(note)
             from core.training.trainer import Trainer  # the first run loads torch and the models' libraries
 
             trainer = Trainer(config, _Recorder(self), self._commands, resume_dir)

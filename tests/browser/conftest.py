@@ -57,14 +57,16 @@ def running_app(
     demo: bool = True,
     models: Path | None = None,
     env: dict[str, str] | None = None,
+    output: Path | None = None,
 ) -> Iterator[AppServer]:
-    """`python app.py --demo` with `flags` on a free port, with its own output folder and its own copy of the demo
-    dataset; stopped on exit. Without `demo` it starts as a new user's app does; `models` replaces the tests'
-    folder as the only models folder; `env` adds to the environment.
+    """`python app.py --demo` with `flags` on a free port, with its own output folder (or `output`, to start an
+    app again on what an earlier one left) and its own copy of the demo dataset; stopped on exit. Without `demo`
+    it starts as a new user's app does; `models` replaces the tests' folder as the only models folder; `env` adds
+    to the environment.
 
     The prebuilt demo model is linked into a fresh cache folder, so the app finds it instead of building it.
     """
-    output = tmp_path_factory.mktemp("app-output")
+    output = output or tmp_path_factory.mktemp("app-output")
     cache = tmp_path_factory.mktemp("app-cache")
     (cache / demo_model.name).symlink_to(demo_model, target_is_directory=True)
     port = _free_port()
@@ -86,7 +88,7 @@ def running_app(
         str(models or tests_folder),
     ]
     command += flags
-    log = open(output / "server.log", "w")  # noqa: SIM115 - closed when the server stops
+    log = open(output / "server.log", "a")  # noqa: SIM115 - closed when the server stops
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
