@@ -5,25 +5,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save
 from torch import nn
+from training_helpers import Recorder, demo_config, read_metrics
 
-from core.config.files import build_config
+from core.config.files import build_config, load_config
 from core.config.schema import LoraSection, TrainConfig
 from core.lora.adapters import add_training_loras, text_encoder_target_modules, unet_target_modules
 from core.lora.files import kohya_state_dict
 from core.models.families import SD1, SD2, SD2_V, SDXL, ModelFamily
 from core.training.estimates import (
     ARCHITECTURES,
-    latest_measured_its,
     lora_parameters,
+    measured_speed,
     memory_estimate,
     time_per_epoch,
 )
+from core.training.trainer import Trainer
 
 
 def _family_models(family: ModelFamily) -> dict[str, nn.Module]:
@@ -199,22 +203,50 @@ def test_time_per_epoch_needs_a_measured_speed() -> None:
     assert time_per_epoch(2.0, 14) == pytest.approx(7.0)
 
 
-def _write_run(folder: Path, rows: list[dict[str, object]], tail: str = "", mtime: float = 0) -> None:
-    folder.mkdir(parents=True)
-    path = folder / "metrics.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + tail)
-    os.utime(path, (mtime, mtime))
+@pytest.fixture(scope="module")
+def measured_runs(
+    demo_model: Path, sdxl_model: Path, _demo_dataset_source: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """An output folder with two real runs of two steps each: SD 1.x (the older), then SDXL (the newer)."""
+    output = tmp_path_factory.mktemp("measured")
+    for name, model in (("sd15-run", demo_model), ("sdxl-run", sdxl_model)):
+        overrides = ("schedule.max_steps=2", "schedule.warmup_steps=0", "sampling.every_n_epochs=0", f"run.name={name}")
+        result = Trainer(demo_config(model, _demo_dataset_source, output, *overrides), Recorder()).run()
+        assert result.status == "finished" and result.run_dir.name == name
+    return output
 
 
-def test_latest_measured_its_reads_the_newest_run(tmp_path: Path) -> None:
-    assert latest_measured_its(tmp_path / "missing") is None
-    step = {"type": "step", "step": 1, "its": 1.5}
-    _write_run(tmp_path / "old", [step], mtime=1_000)
-    assert latest_measured_its(tmp_path) == 1.5
-    # The newest run wins; its last step counts even after an epoch row and a line cut off by a crash.
-    rows = [{**step, "its": 2.0}, {**step, "step": 2, "its": 2.5}, {"type": "epoch", "epoch": 1}]
-    _write_run(tmp_path / "new", rows, tail='{"type": "step", "its": 9', mtime=2_000)
-    assert latest_measured_its(tmp_path) == 2.5
-    # A run that has not stepped yet is skipped for one that has.
-    _write_run(tmp_path / "starting", [], mtime=3_000)
-    assert latest_measured_its(tmp_path) == 2.5
+def test_the_measured_speed_is_the_newest_run_of_the_same_family(measured_runs: Path) -> None:
+    assert measured_speed(measured_runs / "missing", SD1) is None
+    sdxl, sd15 = measured_speed(measured_runs, SDXL), measured_speed(measured_runs, SD1)
+    assert sdxl is not None and sdxl.run == "sdxl-run" and (sdxl.resolution, sdxl.images_per_step) == (128, 2)
+    assert sd15 is not None and sd15.run == "sd15-run"  # not the newer SDXL run's speed
+    steps = [row for row in read_metrics(measured_runs / "sd15-run") if row["type"] == "step"]
+    assert sd15.its == steps[-1]["its"] > 0
+    assert measured_speed(measured_runs, SD2_V) is None  # no SD 2.x run: no speed, rather than another family's
+    assert measured_speed(measured_runs, SD2) is None
+
+
+def test_a_speed_measured_at_another_resolution_or_batch_is_scaled(measured_runs: Path) -> None:
+    speed = measured_speed(measured_runs, SD1)
+    assert speed is not None
+    same = _config(dataset={"resolution": 128}, schedule={"batch_size": 2})
+    assert speed.same_work(same) and speed.its_for(same, SD1) == pytest.approx(speed.its)
+    bigger = _config(dataset={"resolution": 256}, schedule={"batch_size": 4})  # 4× the pixels, twice the images
+    assert not speed.same_work(bigger)
+    assert speed.its_for(bigger, SD1) == pytest.approx(speed.its / 8)
+    accumulated = _config(dataset={"resolution": 128}, schedule={"batch_size": 1, "gradient_accumulation": 2})
+    assert speed.same_work(accumulated)
+
+
+def test_a_newer_run_whose_model_is_gone_or_unreadable_does_not_count(measured_runs: Path, tmp_path: Path) -> None:
+    output = Path(shutil.copytree(measured_runs, tmp_path / "output"))
+    moved = output / "moved-model"
+    shutil.copytree(output / "sd15-run", moved)
+    config = (moved / "config.toml").read_text()
+    (moved / "config.toml").write_text(config.replace(str(load_config(moved / "config.toml").model.base), "/gone"))
+    metrics = moved / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"type": "step", "its": 9')  # a line cut off by a crash
+    os.utime(metrics, (time.time() + 60, time.time() + 60))
+    speed = measured_speed(output, SD1)
+    assert speed is not None and speed.run == "sd15-run"

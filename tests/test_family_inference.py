@@ -9,6 +9,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -21,10 +22,17 @@ from core.config.schema import LoraSection
 from core.inference.a1111_params import request_from_parameters
 from core.inference.engine import InferenceEngine
 from core.inference.png_info import read_png_parameters
-from core.inference.requests import ControlSpec, GenerationError, GenerationRequest, LoraSpec
+from core.inference.requests import (
+    DEFAULT_CONTROLNETS,
+    ControlSpec,
+    GenerationError,
+    GenerationRequest,
+    LoraSpec,
+    with_family_controlnets,
+)
 from core.lora.adapters import add_training_loras
 from core.lora.files import save_lora
-from core.models.families import SD2_V, SDXL
+from core.models.families import SD1, SD2, SD2_V, SDXL
 from core.models.loading import load_model
 from core.training.trainer import Trainer
 
@@ -170,8 +178,65 @@ def test_an_sdxl_controlnet_steers_soft_inpainting_and_other_families_are_refuse
     np.testing.assert_array_equal(steered[outside], pixels(photo)[outside])
     assert np.abs(steered - plain).max() > 0
 
-    with pytest.raises(GenerationError, match=re.escape("the standard ControlNet 1.1 models are SD 1.5's")):
-        sdxl_engine.generate(replace(inpaint, controls=(ControlSpec("depth", image=edges),)))
     sd15_unit = ControlSpec("depth", str(demo_model / "controlnet-depth"), image=edges)
     with pytest.raises(GenerationError, match=re.escape("is made for another family")):
         sdxl_engine.generate(replace(inpaint, controls=(sd15_unit,)))
+
+
+def test_a_unit_without_a_model_takes_its_familys_standard_controlnet() -> None:
+    units = tuple(ControlSpec(kind, image=Image.new("RGB", (64, 64))) for kind in ("lineart", "depth", "canny"))
+    own = replace(units[0], model="my/sdxl-lineart")
+    request = replace(BASE, controls=(*units, own))
+    models = {
+        family.key: [unit.model for unit in with_family_controlnets(request, family).controls] for family in (SD1, SDXL)
+    }
+    assert models == {
+        "sd1": [*DEFAULT_CONTROLNETS.values(), "my/sdxl-lineart"],
+        "sdxl": [
+            "TheMistoAI/MistoLine",
+            "diffusers/controlnet-depth-sdxl-1.0",
+            "diffusers/controlnet-canny-sdxl-1.0",
+            "my/sdxl-lineart",
+        ],
+    }
+    for family in (SD2, SD2_V):
+        message = f"ControlNet unit 2 (depth): there is no standard depth ControlNet for {family.label} models"
+        with pytest.raises(GenerationError, match=re.escape(message)):
+            with_family_controlnets(replace(BASE, controls=(own, units[1])), family)
+        assert with_family_controlnets(replace(BASE, controls=(own,)), family).controls == (own,)
+
+
+def test_sdxl_standard_controlnets_load_from_the_hub_cache_and_steer(
+    sdxl_engine: InferenceEngine,
+    sdxl_model: Path,
+    photo: Image.Image,
+    mask: Image.Image,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub ids of the SDXL defaults, laid out in a Hugging Face cache as `hf download` leaves them (tiny SDXL
+    ControlNets in their place): MistoLine as its repository ships it, an fp16 variant only. The PNG names them."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    unet = load_model(str(sdxl_model)).unet
+    for seed, (repo_id, variant) in enumerate(
+        [("TheMistoAI/MistoLine", "fp16"), ("diffusers/controlnet-depth-sdxl-1.0", None)]
+    ):
+        snapshot = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet)
+        with torch.no_grad():
+            for name, param in controlnet.named_parameters():
+                if name.startswith(("controlnet_cond_embedding.conv_out", "controlnet_down_blocks", "controlnet_mid")):
+                    param.normal_(0, 0.05)
+        controlnet.save_pretrained(snapshot, variant=variant)
+        (snapshot.parents[1] / "refs").mkdir()
+        (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    inpaint = replace(BASE, mode="inpaint", init_image=photo, mask_image=mask, strength=0.9, mask_feather=4)
+    plain = render(sdxl_engine, inpaint)
+    units = (ControlSpec("lineart", image=photo), ControlSpec("depth", image=photo))
+    result = sdxl_engine.generate(replace(inpaint, controls=units), output_dir=tmp_path / "out")
+    assert np.abs(pixels(result.images[0]) - plain).max() > 0
+    text = read_png_parameters(result.paths[0])
+    assert text is not None
+    assert "Module: lineart, Model: TheMistoAI/MistoLine" in text
+    assert "Module: depth, Model: diffusers/controlnet-depth-sdxl-1.0" in text

@@ -86,6 +86,7 @@ def test_inspect_convert_and_diffusers_loads_every_module(
     info = inspect_lora(kohya)
     modules = read_lora(kohya).modules
     assert info.modules == len(modules) and not info.notes and family.base_model_version in info.base_model
+    assert family.label.startswith(info.family) and f"for: {info.family} models" in info.text()  # SD 2.x: both kinds
     assert {"unet attention", "unet conv", "text encoder attention"} <= info.targets.keys()
     converted = convert_lora(kohya, tmp_path / "d.safetensors", to="diffusers")
     back = convert_lora(converted, tmp_path / "back.safetensors", to="kohya")

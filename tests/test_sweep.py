@@ -75,7 +75,7 @@ def test_the_estimate_says_when_no_speed_was_measured(demo_model: Path, demo_dat
     assert plan.name == "demo-sweep1"
     found = estimate(plan.configs, load_dataset(base.dataset, base.run.seed), tmp_path)
     assert found.steps == (14, 8, 14, 8) and found.seconds is None  # batches of 2 or 4 (in buckets)
-    assert estimate_text(found).startswith("4 runs, 8–14 steps each = 44 training steps. No run in this output")
+    assert estimate_text(found).startswith("4 runs, 8–14 steps each = 44 training steps. No run of this model's family")
 
 
 @pytest.mark.slow
@@ -92,8 +92,8 @@ def test_a_sweep_from_the_command_line_shares_the_cache_and_is_ranked(
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0] == (
-        "sweep tiny-sweep1: 2 runs × 14 steps = 28 training steps. No run in this output folder has measured its "
-        "speed yet, so no time can be estimated: the first run's speed will tell."
+        "sweep tiny-sweep1: 2 runs × 14 steps = 28 training steps. No run of this model's family in this output "
+        "folder has measured its speed yet, so no time can be estimated: the first run's speed will tell."
     )
     assert lines[1] == "queued 2 runs: tiny-sweep1-lr2e-4-r4, tiny-sweep1-lr2e-3-r4"
 

@@ -14,7 +14,15 @@ from typing import Any, cast
 import gradio as gr
 from gradio.components import Component
 
-from core.inference.requests import CONTROL_KINDS, DEFAULT_CONTROLNETS, MAX_SEED, MODES, SAMPLER_LABELS, ControlKind
+from core.inference.requests import (
+    CONTROL_KINDS,
+    DEFAULT_CONTROLNETS,
+    FAMILY_CONTROLNETS,
+    MAX_SEED,
+    MODES,
+    SAMPLER_LABELS,
+    ControlKind,
+)
 from ui.inference_form import LABELS, MAX_LORAS, SWEEP_KINDS, FormValues, UnitValues, sweep_inputs_shown
 
 # A translucent brush shows the facade through the strokes; any paint counts as mask, whatever its alpha.
@@ -212,7 +220,9 @@ def _unit(kind: ControlKind, model: str) -> UnitWidgets:
             model_box = gr.Textbox(
                 value=model,
                 label="ControlNet model",
-                placeholder=f"empty = {DEFAULT_CONTROLNETS[kind]}",
+                placeholder="empty = the standard one for the base model's family",
+                info=f"Empty: SD 1.x {DEFAULT_CONTROLNETS[kind]}, SDXL {FAMILY_CONTROLNETS['sdxl'][kind]}; SD 2.x has "
+                "no standard one: give an SD 2.x ControlNet",
                 elem_id=f"inference-{kind}-model",
             )
             with gr.Row():

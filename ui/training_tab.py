@@ -21,7 +21,7 @@ from core.config.files import PresetInfo, list_presets, load_config, preset_laye
 from core.config.schema import ConfigError, Problem, TrainConfig, config_fields
 from core.data.dataset import Dataset
 from core.models.families import SD1, ModelFamily
-from core.training.estimates import latest_measured_its, memory_estimate, time_per_epoch
+from core.training.estimates import measured_speed, memory_estimate, time_per_epoch
 from core.training.preflight import Preflight, RunPlan, check_run, plan_run
 from ui.config_store import ConfigStore
 from ui.form import ConfigForm, FormField, build_form, field_label, field_path, from_widget, humanise, range_text
@@ -85,12 +85,33 @@ def format_duration(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
+def time_estimate(config: TrainConfig, plan: RunPlan, family: ModelFamily | None) -> str:
+    """Time per epoch from the last speed a run of this family measured in the output folder, scaled when it
+    trained at another resolution or batch (the live run counts: it writes its speed there too)."""
+    if family is None:
+        return "Time per epoch: shown once **Check** has read the model (speeds are measured per model family)."
+    speed = measured_speed(Path(config.run.output_dir), family)
+    if speed is None:
+        return f"Time per epoch: no {md(family.label)} run in the output folder has measured its speed yet."
+    its = speed.its_for(config, family)
+    seconds = time_per_epoch(its, plan.steps_per_epoch)
+    assert seconds is not None
+    source = f"run {code(speed.run)}, {speed.resolution} px, {speed.images_per_step} image(s) per step"
+    if speed.same_work(config):
+        measured = f"at {its:.2f} it/s as measured by {source}"
+    else:
+        measured = f"at about {its:.2f} it/s, scaled from the {speed.its:.2f} it/s of {source} (an estimate)"
+    return (
+        f"Time per epoch: about **{format_duration(seconds)}** {measured}; training steps only, validation and "
+        "samples add to it."
+    )
+
+
 @dataclass
 class Estimator:
     """Run estimates; remembers the dataset and the model family of the last Check so later edits update the
     step counts and the memory estimate cheaply."""
 
-    session_its: Callable[[], float]  # the live session's measured it/s, 0 before its first step
     checked: tuple[tuple[str, int], Dataset] | None = None
     family: tuple[str, ModelFamily] | None = None  # the model Check read, and its family
 
@@ -125,15 +146,7 @@ class Estimator:
                 f"steps** ({plan.train_images} training images, {plan.validation_images} validation, batch "
                 f"{config.schedule.batch_size})."
             )
-            its = self.session_its() or latest_measured_its(Path(config.run.output_dir))
-            seconds = time_per_epoch(its, plan.steps_per_epoch)
-            if seconds is None:
-                lines.append("Time per epoch: shown once a run has measured its speed.")
-            else:
-                lines.append(
-                    f"Time per epoch: about **{format_duration(seconds)}** at the last measured {its:.2f} it/s "
-                    "(training steps only; validation and samples add to it)."
-                )
+            lines.append(time_estimate(config, plan, self.model_family(config)))
         family = self.model_family(config)
         memory = memory_estimate(config, family or SD1)
         model = family.label if family else "SD 1.x (until Check reads the model)"
@@ -235,7 +248,7 @@ def build_training_tab(context: AppContext, app: gr.Blocks) -> TrainingTab:
     queue_notice = gr.Markdown(elem_id="training-queue-notice")
     estimate = gr.Markdown(elem_id="training-estimate")
     form = build_form(config_fields(), context.store.get())
-    estimator = Estimator(lambda: context.session.snapshot().its)
+    estimator = Estimator()
     unchanged = [gr.skip()] * (2 * len(form.fields) + 2)
     last_check: dict[str, Any] = {"config": None, "problems": []}  # what the last Check saw and found
 

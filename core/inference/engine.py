@@ -59,11 +59,11 @@ from core.inference.requests import (
     GenerationError,
     GenerationRequest,
     LoraSpec,
+    with_family_controlnets,
 )
 from core.inference.samplers import make_sampler
 from core.inference.sweep import SweepResult, SweepVariant, sweep_grid
 from core.models.controlnets import ControlNetCache
-from core.models.families import SD1
 from core.models.loading import ModelComponents, build_pipeline, load_model
 from core.models.preprocessors import make_control_image
 
@@ -191,8 +191,11 @@ class InferenceEngine:
         self._cancel.set()
 
     def _install(self, components: ModelComponents, key: tuple[str, str]) -> None:
-        for module in (components.unet, *components.text_encoders, components.vae):
+        """Use `components` as the base; its VAE in the UNet's dtype (a trained run's may be in fp32), so that the
+        SDXL pipelines' own `force_upcast` handling decides when it works in fp32."""
+        for module in (components.unet, *components.text_encoders):
             module.to(self.device)
+        components.vae.to(self.device, components.unet.dtype)
         self._base = build_pipeline(components)
         self._base.set_progress_bar_config(disable=True)
         self._components, self._key = components, key
@@ -252,6 +255,7 @@ class InferenceEngine:
         request.check()
         if self._components is None:
             raise GenerationError("no base model is loaded: load one (load_base) before generating")
+        request = with_family_controlnets(request, self._components.family)
         self._cancel.clear()
         if request.seed == -1:
             request = replace(request, seed=random.randint(0, MAX_SEED))
@@ -288,6 +292,8 @@ class InferenceEngine:
             seed = request.seed + index
             callback = self._step_callback(progress, index, request.batch_count)
             image = pipe(**kwargs, generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback)
+            if pipe.vae.dtype != pipe.unet.dtype:  # SDXL's ControlNet inpainting leaves an upcast VAE in fp32
+                pipe.vae.to(pipe.unet.dtype)
             if self._cancel.is_set():
                 raise GenerationCancelled(f"generation cancelled after {index} of {request.batch_count} image(s)")
             result.images.append(region.finish(image.images[0]))
@@ -320,16 +326,10 @@ class InferenceEngine:
         return pipe
 
     def _controlnet(self, number: int, unit: ControlSpec) -> ControlNetModel:
-        """The unit's ControlNet, refused by name when it is made for another family than the model's: the
-        default ControlNet 1.1 models are SD 1.5's, and another family's fails deep inside with shapes."""
+        """The unit's ControlNet, refused by name when it is made for another family than the model's (another
+        family's fails deep inside with shapes)."""
         assert self._components is not None
         family, unet = self._components.family, self._components.unet
-        if not unit.model and family.lora_group != SD1.lora_group:
-            raise GenerationError(
-                f"ControlNet unit {number} ({unit.kind}): the standard ControlNet 1.1 models are SD 1.5's and do not "
-                f"fit this {family.label} model; give the unit an {family.label} ControlNet (a hub id such as "
-                f"diffusers/controlnet-depth-sdxl-1.0 for SDXL, a diffusers folder or a .safetensors file)"
-            )
         model = self._controlnets.get(unit, dtype=unet.dtype, device=unet.device)
         fits = all(
             model.config.get(name) == unet.config.get(name) for name in ("cross_attention_dim", "addition_embed_type")

@@ -9,13 +9,14 @@ input and the fix, before any model is touched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
 from PIL import Image
 
 from core.config.schema import Sampler
+from core.models.families import ModelFamily
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
 ControlKind = Literal["lineart", "depth", "canny"]
@@ -32,6 +33,19 @@ DEFAULT_CONTROLNETS: dict[ControlKind, str] = {  # the ControlNet 1.1 model a un
     "lineart": "lllyasviel/control_v11p_sd15_lineart",
     "depth": "lllyasviel/control_v11f1p_sd15_depth",
     "canny": "lllyasviel/control_v11p_sd15_canny",
+}
+# The model a unit without one uses, by ModelFamily.lora_group. SDXL: diffusers' own depth and canny ControlNets,
+# and for line art MistoLine, an SDXL ControlNet trained on every kind of line drawing (its hub repository holds
+# only an fp16 variant, which `load_controlnet` falls back to). SD 2.x has none: the diffusers-format SD 2.1
+# ControlNets on the hub are pickles, which Atelier does not open.
+FAMILY_CONTROLNETS: dict[str, dict[ControlKind, str]] = {
+    "sd1": DEFAULT_CONTROLNETS,
+    "sd2": {},
+    "sdxl": {
+        "lineart": "TheMistoAI/MistoLine",
+        "depth": "diffusers/controlnet-depth-sdxl-1.0",
+        "canny": "diffusers/controlnet-canny-sdxl-1.0",
+    },
 }
 
 
@@ -62,8 +76,9 @@ class ControlSpec:
     """One ControlNet unit.
 
     `model` is a hub id, a diffusers ControlNet folder or a single `.safetensors` file; empty means the
-    standard SD 1.5 ControlNet 1.1 of that kind. `image` is a ready control map (lines, depth, edges);
-    None makes it from the request's init image with `preprocessor` (None: the weight-free fallback).
+    standard ControlNet of that kind for the base model's family (`with_family_controlnets`). `image` is a
+    ready control map (lines, depth, edges); None makes it from the request's init image with `preprocessor`
+    (None: the weight-free fallback).
     `config` is only for single files: a diffusers ControlNet folder (or hub id) holding its config.json.
     """
 
@@ -78,7 +93,7 @@ class ControlSpec:
 
     @property
     def model_reference(self) -> str:
-        """The model this unit uses: its own, or the standard ControlNet 1.1 of its kind."""
+        """The model this unit uses: its own, or the standard SD 1.5 ControlNet 1.1 of its kind."""
         return self.model or DEFAULT_CONTROLNETS[self.kind]
 
 
@@ -172,3 +187,19 @@ class GenerationRequest:
             if unit.image is None and self.init_image is None:
                 problems.append(f"{label} has no control image: give one, or an init image to make it from")
         return problems
+
+
+def with_family_controlnets(request: GenerationRequest, family: ModelFamily) -> GenerationRequest:
+    """`request` with each ControlNet unit that names no model given its kind's standard one for `family`, so the
+    model it runs (and the PNG records) is the family's; GenerationError for a kind the family has none of."""
+    controls = []
+    for number, unit in enumerate(request.controls, start=1):
+        standard = FAMILY_CONTROLNETS[family.lora_group].get(unit.kind)
+        if not unit.model and standard is None:
+            raise GenerationError(
+                f"ControlNet unit {number} ({unit.kind}): there is no standard {unit.kind} ControlNet for "
+                f"{family.label} models, and the SD 1.5 ones do not fit them: give the unit a {family.label} "
+                "ControlNet (a diffusers folder, a hub id, or a .safetensors file with its config)"
+            )
+        controls.append(unit if unit.model else replace(unit, model=standard))
+    return replace(request, controls=tuple(controls))

@@ -63,6 +63,7 @@ class LoraInfo:
 
     path: Path
     format: LoraFormat
+    family: str  # the model family it is for, as read_lora tells it (header, else key names), e.g. "SDXL 1.0"
     modules: int
     ranks: dict[int, int]
     alphas: dict[float, int]
@@ -81,6 +82,7 @@ class LoraInfo:
         lines = [
             f"{self.path.name}: {FORMAT_NAMES[self.format]} LoRA, {self.modules} modules, "
             f"{self.size_bytes / 1e6:.2f} MB, {self.parameters:,} parameters ({', '.join(self.dtypes)})",
+            f"for: {self.family} models",
             f"rank: {_counts(self.ranks)}",
             f"alpha: {_counts(self.alphas)} ({self.alpha_source})",
             f"targets: {_counts(self.targets)}",
@@ -136,6 +138,7 @@ def inspect_lora(path: Path) -> LoraInfo:
     return LoraInfo(
         path=lora.path,
         format=lora.format,
+        family=lora.family.label,
         modules=len(modules),
         ranks=dict(sorted(collections.Counter(m.rank for m in modules).items())),
         alphas=dict(sorted(collections.Counter(m.alpha for m in modules).items())),

@@ -66,6 +66,18 @@ def check_model(source: str, role: str = "base") -> ModelCheck:
     return _checked_single_file(path, role)
 
 
+def known_family(source: str) -> ModelFamily | None:
+    """A base model's family when it can be told without the network (a folder's configs, a file's keys, a hub
+    model's cached configs); None otherwise, e.g. for a model that is gone or not downloaded."""
+    try:
+        kind, _ = classify_source(source)
+    except ModelLoadError:
+        return None
+    if kind == "hub" and not isinstance(huggingface_hub.try_to_load_from_cache(source, "model_index.json"), str):
+        return None
+    return check_model(source).family
+
+
 def _checked_folder(path: Path, role: str) -> ModelCheck:
     """The folder's parts first (a damaged folder says which file), then its family and the parts it needs."""
     if (problem := _folder_problem(path, role)) or role != "base":
@@ -127,10 +139,19 @@ def _folder_problem(path: Path, role: str, family: ModelFamily = SD1) -> str:
 
 
 def header_keys(path: Path) -> list[str]:
-    """The tensor names of a .safetensors file, from its header alone (8-byte length, then JSON)."""
+    """The tensor names of a .safetensors file, from its header alone (see `read_header`)."""
+    return list(read_header(path))
+
+
+def read_header(path: Path) -> dict:
+    """A .safetensors file's header alone (8-byte length, then JSON): each tensor's dtype, shape and offsets by
+    name, and `__metadata__`. Raises OSError, struct.error or ValueError for a file that is not one."""
     with path.open("rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
-        return list(json.loads(file.read(length)).keys())
+        header = json.loads(file.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header
 
 
 def _single_file_problem(path: Path, keys: list[str], role: str) -> str:

@@ -39,7 +39,7 @@ def load_controlnet(reference: str, *, config: str = "", dtype: torch.dtype = to
                 f"ControlNet folder {path} has no config.json: point to a diffusers ControlNet folder "
                 "or to a ControlNet .safetensors file."
             )
-        return _guarded_controlnet(path, lambda: ControlNetModel.from_pretrained(path, dtype=dtype))
+        return _guarded_controlnet(path, lambda: _pretrained(str(path), dtype))
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise ModelLoadError(
@@ -49,9 +49,19 @@ def load_controlnet(reference: str, *, config: str = "", dtype: torch.dtype = to
         return _single_file(path, config, dtype)
     if reference.startswith((".", "/", "~", "\\")) or reference.count("/") > 1 or path.suffix.lower() in _FILE_SUFFIXES:
         raise ModelLoadError(f"ControlNet not found: {path}. Check the path, or give a Hugging Face id.")
-    return _from_hub(
-        reference, lambda local: ControlNetModel.from_pretrained(reference, dtype=dtype, local_files_only=local)
-    )
+    return _from_hub(reference, lambda local: _pretrained(reference, dtype, local_files_only=local))
+
+
+def _pretrained(source: str, dtype: torch.dtype, **options: bool) -> ControlNetModel:
+    """A diffusers ControlNet, or its fp16 variant when that is all it ships (TheMistoAI/MistoLine holds only
+    `diffusion_pytorch_model.fp16.safetensors`); the first error when neither loads."""
+    try:
+        return ControlNetModel.from_pretrained(source, dtype=dtype, **options)
+    except OSError as plain:
+        try:
+            return ControlNetModel.from_pretrained(source, dtype=dtype, variant="fp16", **options)
+        except OSError:
+            raise plain from None
 
 
 def _single_file(path: Path, config: str, dtype: torch.dtype) -> ControlNetModel:
@@ -78,8 +88,8 @@ def _guarded_controlnet(path: Path, load: Callable[[], ControlNetModel]) -> Cont
     return guarded(
         path,
         load,
-        "an SD 1.5 ControlNet",
-        "Is it an SD 1.5 ControlNet (not SDXL, not a LoRA or a checkpoint) and completely downloaded?",
+        "a ControlNet",
+        "Is it a ControlNet for the base model's family (not a LoRA or a checkpoint) and completely downloaded?",
     )
 
 

@@ -84,6 +84,15 @@ class ModelComponents:
     def tokenizers(self) -> list[CLIPTokenizer]:
         return [tokenizer for tokenizer in (self.tokenizer, self.tokenizer_2) if tokenizer is not None]
 
+    @property
+    def vae_fp16_unsafe(self) -> bool:
+        """Whether the VAE overflows in fp16 and must encode and decode in fp32 when the model runs in fp16.
+
+        diffusers' rule: SDXL's VAE config says `force_upcast` (its SDXL pipelines read it; SD 1.x/2.x
+        pipelines never do), and a VAE fine-tuned to stay finite in fp16 says `force_upcast: false`.
+        """
+        return self.family.is_sdxl and bool(self.vae.config.get("force_upcast", False))
+
 
 def load_model(
     source: str,
@@ -106,8 +115,9 @@ def load_model(
     else:
         parts = _single_file_parts(path, dtype, Path(config_dir) if config_dir is not None else None)
     family: ModelFamily = parts["family"]
-    if vae:
-        parts["vae"] = load_vae(vae, dtype=dtype, config_dir=config_dir or family.config_dir)
+    if vae:  # a single-file VAE is read with the base's own VAE config, else its family's
+        vae_configs = config_dir or (path if kind == "folder" else family.config_dir)
+        parts["vae"] = load_vae(vae, dtype=dtype, config_dir=vae_configs)
     for model in (parts["unet"], parts["vae"]):
         model.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA: fused, memory-efficient attention
     _own_memory(parts["unet"], parts["vae"], parts["text_encoder"], *filter(None, [parts.get("text_encoder_2")]))

@@ -20,6 +20,7 @@ from core.data.feature_cache import CacheStats, FeatureCache, LatentDistribution
 from core.models.loading import ModelComponents
 from core.training.conditioning import TextEncoders, TextFeatures, time_ids
 from core.training.errors import TrainingError
+from core.training.run_state import model_fingerprint
 from core.training.validation import ValidationSet, build_validation_set
 
 
@@ -191,12 +192,14 @@ def encode_features(
 
 
 def cache_run_features(
-    config: TrainConfig, dataset: Dataset, components: ModelComponents, options: FeatureOptions, fingerprint: str
+    config: TrainConfig, dataset: Dataset, components: ModelComponents, options: FeatureOptions
 ) -> tuple[tuple[TrainingSet, ValidationSet | None], CacheStats]:
-    """`encode_features` through the output folder's cache, whose entries are keyed by the encoders' `fingerprint`.
+    """`encode_features` through the output folder's cache, whose entries are keyed by the encoders' fingerprint
+    (the VAE's own dtype included: an fp16-unsafe VAE encodes in fp32 in an fp16 run).
 
     An image that vanished since the dataset was read would otherwise fail deep in the encoder.
     """
+    fingerprint = model_fingerprint(config, options.dtype, components.vae.dtype)
     cache = FeatureCache(Path(config.run.output_dir) / "cache", fingerprint)
     missing = [r.path for r in (*dataset.train, *dataset.validation) if not r.path.is_file()]
     if missing:

@@ -1,5 +1,5 @@
 """Rough run estimates shown before training: GPU memory from the config and the model's family, time per
-epoch once measured.
+epoch once a run of the same family has measured its speed (scaled to this run's resolution and batch).
 
 The memory estimate exists so a user picks batch size, resolution and rank that fit their GPU before a
 run dies minutes in with an out-of-memory error. It is a sum of four parts, each approximate (±30%):
@@ -28,7 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config.schema import LoraTargets, Optimizer, TrainConfig
+from core.config.files import load_config
+from core.config.schema import ConfigError, LoraTargets, Optimizer, TrainConfig
+from core.models.check import known_family
 from core.models.families import FAMILIES, SD1, ModelFamily
 from core.training.events import METRICS_FILE
 
@@ -265,20 +267,49 @@ def time_per_epoch(its: float | None, steps_per_epoch: int) -> float | None:
     return steps_per_epoch / its
 
 
-def latest_measurement(output_dir: Path) -> tuple[float, Path] | None:
-    """The last it/s recorded by the most recently written run under `output_dir`, and that run's folder."""
+@dataclass(frozen=True)
+class MeasuredSpeed:
+    """The speed a run measured (its last step's it/s) and what it trained at, to estimate another run's from."""
+
+    run: str  # the run's folder name
+    its: float  # optimizer steps per second
+    resolution: int
+    images_per_step: int  # batch size × gradient accumulation
+
+    def its_for(self, config: TrainConfig, family: ModelFamily) -> float:
+        """Steps per second for `config`: the measured speed at the same resolution and images per step, else
+        scaled by images per step and by the family UNet's activation units at each resolution, which the
+        compute per image follows (as the memory estimate's activations do)."""
+        arch = ARCHITECTURES[family.lora_group]
+        images = config.schedule.batch_size * config.schedule.gradient_accumulation
+        measured = self.images_per_step * activation_units(arch, self.resolution)
+        return self.its * measured / (images * activation_units(arch, config.dataset.resolution))
+
+    def same_work(self, config: TrainConfig) -> bool:
+        images = config.schedule.batch_size * config.schedule.gradient_accumulation
+        return self.resolution == config.dataset.resolution and self.images_per_step == images
+
+
+def measured_speed(output_dir: Path, family: ModelFamily) -> MeasuredSpeed | None:
+    """The speed measured by the most recently written run under `output_dir` whose model is of `family`'s
+    architecture (SD 2.x's 512 and 768-v models share one), from its config.toml; None when no such run has
+    stepped. A run whose model cannot be told without the network (moved, not downloaded) does not count."""
     logs = [path for path in Path(output_dir).expanduser().glob(f"*/{METRICS_FILE}") if path.is_file()]
+    families: dict[str, ModelFamily | None] = {}
     for path in sorted(logs, key=os.path.getmtime, reverse=True):
-        its = _last_its(path)
-        if its:
-            return its, path.parent
+        try:
+            config = load_config(path.parent / "config.toml")
+        except (ConfigError, OSError):
+            continue
+        base = config.model.base
+        if base not in families:
+            families[base] = known_family(base)
+        run_family = families[base]
+        if run_family is None or run_family.lora_group != family.lora_group or not (its := _last_its(path)):
+            continue
+        images = config.schedule.batch_size * config.schedule.gradient_accumulation
+        return MeasuredSpeed(path.parent.name, its, config.dataset.resolution, images)
     return None
-
-
-def latest_measured_its(output_dir: Path) -> float | None:
-    """The last it/s recorded by the most recently written run under `output_dir`, if any run has stepped."""
-    measured = latest_measurement(output_dir)
-    return measured[0] if measured else None
 
 
 def _last_its(path: Path, tail_bytes: int = 65536) -> float | None:

@@ -23,7 +23,8 @@ def load_for_training(
     """The model and the trainable parameters of its UNet and text-encoder adapters (none when they are frozen).
 
     The prediction type is the model's own (its scheduler config; SD 2.x 768 models predict v) unless
-    `model.prediction_type` overrides it, for a checkpoint whose file cannot say.
+    `model.prediction_type` overrides it, for a checkpoint whose file cannot say. A VAE that overflows in fp16
+    (SDXL's own) stays in fp32 under fp16 training, as diffusers' `force_upcast` asks.
     """
     components = load_model(config.model.base, vae=config.model.vae, dtype=dtype)
     if config.model.prediction_type != "auto":
@@ -31,6 +32,8 @@ def load_for_training(
         components.scheduler_config["prediction_type"] = config.model.prediction_type
     for module in (components.unet, components.vae, *components.text_encoders):
         module.to(device)
+    if dtype == torch.float16 and components.vae_fp16_unsafe:
+        components.vae.to(torch.float32)  # it only encodes the images (once, when cached) and decodes samples
     components.vae.eval()
     components.unet.train()
     if config.performance.channels_last and device.type == "cuda":  # on CPUs it slows convolutions

@@ -20,6 +20,7 @@ from core.config.schema import Problem, TrainConfig
 from core.data.dataset import Dataset, DatasetError, ImageRecord, load_dataset
 from core.models.check import check_model
 from core.models.families import SD1, ModelFamily
+from core.models.vae_fit import vae_fit_problem
 
 LORA_PARAMS_PER_RANK = 600_000
 """About an SD 1.5 LoRA's parameters per unit of rank (a rank-32 kohya file with the text encoder is ~38 MB in fp16)."""
@@ -72,6 +73,8 @@ def _model_checks(config: TrainConfig) -> tuple[list[Problem], list[Problem], Mo
         notes += [Problem(field, reference, result.note)] if result.note else []
         family = family or result.family
         missing = missing or (role == "base" and result.missing)
+    if family is not None and config.model.vae and not problems and (fit := vae_fit_problem(config.model.vae, family)):
+        problems.append(Problem("model.vae", config.model.vae, fit))
     if family is not None and config.dataset.resolution < family.resolution and family.resolution > SD1.resolution:
         message = (
             f"{family.label} models are trained at {family.resolution} px and render poorly at "

@@ -65,9 +65,11 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
     return candidate
 
 
-def model_fingerprint(config: TrainConfig, dtype: torch.dtype) -> str:
-    """Identifies the encoders behind cached features; a local file's size and time stand in for its bytes."""
-    parts = [str(dtype)]
+def model_fingerprint(config: TrainConfig, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> str:
+    """Identifies the encoders behind cached features; a local file's size and time stand in for its bytes.
+    `vae_dtype` counts only where it differs from `dtype` (a VAE kept in fp32 under fp16 encodes other latents),
+    so every other run keeps its cache."""
+    parts = [str(dtype)] + ([f"vae {vae_dtype}"] if vae_dtype not in (None, dtype) else [])
     for reference in (config.model.base, config.model.vae):
         path = Path(reference).expanduser()
         stat = f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else ""

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image, PngImagePlugin
 
 from core.common.fsutil import atomic_path
@@ -63,7 +64,7 @@ def render_samples(
     ):
         for index, prompt in enumerate(section.prompts):
             generator = torch.Generator(device).manual_seed(section.seed)
-            image = pipeline(
+            latents = pipeline(
                 prompt,
                 negative_prompt=section.negative_prompt or None,
                 num_inference_steps=section.steps,
@@ -71,8 +72,19 @@ def render_samples(
                 width=section.width,
                 height=section.height,
                 generator=generator,
-            ).images[0]
+                output_type="latent",
+            ).images
+            image = _decode(pipeline, latents)
             path = folder / f"{index:02d}.png"
             save_png(image, path, generation_parameters(prompt, section, components.source))
             paths.append(path)
     return paths
+
+
+def _decode(pipeline: DiffusionPipeline, latents: torch.Tensor) -> Image.Image:
+    """The sample's image, decoded outside autocast in the VAE's own dtype: fp32 for a VAE that overflows in
+    fp16 (see `load_for_training`), which autocast would otherwise run in fp16 again."""
+    vae = pipeline.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipeline.image_processor.postprocess(pixels, output_type="pil")[0]

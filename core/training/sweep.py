@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from core.common.fsutil import atomic_write_text
-from core.config.files import load_config
-from core.config.schema import ConfigError, TrainConfig, parse_config
+from core.config.schema import TrainConfig, parse_config
 from core.data.dataset import Dataset
-from core.training.estimates import latest_measurement
+from core.models.check import known_family
+from core.training.estimates import measured_speed
 from core.training.preflight import plan_run
 from core.training.queue import enqueue
 
@@ -144,24 +144,20 @@ class SweepEstimate:
         return sum(steps * each for steps, each in zip(self.steps, self.seconds_per_step, strict=True))
 
 
-def images_per_step(config: TrainConfig) -> int:
-    return config.schedule.batch_size * config.schedule.gradient_accumulation
-
-
 def estimate(configs: list[TrainConfig], dataset: Dataset, output_dir: Path) -> SweepEstimate:
-    """Runs × steps × the measured time per step (the latest run in `output_dir`), scaled by images per step when
-    a run's batch differs from the measured one's."""
+    """Runs × steps × the time per step measured by the newest run of the same model family in `output_dir`,
+    scaled to each run's images per step and resolution (`MeasuredSpeed.its_for`); another family's speed would
+    be off several times over, so without one there is no time."""
     steps = tuple(plan_run(config, dataset).total_steps for config in configs)
-    measured = latest_measurement(output_dir)
-    if measured is None:
+    family = known_family(configs[0].model.base)
+    measured = measured_speed(output_dir, family) if family else None
+    if family is None or measured is None:
         return SweepEstimate(len(configs), steps, None)
-    its, run_dir = measured
-    try:
-        measured_images = images_per_step(load_config(run_dir / "config.toml"))
-    except ConfigError:
-        measured_images = images_per_step(configs[0])
-    each = tuple(images_per_step(config) / measured_images / its for config in configs)
-    words = f"{its:.2f} it/s measured by {run_dir.name} (batch × accumulation {measured_images})"
+    each = tuple(1 / measured.its_for(config, family) for config in configs)
+    words = (
+        f"{measured.its:.2f} it/s measured by {measured.run} ({measured.images_per_step} images per step at "
+        f"{measured.resolution} px)"
+    )
     return SweepEstimate(len(configs), steps, each, words)
 
 
@@ -179,8 +175,8 @@ def estimate_text(found: SweepEstimate) -> str:
     head = f"{counted} = {found.total_steps} training steps"
     if found.seconds is None:
         return (
-            f"{head}. No run in this output folder has measured its speed yet, so no time can be estimated: "
-            "the first run's speed will tell."
+            f"{head}. No run of this model's family in this output folder has measured its speed yet, so no time "
+            "can be estimated: the first run's speed will tell."
         )
     return (
         f"{head}, about {format_hours(found.seconds)} at {found.measured} (training steps only; validation, "

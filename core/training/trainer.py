@@ -36,7 +36,7 @@ from core.training.model_setup import load_for_training
 from core.training.optim import make_lr_scheduler, make_optimizer, step_unless_nonfinite
 from core.training.preflight import RunPlan, device_problems, plan_run, preflight
 from core.training.run_log import RunLog, replay
-from core.training.run_state import Progress, RunResult, model_fingerprint, new_run_dir
+from core.training.run_state import Progress, RunResult, new_run_dir
 from core.training.run_status import mark_started, record_end
 from core.training.samples import render_samples
 from core.training.text_log import LoggedCallbacks, TextLog
@@ -81,7 +81,7 @@ class Trainer:
         self.callbacks.on_status("caching")
         cfg, dtype = self.config, self.weight_dtype
         options = FeatureOptions.for_run(cfg, self.accelerator.device, dtype, bool(self.text_params))
-        features, stats = cache_run_features(cfg, self.dataset, components, options, model_fingerprint(cfg, dtype))
+        features, stats = cache_run_features(cfg, self.dataset, components, options)
         self._say(f"features: {stats.reused} reused from the cache, {stats.encoded} encoded")
         if not cfg.performance.cache_latents:
             self._say("latents are not cached (performance.cache_latents = false): images are encoded at every step")

@@ -41,7 +41,7 @@ def test_a_two_by_two_sweep_is_queued_trained_and_ranked(page: Page, app_server:
     page.locator("#sweep-estimate").click()
     notice = page.locator("#sweep-notice")
     expect(notice).to_contain_text("4 runs × 14 steps = 56 training steps")
-    expect(notice).to_contain_text("No run in this output folder has measured its speed yet")
+    expect(notice).to_contain_text("No run of this model's family in this output folder has measured its speed yet")
     names = [f"{base}-sweep1-lr{lr}-r{rank}" for lr in ("5e-4", "2e-3") for rank in (4, 8)]
     for name in names:
         expect(notice).to_contain_text(name)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from core.config.files import load_config
+from core.config.files import load_config, save_config
 from core.training.preflight import plan_run, preflight
 from tests.browser.conftest import AppServer, screenshot
 from ui.context import SETTINGS_FILE
@@ -139,13 +139,14 @@ def test_check_shows_problems_in_place_and_the_run_estimate(page: Page, app_serv
     set_value(page, app_server, "schedule.batch_size", "2", 2)
     set_value(page, app_server, "schedule.epochs", "3", 3)
     set_value(page, app_server, "schedule.warmup_steps", "0", 0)
-    earlier_run = app_server.output_dir / "earlier-run"  # a run that measured 0.5 it/s gives the time per epoch
+    earlier_run = app_server.output_dir / "earlier-run"  # a run of this model at 0.5 it/s gives the time per epoch
     earlier_run.mkdir(exist_ok=True)
+    config = load_config(app_server.output_dir / SETTINGS_FILE)
+    save_config(config, earlier_run / "config.toml")
     (earlier_run / "metrics.jsonl").write_text(json.dumps({"type": "step", "step": 1, "its": 0.5}) + "\n")
     check(page)
     expect(page.locator("#training-summary")).to_contain_text("Ready to train")
     expect(problem(page, "dataset.path")).to_be_hidden()
-    config = load_config(app_server.output_dir / SETTINGS_FILE)
     dataset, _ = preflight(config)
     assert dataset is not None
     plan = plan_run(config, dataset)
@@ -154,7 +155,8 @@ def test_check_shows_problems_in_place_and_the_run_estimate(page: Page, app_serv
         f"{plan.steps_per_epoch} steps per epoch × 3 epochs = {plan.total_steps} total steps"
     )
     expect(estimate).to_contain_text(
-        f"Time per epoch: about {plan.steps_per_epoch * 2} s at the last measured 0.50 it/s"
+        f"Time per epoch: about {plan.steps_per_epoch * 2} s at 0.50 it/s as measured by run earlier-run, "
+        f"{config.dataset.resolution} px, 2 image(s) per step"
     )
     expect(estimate).to_contain_text("GPU memory")
     set_value(page, app_server, "schedule.epochs", "5", 5)  # the counts follow edits without another Check
