@@ -30,27 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    ControlNetModel,
-    DiffusionPipeline,
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionControlNetInpaintPipeline,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLControlNetImg2ImgPipeline,
-    StableDiffusionXLControlNetInpaintPipeline,
-    StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import ControlNetModel, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from core.inference.a1111_params import generation_parameters
 from core.inference.inpaint import Region, plan_region, soft_mask_processor
 from core.inference.lora_stack import LoraStack
+from core.inference.pipelines import call_arguments, pipeline_class
 from core.inference.png_info import save_png_with_parameters
 from core.inference.requests import (
     MAX_SEED,
@@ -80,22 +66,6 @@ __all__ = [  # the engine's whole surface, importable from this one module
 ]
 log = logging.getLogger(__name__)
 Progress = Callable[[float], None]  # fraction of the whole job done, 0–1
-PIPELINES: dict[tuple[str, bool], type[DiffusionPipeline]] = {  # SD 1.x and 2.x
-    ("txt2img", False): StableDiffusionPipeline,
-    ("img2img", False): StableDiffusionImg2ImgPipeline,
-    ("inpaint", False): StableDiffusionInpaintPipeline,
-    ("txt2img", True): StableDiffusionControlNetPipeline,
-    ("img2img", True): StableDiffusionControlNetImg2ImgPipeline,
-    ("inpaint", True): StableDiffusionControlNetInpaintPipeline,
-}
-SDXL_PIPELINES: dict[tuple[str, bool], type[DiffusionPipeline]] = {
-    ("txt2img", False): StableDiffusionXLPipeline,
-    ("img2img", False): StableDiffusionXLImg2ImgPipeline,
-    ("inpaint", False): StableDiffusionXLInpaintPipeline,
-    ("txt2img", True): StableDiffusionXLControlNetPipeline,
-    ("img2img", True): StableDiffusionXLControlNetImg2ImgPipeline,
-    ("inpaint", True): StableDiffusionXLControlNetInpaintPipeline,
-}
 _NUMBERED = re.compile(r"^(\d{5})-")
 
 
@@ -286,7 +256,7 @@ class InferenceEngine:
         self._loras.apply(request.loras)
         hashes = [self._loras.hash(lora) for lora in request.loras]
         pipe = self._pipeline(request)
-        kwargs = self._call_arguments(request, region, controls)
+        kwargs = call_arguments(request, region, controls)
         result = GenerationResult([], [], [])
         for index in range(request.batch_count):
             seed = request.seed + index
@@ -313,8 +283,7 @@ class InferenceEngine:
         controlnets = [self._controlnet(number, unit) for number, unit in enumerate(request.controls, start=1)]
         key = (request.mode, *map(id, controlnets))
         if self._pipe is None or self._pipe[0] != key:
-            table = SDXL_PIPELINES if self._components.family.is_sdxl else PIPELINES
-            cls = table[(request.mode, bool(controlnets))]
+            cls = pipeline_class(self._components.family, request.mode, bool(controlnets))
             extra: dict[str, Any] = {"controlnet": controlnets} if controlnets else {}
             pipe = self._base if cls is type(self._base) else cls.from_pipe(self._base, dtype=unet.dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
@@ -341,30 +310,6 @@ class InferenceEngine:
                 f"{unet.config.get('cross_attention_dim')}. Give the unit an {family.label} ControlNet"
             )
         return model
-
-    @staticmethod
-    def _call_arguments(request: GenerationRequest, region: Region, controls: list[Image.Image]) -> dict[str, Any]:
-        size = (request.width, request.height)
-        kwargs: dict[str, Any] = {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt or None,
-            "num_inference_steps": request.steps,
-            "guidance_scale": request.cfg_scale,
-        }
-        if request.mode in ("txt2img", "inpaint"):
-            kwargs.update(width=request.width, height=request.height)
-        if request.mode != "txt2img":
-            assert region.original is not None
-            kwargs.update(image=region.crop(region.original, size), strength=request.strength)
-        if request.mode == "inpaint":
-            assert region.soft_mask is not None
-            kwargs["mask_image"] = region.crop(region.soft_mask, size)
-        if controls:
-            kwargs["image" if request.mode == "txt2img" else "control_image"] = controls
-            kwargs["controlnet_conditioning_scale"] = [unit.weight for unit in request.controls]
-            kwargs["control_guidance_start"] = [unit.start for unit in request.controls]
-            kwargs["control_guidance_end"] = [unit.end for unit in request.controls]
-        return kwargs
 
     def _step_callback(self, progress: Progress | None, index: int, count: int) -> Callable[..., dict[str, Any]]:
         """Report progress and honour cancel between denoising steps (diffusers' documented interrupt)."""
