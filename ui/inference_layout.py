@@ -14,15 +14,7 @@ from typing import Any, cast
 import gradio as gr
 from gradio.components import Component
 
-from core.inference.requests import (
-    CONTROL_KINDS,
-    DEFAULT_CONTROLNETS,
-    FAMILY_CONTROLNETS,
-    MAX_SEED,
-    MODES,
-    SAMPLER_LABELS,
-    ControlKind,
-)
+from core.inference.requests import CONTROL_KINDS, FAMILY_CONTROLNETS, MAX_SEED, MODES, SAMPLER_LABELS, ControlKind
 from ui.inference_form import LABELS, MAX_LORAS, SWEEP_KINDS, FormValues, UnitValues, sweep_inputs_shown
 
 # A translucent brush shows the facade through the strokes; any paint counts as mask, whatever its alpha.
@@ -221,8 +213,8 @@ def _unit(kind: ControlKind, model: str) -> UnitWidgets:
                 value=model,
                 label="ControlNet model",
                 placeholder="empty = the standard one for the base model's family",
-                info=f"Empty: SD 1.x {DEFAULT_CONTROLNETS[kind]}, SDXL {FAMILY_CONTROLNETS['sdxl'][kind]}; SD 2.x has "
-                "no standard one: give an SD 2.x ControlNet",
+                info=f"Empty: SD 1.x {FAMILY_CONTROLNETS['sd1'][kind]}, SDXL {FAMILY_CONTROLNETS['sdxl'][kind]}; "
+                "SD 2.x has no standard one: give an SD 2.x ControlNet",
                 elem_id=f"inference-{kind}-model",
             )
             with gr.Row():
