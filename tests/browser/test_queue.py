@@ -19,10 +19,11 @@ from core.training.queue import read_queue
 from core.training.run_status import read_status
 from core.training.trainer import Trainer
 from tests.browser.conftest import AppServer, choose, running_app, screenshot
-from tests.browser.test_monitor_tab import RUN_TIMEOUT_MS, button, open_monitor, set_setting
+from tests.browser.test_monitor_tab import RUN_TIMEOUT_MS, button, open_monitor, set_setting, wait_for_status
 
 pytestmark = pytest.mark.browser
 KILL_AFTER = 16  # steps: past the checkpoint at the end of epoch 2 (7 steps an epoch, one every 2 epochs)
+EPOCHS = 12  # of the first run: 84 steps, long enough to be killed in the middle on a fast machine too
 
 
 @pytest.fixture
@@ -67,12 +68,14 @@ def test_a_queue_survives_a_killed_app_and_resumes_its_interrupted_run(
     first = output / "queued-a"
     with running_app(demo_model, tmp_path_factory, output=output) as server:
         page = opened(tab, server)
-        assert "entry 1: it starts now" in add_to_queue(page, server, "queued-a", 4)
+        assert "entry 1: it starts now" in add_to_queue(page, server, "queued-a", EPOCHS)
         assert "entry 2: it trains when the runs before it are done" in add_to_queue(page, server, "queued-b", 2)
         screenshot(page, "queue-added-from-training")
         open_monitor(page)
         expect(page.locator("#monitor-log")).to_contain_text(re.compile(r"Queue entry 1 of \d, 'queued-a': a new run"))
         expect(button(page, "start")).to_be_disabled()  # no run by hand while the queue's run trains
+        button(page, "pause").click()  # hold the run while the panel is used, so it is still running at the kill
+        wait_for_status(page, "paused")
         page.get_by_role("tab", name="Runs").click()
         expect(page.locator("#queue-table")).to_be_visible(timeout=30_000)
         rows = queue_rows(page)
@@ -92,6 +95,8 @@ def test_a_queue_survives_a_killed_app_and_resumes_its_interrupted_run(
         page.locator("#queue-remove").click()
         expect(page.locator("#queue-notice")).to_contain_text("Removed queued-c from the queue")
         assert [row[1] for row in queue_rows(page)[1:]] == ["queued-a", "queued-b"]
+        open_monitor(page)
+        button(page, "resume").click()
         deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
         while steps_written(first) < KILL_AFTER:
             assert time.monotonic() < deadline, "the first queued run did not get past its first checkpoint"
@@ -123,7 +128,7 @@ def test_a_queue_survives_a_killed_app_and_resumes_its_interrupted_run(
         expect(page.locator("#runs-table")).to_contain_text("queued-b")
         runs = page.locator("#runs-table tr").evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.innerText))")
         assert [row[:3] for row in runs[1:]] == [
-            ["queued-a", "finished", "28 / 28"],
+            ["queued-a", "finished", f"{7 * EPOCHS} / {7 * EPOCHS}"],
             ["queued-b", "finished", "14 / 14"],
         ]
         screenshot(page, "queue-panel-finished")
@@ -131,8 +136,8 @@ def test_a_queue_survives_a_killed_app_and_resumes_its_interrupted_run(
         assert re.search(r"The queue in .* has 2 unfinished entries: continuing them", log)
 
     steps = [row for row in read_metrics(first) if row["type"] == "step"]
-    assert [row["step"] for row in steps] == list(range(1, 29))  # one curve: 4 epochs of 7 steps, no restart
-    assert {row["step"]: row["loss"] for row in steps[: len(before)]} == before  # 15 and 16 trained again, alike
+    assert [row["step"] for row in steps] == list(range(1, 7 * EPOCHS + 1))  # one curve of 7-step epochs, no restart
+    assert {row["step"]: row["loss"] for row in steps[: len(before)]} == before  # the steps after the checkpoint trained again, alike
     assert [session.state for session in read_status(first).sessions] == ["killed", "finished"]
     assert sorted(path.name for path in output.iterdir() if path.is_dir()) == ["cache", "queued-a", "queued-b"]
     straight = Recorder()
